@@ -1,0 +1,1 @@
+"""Optimizer constructors, hooks and model wrappers."""

@@ -1,0 +1,3 @@
+from .base import SSMBackbone
+
+__all__ = ['SSMBackbone']

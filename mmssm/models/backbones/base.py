@@ -1,0 +1,122 @@
+"""What every mmssm backbone shares: arch tables, out_indices, freezing, weights."""
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from ..utils.checkpoint import load_pretrained
+
+
+class SSMBackbone(BaseModule):
+    """Base of mmssm backbones (mmpretrain conventions).
+
+    Subclasses define ``arch_zoo`` (name -> dict of settings), build their
+    layers, and may override :meth:`convert_checkpoint` (official key names or
+    sizes -> ours), :meth:`_freeze_stages`, :meth:`get_layer_depth` and
+    :meth:`_init_weights` (their official initialisation).
+
+    ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None,
+    checkpoint_key=None, min_coverage=0.9)`` loads through
+    :func:`mmssm.models.utils.load_pretrained`: official training checkpoints
+    (``'model'``/``'model_ema'`` entries), mmssm/mmdet/mmseg checkpoints
+    (``backbone.`` prefix) and bare state dicts all work, and a checkpoint that
+    covers less than ``min_coverage`` of the keys is an error.
+    """
+    arch_zoo: Dict[str, dict] = {}
+    # keys a subclass expects in a custom arch dict
+    arch_keys: Tuple[str, ...] = ()
+    # substrings of keys that official classification checkpoints lack
+    # (e.g. per-output norms) and that must not count as missing
+    checkpoint_ignore_missing: Tuple[str, ...] = ()
+
+    def __init__(self, init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+
+    # ----------------------------------------------------------------- arch
+    @classmethod
+    def parse_arch(cls, arch: Union[str, dict]) -> dict:
+        """Return a copy of the settings for ``arch`` (a name or a custom dict)."""
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_zoo:
+                raise ValueError(f'{cls.__name__}: unknown arch={arch!r}; valid: '
+                                 f'{sorted(cls.arch_zoo)} or a dict with keys {list(cls.arch_keys)}')
+            return copy.deepcopy(cls.arch_zoo[key])
+        if isinstance(arch, dict):
+            missing = [k for k in cls.arch_keys if k not in arch]
+            if missing:
+                raise ValueError(f'{cls.__name__}: custom arch dict lacks {missing}; '
+                                 f'it needs {list(cls.arch_keys)}')
+            return copy.deepcopy(arch)
+        raise TypeError(f'{cls.__name__}: arch must be a str or dict, got {type(arch).__name__}')
+
+    @staticmethod
+    def parse_out_indices(out_indices: Union[int, Sequence[int]], num: int,
+                          name: str = 'out_indices') -> List[int]:
+        """Normalise out_indices (negative values count from the end)."""
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        out = []
+        for i in out_indices:
+            j = i + num if i < 0 else i
+            if not 0 <= j < num:
+                raise ValueError(f'{name}={list(out_indices)}: index {i} is out of range '
+                                 f'for {num} layers/stages (valid: {-num}..{num - 1})')
+            out.append(j)
+        return out
+
+    @staticmethod
+    def check_frozen_stages(frozen_stages: int, num: int) -> int:
+        if not -1 <= frozen_stages <= num:
+            raise ValueError(f'frozen_stages={frozen_stages} must be in -1..{num} '
+                             f'(-1: none, 0: stem, i: stem and the first i stages/layers)')
+        return frozen_stages
+
+    # -------------------------------------------------------------- weights
+    def _init_weights(self) -> None:
+        """The family's own initialisation (override)."""
+
+    def convert_checkpoint(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Map an official/foreign state dict onto this module's keys (override)."""
+        return state_dict
+
+    def init_weights(self) -> None:
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            cfg = dict(cfg)
+            cfg.pop('type')
+            checkpoint = cfg.pop('checkpoint', None)
+            if checkpoint is None:
+                raise ValueError("init_cfg type='Pretrained' needs checkpoint=PATH")
+            self._init_weights()
+            load_pretrained(self, checkpoint, prefix=cfg.pop('prefix', None),
+                            checkpoint_key=cfg.pop('checkpoint_key', None),
+                            min_coverage=cfg.pop('min_coverage', 0.9),
+                            convert=self.convert_checkpoint,
+                            ignore_missing=self.checkpoint_ignore_missing,
+                            map_location=cfg.pop('map_location', 'cpu'))
+            self._is_init = True
+            return
+        self._init_weights()
+        super().init_weights()
+
+    # ------------------------------------------------------------- freezing
+    def _freeze_stages(self) -> None:
+        """Put frozen parts in eval mode with requires_grad=False (override)."""
+
+    @staticmethod
+    def freeze_module(m: Optional[nn.Module]) -> None:
+        if m is None:
+            return
+        if isinstance(m, nn.Parameter):
+            m.requires_grad = False
+            return
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'SSMBackbone':
+        super().train(mode)
+        self._freeze_stages()
+        return self

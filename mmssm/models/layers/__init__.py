@@ -1,0 +1,1 @@
+"""Mixers and blocks shared by the backbones."""

@@ -1,0 +1,11 @@
+"""Kernels shared by every backbone; each fused op sits beside its reference."""
+from .scan_order import (CORNERS, corner_merge_all, corner_rotate,
+                         corner_rotate_all, corner_unrotate, cross_merge,
+                         cross_scan, local_reverse, local_scan)
+from .selective_scan import selective_scan, selective_scan_ref
+
+__all__ = [
+    'selective_scan', 'selective_scan_ref', 'cross_scan', 'cross_merge',
+    'CORNERS', 'corner_rotate', 'corner_unrotate', 'corner_rotate_all',
+    'corner_merge_all', 'local_scan', 'local_reverse'
+]

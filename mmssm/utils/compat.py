@@ -1,0 +1,92 @@
+"""Environment checks and the torch>=2.6 checkpoint-loading fix, run at ``import mmssm``."""
+import importlib.metadata as md
+import os.path as osp
+import warnings
+from typing import Optional
+
+import torch
+
+# The version matrix the project is tested on; see README "Version matrix".
+MMCV_RANGE = ('2.0.0rc4', '2.2.0')  # mmdet 3.3.0 / mmseg 1.2.2 assert mmcv < 2.2.0
+SETUPTOOLS_MAX = '81'  # >=81 drops pkg_resources (mmcv build, mmengine 'mmdet::' bases)
+
+
+def _vtuple(v: str) -> tuple:
+    out = []
+    for part in v.replace('rc', '.').split('.')[:3]:
+        num = ''.join(ch for ch in part if ch.isdigit())
+        out.append(int(num) if num else 0)
+    return tuple(out)
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def check_environment() -> None:
+    """Fail early, naming the fix, when installed versions are outside the matrix."""
+    mmcv_v = _version('mmcv')
+    if mmcv_v is not None and not (_vtuple(MMCV_RANGE[0]) <= _vtuple(mmcv_v) < _vtuple(MMCV_RANGE[1])):
+        raise ImportError(
+            f'mmssm needs mmcv>={MMCV_RANGE[0]},<{MMCV_RANGE[1]} (mmdet 3.3.0 and mmseg 1.2.2 '
+            f'refuse others), found mmcv {mmcv_v}. Fix: run `bash tools/setup_env.sh`, or '
+            f'`pip uninstall mmcv && pip install --no-build-isolation mmcv==2.1.0`.')
+    st_v = _version('setuptools')
+    if st_v is not None and _vtuple(st_v) >= _vtuple(SETUPTOOLS_MAX):
+        raise ImportError(
+            f'setuptools {st_v} removed pkg_resources, which mmengine 0.10.7 needs for '
+            f"'mmdet::'/'mmseg::' config bases. Fix: pip install 'setuptools>=77.0.3,<81'.")
+    if _version('mmcv-lite') is not None and mmcv_v is None:
+        raise ImportError(
+            'mmcv-lite is installed but mmdet/mmseg need the compiled mmcv ops. Fix: '
+            'pip uninstall mmcv-lite && bash tools/setup_env.sh')
+
+
+def check_mmcv_ops() -> None:
+    """Raise a clear error when mmcv was built without its compiled ops."""
+    try:
+        import mmcv.ops  # noqa: F401
+        from mmcv import _ext  # noqa: F401
+    except Exception as e:  # ImportError, or OSError for an ABI mismatch
+        raise ImportError(
+            f'mmcv is installed without working compiled ops ({e}). mmdet/mmseg need them. '
+            'Fix: rebuild with MMCV_WITH_OPS=1 (bash tools/setup_env.sh does this) against '
+            'the installed torch.') from e
+
+
+def _load_local_trusted(filename: str, map_location=None):
+    """mmengine local-file loader that unpickles full checkpoints.
+
+    torch>=2.6 defaults ``torch.load(weights_only=True)``, which refuses mmengine's
+    own resume checkpoints (HistoryBuffer, numpy objects in ``meta``) and the
+    official Vim/VMamba files (argparse.Namespace, yacs CfgNode). Local files
+    are trusted here, as they were before torch 2.6: do not load checkpoints you
+    did not make or download from a source you trust. Remove once mmengine >
+    0.10.7 ships its weights_only=False fix.
+    """
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint file {filename!r} does not exist')
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f'checkpoint file {filename!r} cannot be read '
+                           f'(truncated or not a torch checkpoint): {e}') from e
+
+
+def install_checkpoint_loader() -> None:
+    """Register :func:`_load_local_trusted` as mmengine's local-path scheme."""
+    from mmengine.runner import CheckpointLoader
+    CheckpointLoader.register_scheme(prefixes='', force=True)(_load_local_trusted)
+
+
+def _warn_transformers() -> None:
+    if _version('transformers') is not None and _version('mmpretrain') is not None:
+        t = _version('transformers')
+        if _vtuple(t) >= (4, 56, 0):
+            warnings.warn(f'transformers {t} breaks `import mmpretrain.models` (mmpretrain 1.2.0 '
+                          'multimodal imports). Fix: pip uninstall transformers, or '
+                          "pip install 'transformers<4.56'.")
