@@ -1,1 +1,4 @@
 """Optimizer constructors, hooks and model wrappers."""
+from .wrappers import CPUFriendlyDistributedDataParallel
+
+__all__ = ['CPUFriendlyDistributedDataParallel']
