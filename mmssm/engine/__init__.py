@@ -1,4 +1,5 @@
 """Optimizer constructors, hooks and model wrappers."""
+from .layer_decay import LayerDecayOptimWrapperConstructor
 from .wrappers import CPUFriendlyDistributedDataParallel
 
-__all__ = ['CPUFriendlyDistributedDataParallel']
+__all__ = ['CPUFriendlyDistributedDataParallel', 'LayerDecayOptimWrapperConstructor']

@@ -1,1 +1,3 @@
-__all__ = []
+from .simple_pyramid import SimplePyramid
+
+__all__ = ['SimplePyramid']

@@ -1,0 +1,71 @@
+"""The constructor gives every backbone layer its own lr and matches real names."""
+import pytest
+import torch
+from torch import nn
+
+from mmssm.engine import LayerDecayOptimWrapperConstructor
+
+
+class TinyPlain(nn.Module):
+    """Stand-in with mmpretrain's get_layer_depth contract (0: embed, i+1: layers.i)."""
+
+    def __init__(self, depth=3):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 4, 2)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(depth))
+        self.norm = nn.LayerNorm(4)
+        self.depth = depth
+
+    def get_layer_depth(self, name, prefix=''):
+        name = name[len(prefix):]
+        max_id = self.depth + 2
+        if name.startswith('patch_embed'):
+            return 0, max_id
+        if name.startswith('layers.'):
+            return int(name.split('.')[1]) + 1, max_id
+        return max_id - 1, max_id
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = TinyPlain()
+        self.neck = nn.Linear(4, 4)
+
+
+def build(model, **paramwise):
+    cfg = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1.0, weight_decay=0.1))
+    ctor = LayerDecayOptimWrapperConstructor(cfg, paramwise_cfg=dict(paramwise))
+    return ctor(model).optimizer
+
+
+def test_lr_per_group_detector():
+    opt = build(Detector(), layer_decay_rate=0.5, norm_decay_mult=0.0)
+    lrs = {g['param_name']: g['lr'] for g in opt.param_groups}
+    # max_id = 5: scale = 0.5 ** (4 - layer_id)
+    assert lrs['backbone.patch_embed.weight'] == pytest.approx(0.5 ** 4)
+    assert lrs['backbone.layers.0.weight'] == pytest.approx(0.5 ** 3)
+    assert lrs['backbone.layers.2.bias'] == pytest.approx(0.5 ** 1)
+    assert lrs['backbone.norm.weight'] == pytest.approx(1.0)
+    assert lrs['neck.weight'] == pytest.approx(1.0)
+    wds = {g['param_name']: g['weight_decay'] for g in opt.param_groups}
+    assert wds['backbone.norm.weight'] == 0.0 and wds['neck.weight'] == pytest.approx(0.1)
+
+
+def test_custom_keys_and_special_optim():
+    model = TinyPlain()
+    model.layers[0].weight._optim = dict(lr=0.01, weight_decay=0.0)
+    opt = build(model, layer_decay_rate=1.0, custom_keys={'patch_embed': dict(decay_mult=0.0)})
+    groups = {g['param_name']: g for g in opt.param_groups}
+    assert groups['patch_embed.weight']['weight_decay'] == 0.0
+    assert groups['layers.0.weight']['lr'] == pytest.approx(0.01)
+    assert groups['layers.0.weight']['weight_decay'] == 0.0
+
+
+def test_backbone_without_depth_is_an_error():
+    class NoDepth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Linear(2, 2)
+    with pytest.raises(NotImplementedError, match='get_layer_depth'):
+        build(NoDepth(), layer_decay_rate=0.9)
