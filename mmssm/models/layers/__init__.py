@@ -1,1 +1,3 @@
 """Mixers and blocks shared by the backbones."""
+from .mamba_mixer import BiMambaMixer, ssm_pass  # noqa: F401
+from .v2m_mixer import SSM2D, V2MMixer2D, parse_corners  # noqa: F401
