@@ -1,3 +1,4 @@
 from .base import SSMBackbone
+from .vim import Vim
 
-__all__ = ['SSMBackbone']
+__all__ = ['SSMBackbone', 'Vim']
