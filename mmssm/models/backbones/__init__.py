@@ -1,3 +1,4 @@
 from .base import SSMBackbone
+from .vmamba import VMamba
 
-__all__ = ['SSMBackbone']
+__all__ = ['SSMBackbone', 'VMamba']
