@@ -185,7 +185,8 @@ class VMamba(SSMBackbone):
         self.norm_eval = norm_eval
         if drop_path_rate is None:
             drop_path_rate = cfg.get('drop_path_rate', 0.0)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # == torch.linspace
 
         self.patch_embed = PatchEmbed(in_channels, dims[0], cfg['patch_embed'], self.channel_first)
         self.layers = nn.ModuleList()
@@ -265,7 +266,12 @@ class VMamba(SSMBackbone):
     def convert_checkpoint(self, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Official VMamba -> ours: same names, plus the legacy renames the
         official ``_load_from_state_dict`` hooks do, and the classifier dropped."""
-        return convert_vmamba_state_dict(state_dict, self.state_dict())
+        out = convert_vmamba_state_dict(state_dict, self.state_dict())
+        new = [f'outnorm{i}' for i in self.out_indices if f'outnorm{i}.weight' not in out]
+        if new:
+            print_log(f'VMamba: {new} are not in the checkpoint (a classification checkpoint '
+                      'has no per-stage output norms); they keep their init', logger='current')
+        return out
 
     # ------------------------------------------------------------- training
     def _freeze_stages(self) -> None:
