@@ -1,4 +1,5 @@
 from .base import SSMBackbone
+from .vim import Vim
 from .vmamba import VMamba
 
-__all__ = ['SSMBackbone', 'VMamba']
+__all__ = ['SSMBackbone', 'Vim', 'VMamba']

@@ -1,0 +1,178 @@
+"""Mamba (S6) building blocks: one selective-scan pass and Vim's bidirectional mixer.
+
+A *pass* is what mamba_ssm's ``mamba_inner_fn_no_out_proj`` computes on a batch
+of 1-D sequences ``x, z`` of shape (n, d_inner, l)::
+
+    x      = silu(causal_depthwise_conv1d(x))           (skipped when d_conv = 0)
+    dt, B, C = split(x_proj(x))                         (dt: R, then N for each varying one)
+    y      = selective_scan(x, dt_proj.weight @ dt, A=-exp(A_log), B, C, D, z,
+                            delta_bias=dt_proj.bias, delta_softplus=True)
+
+``B`` and ``C`` are input-dependent by default; V2M's 2-D SSM makes one of them a
+constant ``ones(d_inner, N)`` (see :mod:`.v2m_mixer`). Every scan goes through
+:func:`mmssm.ops.selective_scan` so the fast backends apply.
+"""
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmssm import ops
+
+
+def resolve_dt_rank(dt_rank: Union[int, str], d_model: int) -> int:
+    """'auto' -> ceil(d_model / 16), as mamba_ssm."""
+    if dt_rank == 'auto':
+        return math.ceil(d_model / 16)
+    if not isinstance(dt_rank, int) or dt_rank < 1:
+        raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+    return dt_rank
+
+
+def s4d_real_A_log(d_inner: int, d_state: int) -> nn.Parameter:
+    """S4D-real init: A = -[1..N] for every channel, stored as log(-A) in fp32."""
+    A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+    p = nn.Parameter(torch.log(A))
+    p._no_weight_decay = True
+    return p
+
+
+def ones_D(d_inner: int) -> nn.Parameter:
+    """The skip parameter D = 1 (fp32, no weight decay)."""
+    p = nn.Parameter(torch.ones(d_inner))
+    p._no_weight_decay = True
+    return p
+
+
+def make_dt_proj(dt_rank: int, d_inner: int, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
+                 no_reinit: bool = True) -> nn.Linear:
+    """Linear(R, d_inner) with mamba's dt init.
+
+    weight ~ U(+-dt_scale / sqrt(R)); bias = softplus^-1(dt) with dt log-uniform
+    in [dt_min, dt_max] (clamped below at dt_init_floor). ``no_reinit`` tags the
+    bias ``_no_reinit`` so a backbone-wide "zero every Linear bias" init skips it
+    (as Vim does for ``dt_proj`` only).
+    """
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
+    proj = nn.Linear(dt_rank, d_inner, bias=True)
+    std = dt_rank ** -0.5 * dt_scale
+    nn.init.uniform_(proj.weight, -std, std)
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=dt_init_floor)
+    with torch.no_grad():
+        proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    if no_reinit:
+        proj.bias._no_reinit = True
+    return proj
+
+
+def make_conv1d(d_inner: int, d_conv: int, bias: bool = True) -> Optional[nn.Conv1d]:
+    """Depthwise causal conv (left padding d_conv-1, output cut to l); None if d_conv == 0."""
+    if d_conv < 0:
+        raise ValueError(f'd_conv must be >= 0 (0: no conv), got {d_conv}')
+    if d_conv == 0:
+        return None
+    return nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=bias)
+
+
+def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
+             x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
+             varying: str = 'BC') -> Tensor:
+    """One Mamba pass over sequences (no out_proj).
+
+    Args:
+        x: (n, d, l) scan input (before the causal conv).
+        z: (n, d, l) gate or None (no silu gate).
+        conv1d: depthwise causal conv, or None (then no conv and no silu).
+        x_proj: Linear(d, R + k*N) with k = len(varying).
+        dt_proj: Linear(R, d); its bias is the delta bias.
+        A_log, D: (d, N) and (d,).
+        varying: which of B and C come from ``x_proj`` ('BC', 'B' or 'C'); the
+            other is the constant ones(d, N).
+
+    Returns:
+        (n, d, l) in x's dtype.
+    """
+    l = x.shape[-1]
+    if conv1d is not None:
+        x = F.silu(conv1d(x)[..., :l])
+    R = dt_proj.in_features
+    N = A_log.shape[1]
+    x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (n, l, R + k*N)
+    dt = F.linear(x_dbl[..., :R], dt_proj.weight).transpose(1, 2)  # (n, d, l)
+    ones = A_log.new_ones(A_log.shape, dtype=torch.float32)  # constant (d, N)
+    if varying == 'BC':
+        B = x_dbl[..., R:R + N].transpose(1, 2)  # (n, N, l)
+        C = x_dbl[..., R + N:].transpose(1, 2)
+    elif varying == 'B':
+        B, C = x_dbl[..., R:].transpose(1, 2), ones
+    elif varying == 'C':
+        B, C = ones, x_dbl[..., R:].transpose(1, 2)
+    else:
+        raise ValueError(f"varying must be 'BC', 'B' or 'C', got {varying!r}")
+    A = -torch.exp(A_log.float())
+    return ops.selective_scan(x, dt, A, B, C, D.float(), z,
+                              delta_bias=dt_proj.bias.float(), delta_softplus=True)
+
+
+class BiMambaMixer(nn.Module):
+    """Vim's bidirectional Mamba mixer ("bimamba v2"), (B, L, C) -> (B, L, C).
+
+    ``in_proj`` (x and gate z) and ``out_proj`` are shared; the forward and the
+    backward (sequence-reversed) directions each own conv1d / x_proj / dt_proj /
+    A / D (the ``_b`` keys). The two outputs are averaged before ``out_proj``
+    (Vim's ``if_divide_out``). State-dict keys equal the official Vim mixer's.
+
+    Args:
+        d_model: channels C.
+        d_state: SSM state size N.
+        expand: d_inner = expand * d_model.
+        d_conv: causal conv kernel (0: no conv).
+        dt_rank: rank R of delta ('auto' = ceil(C / 16)).
+        dt_min, dt_max, dt_init_floor, dt_scale: dt init (see :func:`make_dt_proj`).
+        conv_bias: bias of the conv1d layers.
+        bias: bias of in_proj / out_proj (Vim: False).
+        divide_out: average (True, Vim) or sum the two directions.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank: Union[int, str] = 'auto', dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
+                 conv_bias: bool = True, bias: bool = False, divide_out: bool = True) -> None:
+        super().__init__()
+        self.d_model, self.d_state = d_model, d_state
+        self.d_inner = d_inner = int(expand * d_model)
+        self.dt_rank = R = resolve_dt_rank(dt_rank, d_model)
+        self.divide_out = divide_out
+        dt_kw = dict(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale)
+        # registration order follows the official module (state_dict order)
+        self.A_log = s4d_real_A_log(d_inner, d_state)
+        self.D = ones_D(d_inner)
+        self.A_b_log = s4d_real_A_log(d_inner, d_state)
+        self.D_b = ones_D(d_inner)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv1d = make_conv1d(d_inner, d_conv, conv_bias)
+        self.x_proj = nn.Linear(d_inner, R + 2 * d_state, bias=False)
+        self.dt_proj = make_dt_proj(R, d_inner, **dt_kw)
+        self.conv1d_b = make_conv1d(d_inner, d_conv, conv_bias)
+        self.x_proj_b = nn.Linear(d_inner, R + 2 * d_state, bias=False)
+        # official quirk: only dt_proj.bias is tagged _no_reinit, so Vim's
+        # backbone init zeroes dt_proj_b.bias (see mmssm.Vim._init_weights)
+        self.dt_proj_b = make_dt_proj(R, d_inner, no_reinit=False, **dt_kw)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, L, C) -> (B, L, C)."""
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L), applied once
+        xs, z = xz.chunk(2, dim=1)
+        y_f = ssm_pass(xs, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y_b = ssm_pass(xs.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b,
+                       self.dt_proj_b, self.A_b_log, self.D_b)
+        y = y_f + y_b.flip(-1)
+        if self.divide_out:
+            y = y / 2
+        return self.out_proj(y.transpose(1, 2))

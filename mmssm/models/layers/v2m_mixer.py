@@ -1,0 +1,171 @@
+"""V2M's 2-D selective SSM (Wang et al., arXiv 2410.10382, sec. 3.2-3.3).
+
+The paper's 2-D state space model (a Roesser-type recurrence where a token's
+state mixes the state to its left and the state above it) is simplified into
+two 1-D selective scans over the token grid:
+
+1. **row pass**: along every row, Mamba with input-dependent B and constant
+   C = ones(d_inner, N): the state is summed over N, i.e. each row emits one
+   d_inner-vector per token (own conv1d / x_proj (R+N) / dt_proj / A / D);
+2. **column pass**: along every column of that latent, Mamba with constant
+   B = ones and input-dependent C (own conv1d_2 / x_proj_2 / dt_proj_2 / A_2 / D_2).
+
+Output (i, j) therefore depends on the tokens (i' <= i, j' <= j): the quadrant
+behind the scan corner. The grid is seen from up to four corners (flip-based
+re-orientation, so any h x w works); all corners share every weight and are
+batched along the batch axis; each result is re-oriented back exactly, the
+corners are averaged, and ``out_proj`` is applied.
+
+Differences from the released V2M code (wangck20/V2M ``bimamba_type='2d'``),
+which scans from only three corners and writes its outputs to transposed /
+mirrored grid positions: here every corner's output lands on its own token,
+``in_proj`` runs once instead of on four re-arranged copies, and the corners
+are averaged (the release sums its four scans and divides by 2, i.e. 2x the
+mean -- a scale ``out_proj`` absorbs). As in the release, the silu(z) gate is
+applied after both passes (``gate='both'``); ``gate='last'`` gates once.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmssm.ops import CORNERS, corner_merge_all, corner_rotate_all
+from .mamba_mixer import (make_conv1d, make_dt_proj, ones_D, resolve_dt_rank,
+                          s4d_real_A_log, ssm_pass)
+
+CornerSpec = Union[int, Sequence[str]]
+
+
+def parse_corners(corners: CornerSpec) -> Tuple[str, ...]:
+    """1-4 -> the first k of ('ul', 'lr', 'ur', 'll') (paper Table 4), or names."""
+    if isinstance(corners, bool):
+        raise TypeError(f'corners must be an int 1-4 or a tuple of {CORNERS}, got {corners!r}')
+    if isinstance(corners, int):
+        if not 1 <= corners <= 4:
+            raise ValueError(f'corners={corners}: must be 1-4 (first k of {CORNERS}) '
+                             f'or a tuple of names from {CORNERS}')
+        return CORNERS[:corners]
+    if isinstance(corners, str):
+        corners = (corners, )
+    corners = tuple(corners)
+    bad = [c for c in corners if c not in CORNERS]
+    if bad or not corners or len(set(corners)) != len(corners):
+        raise ValueError(f'corners={corners!r}: give 1-4 distinct names from {CORNERS} '
+                         'or an int 1-4')
+    return corners
+
+
+class SSM2D(nn.Module):
+    """The parameters and the two passes of V2M's 2-D SSM (no projections).
+
+    ``scan2d(x, z)`` maps grids (n, d_inner, h, w) -> (n, d_inner, h, w) with a
+    row pass then a column pass, both starting at grid position (0, 0).
+    Used by :class:`V2MMixer2D` and by the local-window V2M mixer (one per
+    scan direction). Key names follow the official V2M mixer.
+    """
+
+    def __init__(self, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 1,
+                 conv_bias: bool = True, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, use_z: bool = True,
+                 gate: str = 'both') -> None:
+        super().__init__()
+        if gate not in ('both', 'last'):
+            raise ValueError(f"gate must be 'both' (official: silu(z) after each pass) "
+                             f"or 'last', got {gate!r}")
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.use_z, self.gate = use_z, gate
+        dt_kw = dict(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale)
+        # pass 1 (rows): input-dependent B, C = ones
+        self.A_log = s4d_real_A_log(d_inner, d_state)
+        self.D = ones_D(d_inner)
+        # pass 2 (columns): B = ones, input-dependent C
+        self.A_2_log = s4d_real_A_log(d_inner, d_state)
+        self.D_2 = ones_D(d_inner)
+        self.conv1d = make_conv1d(d_inner, d_conv, conv_bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + d_state, bias=False)
+        self.dt_proj = make_dt_proj(dt_rank, d_inner, **dt_kw)
+        self.conv1d_2 = make_conv1d(d_inner, d_conv, conv_bias)
+        self.x_proj_2 = nn.Linear(d_inner, dt_rank + d_state, bias=False)
+        # official: dt_proj_2.bias is not tagged _no_reinit (a Vim-style
+        # backbone init that zeroes Linear biases resets it)
+        self.dt_proj_2 = make_dt_proj(dt_rank, d_inner, no_reinit=False, **dt_kw)
+
+    def scan2d(self, x: Tensor, z: Optional[Tensor]) -> Tensor:
+        """x, z: (n, d, h, w) -> (n, d, h, w); z None = no gate."""
+        n, d, h, w = x.shape
+        if not self.use_z:
+            z = None
+        # rows: (n, d, h, w) -> (n*h, d, w)
+        x_r = x.permute(0, 2, 1, 3).reshape(n * h, d, w)
+        z_r = None
+        if z is not None and self.gate == 'both':
+            z_r = z.permute(0, 2, 1, 3).reshape(n * h, d, w)
+        y = ssm_pass(x_r, z_r, self.conv1d, self.x_proj, self.dt_proj,
+                     self.A_log, self.D, varying='B')
+        # columns of the latent: (n*h, d, w) -> (n, h, d, w) -> (n*w, d, h)
+        y = y.view(n, h, d, w).permute(0, 3, 2, 1).reshape(n * w, d, h)
+        z_c = None if z is None else z.permute(0, 3, 1, 2).reshape(n * w, d, h)
+        y = ssm_pass(y, z_c, self.conv1d_2, self.x_proj_2, self.dt_proj_2,
+                     self.A_2_log, self.D_2, varying='C')
+        return y.view(n, w, d, h).permute(0, 2, 3, 1)  # (n, d, h, w)
+
+
+class V2MMixer2D(SSM2D):
+    """V2M's 2-D SSM token mixer over a grid, (B, H, W, C) -> (B, H, W, C).
+
+    ``in_proj`` (x and gate z, applied once) -> optional depthwise conv2d + silu
+    -> re-orient the grid for every corner (batched along B) -> row pass ->
+    column pass -> re-orient back -> mean over corners -> ``out_proj``.
+
+    Args:
+        d_model: channels C.
+        d_state: SSM state size N.
+        expand: d_inner = expand * d_model.
+        d_conv: kernel of each pass's causal conv1d (0: no conv1d, no silu).
+        dt_rank: 'auto' (ceil(C / 16)) or an int.
+        corners: int 1-4 (first k of 'ul', 'lr', 'ur', 'll', paper Table 4
+            order) or a tuple of those names.
+        use_z: silu(z) gate (see ``gate``).
+        gate: 'both' (official: gate after each pass) or 'last'.
+        conv_bias: bias of the conv layers.
+        bias: bias of in_proj / out_proj.
+        d_conv2d: 0, or the kernel of a depthwise 2-D conv (+ silu) applied once
+            on the grid before the scans (VMamba-style stems; key ``conv2d``).
+        dt_min, dt_max, dt_init_floor, dt_scale: dt init.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
+                 use_z: bool = True, gate: str = 'both', conv_bias: bool = True,
+                 bias: bool = False, d_conv2d: int = 0, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 dt_scale: float = 1.0) -> None:
+        d_inner = int(expand * d_model)
+        super().__init__(d_inner, d_state, d_conv, resolve_dt_rank(dt_rank, d_model),
+                         conv_bias, dt_min, dt_max, dt_init_floor, dt_scale, use_z, gate)
+        self.d_model = d_model
+        self.corners = parse_corners(corners)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        if d_conv2d < 0 or (d_conv2d and d_conv2d % 2 == 0):
+            raise ValueError(f'd_conv2d must be 0 (none) or an odd kernel size, got {d_conv2d}')
+        self.conv2d = (nn.Conv2d(d_inner, d_inner, d_conv2d, padding=(d_conv2d - 1) // 2,
+                                 groups=d_inner, bias=conv_bias) if d_conv2d else None)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if x.dim() != 4:
+            raise ValueError(f'V2MMixer2D expects (B, H, W, C), got {tuple(x.shape)}')
+        xz = self.in_proj(x).permute(0, 3, 1, 2)  # (B, 2*d_inner, H, W)
+        xs, z = xz.chunk(2, dim=1)
+        if self.conv2d is not None:
+            xs = F.silu(self.conv2d(xs))
+        k = len(self.corners)
+        # (k*B, d_inner, H, W) each: corner c's grid has that corner at (0, 0)
+        xs = corner_rotate_all(xs, self.corners)
+        z = corner_rotate_all(z, self.corners) if self.use_z else None
+        y = self.scan2d(xs, z)
+        y = corner_merge_all(y, self.corners)  # (B, d_inner, H, W), summed
+        if k > 1:
+            y = y / k
+        return self.out_proj(y.permute(0, 2, 3, 1))

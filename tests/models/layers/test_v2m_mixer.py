@@ -1,0 +1,148 @@
+"""V2MMixer2D: layout (every corner's output on its own token), causality, keys, errors."""
+import pytest
+import torch
+
+import mmssm.ops
+from mmssm.models.layers import V2MMixer2D
+from mmssm.models.layers.v2m_mixer import parse_corners
+
+CORNER_NAMES = ('ul', 'lr', 'ur', 'll')
+
+
+def _identity_mixer(c, corners):
+    """d_conv=0, no gate, in_proj = [I; 0], out_proj = I: only the scans and layout remain."""
+    m = V2MMixer2D(c, d_state=2, expand=1, d_conv=0, corners=corners, use_z=False)
+    with torch.no_grad():
+        m.in_proj.weight.zero_()
+        m.in_proj.weight[:c] = torch.eye(c)
+        m.out_proj.weight.copy_(torch.eye(c))
+    return m
+
+
+def _fake_scan(kind, log):
+    def scan(u, delta, A, B, C, D=None, z=None, **kw):
+        # the constant of each pass is passed as (d, n), never materialised
+        log.append((tuple(u.shape), tuple(B.shape), tuple(C.shape)))
+        return u if kind == 'id' else u.cumsum(-1)
+    return scan
+
+
+def _onehot_grid(h, w):
+    # token t = (i, j) carries the one-hot vector e_t: output channels name the sources
+    return torch.eye(h * w).view(1, h, w, h * w)
+
+
+@pytest.mark.parametrize('corners', [1, 2, 3, 4, ('lr', ), ('ur', 'll')])
+def test_identity_scans_keep_every_token_in_place(monkeypatch, corners):
+    h, w = 3, 5  # non-square: a transpose cannot go unnoticed
+    log = []
+    monkeypatch.setattr(mmssm.ops, 'selective_scan', _fake_scan('id', log))
+    m = _identity_mixer(h * w, corners)
+    x = _onehot_grid(h, w)
+    y = m(x)
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    k = len(parse_corners(corners))
+    d = h * w
+    # pass 1 runs along rows (length w) with C constant, pass 2 along columns with B constant
+    assert log[0] == ((k * h, d, w), (k * h, 2, w), (d, 2))
+    assert log[1] == ((k * w, d, h), (d, 2), (k * w, 2, h))
+
+
+@pytest.mark.parametrize('corner', CORNER_NAMES)
+def test_cumsum_scans_reach_the_quadrant_behind_the_corner(monkeypatch, corner):
+    h, w = 3, 4
+    monkeypatch.setattr(mmssm.ops, 'selective_scan', _fake_scan('cumsum', []))
+    m = _identity_mixer(h * w, (corner, ))
+    y = m(_onehot_grid(h, w))[0]  # (h, w, h*w): y[i, j, t] = 1 iff token t reaches (i, j)
+    for i in range(h):
+        for j in range(w):
+            expect = torch.zeros(h, w)
+            rows = slice(0, i + 1) if corner in ('ul', 'ur') else slice(i, h)
+            cols = slice(0, j + 1) if corner in ('ul', 'll') else slice(j, w)
+            expect[rows, cols] = 1
+            assert torch.equal(y[i, j].view(h, w), expect), (corner, i, j)
+
+
+@pytest.mark.parametrize('corner', CORNER_NAMES)
+def test_real_scan_is_causal_from_its_corner(corner):
+    """Full mixer, real scan and convs: a perturbed token only moves its quadrant."""
+    torch.manual_seed(0)
+    h, w, c = 4, 5, 8
+    m = V2MMixer2D(c, d_state=4, corners=(corner, )).eval()
+    x = torch.randn(1, h, w, c)
+    x2 = x.clone()
+    pi, pj = 1, 2
+    x2[0, pi, pj] += 1.0
+    changed = (m(x2) - m(x)).abs().amax(-1)[0] > 1e-7  # (h, w)
+    rows = torch.arange(h)[:, None]
+    cols = torch.arange(w)[None, :]
+    down = rows >= pi if corner in ('ul', 'ur') else rows <= pi
+    right = cols >= pj if corner in ('ul', 'll') else cols <= pj
+    assert torch.equal(changed, down & right)
+
+
+def test_corners_are_flip_equivariant_and_averaged():
+    torch.manual_seed(0)
+    m = V2MMixer2D(8, d_state=4, corners=4).eval()
+    x = torch.randn(2, 3, 4, 8)
+    with torch.no_grad():
+        outs = {}
+        for c in CORNER_NAMES:
+            m.corners = (c, )
+            outs[c] = m(x)
+        m.corners = ('ul', )
+        # seen from 'lr', the grid is the 'ul' scan of the fully flipped input
+        torch.testing.assert_close(outs['lr'], m(x.flip(1, 2)).flip(1, 2))
+        torch.testing.assert_close(outs['ur'], m(x.flip(2)).flip(2))
+        m.corners = CORNER_NAMES
+        # out_proj is linear and bias-free: the 4-corner output is the mean of the corners
+        torch.testing.assert_close(m(x), sum(outs.values()) / 4, atol=1e-6, rtol=1e-5)
+
+
+def test_keys_shapes_and_backward():
+    m = V2MMixer2D(32, d_state=16, expand=2, d_conv=4)
+    sd = m.state_dict()
+    R, di = 2, 64
+    expect = {
+        'A_log': (di, 16), 'D': (di, ), 'A_2_log': (di, 16), 'D_2': (di, ),
+        'in_proj.weight': (2 * di, 32), 'conv1d.weight': (di, 1, 4), 'conv1d.bias': (di, ),
+        'x_proj.weight': (R + 16, di), 'dt_proj.weight': (di, R), 'dt_proj.bias': (di, ),
+        'conv1d_2.weight': (di, 1, 4), 'conv1d_2.bias': (di, ), 'x_proj_2.weight': (R + 16, di),
+        'dt_proj_2.weight': (di, R), 'dt_proj_2.bias': (di, ), 'out_proj.weight': (32, di)}
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expect
+    x = torch.randn(2, 3, 5, 32, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_options():
+    x = torch.randn(1, 3, 3, 16)
+    m = V2MMixer2D(16, d_state=4, d_conv=0, d_conv2d=3, use_z=False, gate='last', corners=2)
+    assert 'conv1d.weight' not in m.state_dict() and 'conv2d.weight' in m.state_dict()
+    assert m(x).shape == x.shape
+    # gate='last' differs from the official double gate
+    torch.manual_seed(0)
+    a = V2MMixer2D(16, d_state=4)
+    b = V2MMixer2D(16, d_state=4, gate='last')
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(a(x), b(x))
+
+
+@pytest.mark.parametrize('bad', [0, 5, -1, ('ul', 'ul'), ('up', ), (), True])
+def test_bad_corners(bad):
+    with pytest.raises((ValueError, TypeError), match='corners'):
+        V2MMixer2D(8, corners=bad)
+
+
+def test_bad_args():
+    with pytest.raises(ValueError, match='gate'):
+        V2MMixer2D(8, gate='first')
+    with pytest.raises(ValueError, match='d_conv'):
+        V2MMixer2D(8, d_conv=-1)
+    with pytest.raises(ValueError, match='d_conv2d'):
+        V2MMixer2D(8, d_conv2d=2)
+    with pytest.raises(ValueError, match='B, H, W, C'):
+        V2MMixer2D(8)(torch.randn(2, 9, 8))
