@@ -1,5 +1,6 @@
 from .base import SSMBackbone
 from .v2m import V2M
 from .vim import Vim
+from .vmamba import VMamba
 
-__all__ = ['SSMBackbone', 'Vim', 'V2M']
+__all__ = ['SSMBackbone', 'Vim', 'V2M', 'VMamba']
