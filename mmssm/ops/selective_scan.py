@@ -10,10 +10,23 @@ input-dependent delta/B/C, optional D skip, z gate and softplus(delta + bias)):
 
 Shapes: u, delta, z (b, d, l); A (d, n); B, C either constant (d, n) or
 input-dependent (b, g, n, l) with g groups dividing d (channel c uses group
-c // (d // g)); a (b, n, l) tensor is read as g = 1. D, delta_bias (d,).
-The state and all accumulation are fp32 whatever the input dtype; the output
-takes u's dtype unless ``out_fp32`` (VMamba's "oflex").
+c // (d // g)); a (b, n, l) tensor is read as g = 1. B and C may use different
+group counts (e.g. V2M: constant B, input-dependent C). D, delta_bias (d,).
+The state and all accumulation are fp32 (fp64 for fp64 inputs) whatever the
+input dtype; the output takes u's dtype unless ``out_fp32`` (VMamba "oflex").
+``reverse=True`` scans from t = l-1 down to 0 (same result as flipping every
+time axis, scanning and flipping the output back, without the copies): Vim's
+backward direction.
+
+Backends (all exact, same signature):
+- ``ref``: the sequential loop below (ground truth, slow).
+- ``cpu``: chunked pure-PyTorch scan with a recomputing custom backward
+  (:mod:`mmssm.ops.selective_scan_cpu`); runs on any device.
+- ``triton``: fused GPU kernels (:mod:`mmssm.ops.selective_scan_triton`).
+Auto choice: ``triton`` for CUDA tensors (fp32/fp16/bf16), else ``cpu``.
+Force one with ``backend=`` or the environment variable MMSSM_SCAN_BACKEND.
 """
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -21,22 +34,71 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
+BACKENDS = ('ref', 'cpu', 'triton')
+_IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  D: Optional[Tensor], z: Optional[Tensor],
+                  delta_bias: Optional[Tensor]) -> None:
+    """Raise a ValueError/TypeError naming the offending argument."""
+    if not isinstance(u, Tensor) or u.dim() != 3:
+        raise ValueError(f'u must be a (b, d, l) tensor, got shape '
+                         f'{tuple(u.shape) if isinstance(u, Tensor) else type(u)}')
+    if u.dtype not in _IO_DTYPES:
+        raise TypeError(f'u must be float32/float16/bfloat16/float64, got {u.dtype}')
+    b, d, l = u.shape
+    for name, x in (('delta', delta), ('z', z)):
+        if x is None:
+            if name == 'delta':
+                raise ValueError('delta is required')
+            continue
+        if tuple(x.shape) != (b, d, l):
+            raise ValueError(f'{name} must have the shape of u {(b, d, l)}, got {tuple(x.shape)}')
+        if x.dtype != u.dtype:
+            raise TypeError(f'{name} must have the dtype of u ({u.dtype}), got {x.dtype}')
+    if A.dim() != 2 or A.shape[0] != d or A.shape[1] < 1:
+        raise ValueError(f'A must be (d={d}, n>=1), got {tuple(A.shape)}')
+    if A.is_complex() or not A.is_floating_point():
+        raise TypeError(f'A must be a real floating tensor, got {A.dtype}')
+    n = A.shape[1]
+    for name, X in (('B', B), ('C', C)):
+        if X is None:
+            raise ValueError(f'{name} is required')
+        if X.dtype not in (u.dtype, torch.float32, torch.float64):
+            raise TypeError(f'{name} must be float32 or the dtype of u ({u.dtype}), got {X.dtype}')
+        if X.dim() == 2:
+            if tuple(X.shape) != (d, n):
+                raise ValueError(f'{name} constant must be (d={d}, n={n}), got {tuple(X.shape)}')
+            continue
+        if X.dim() not in (3, 4):
+            raise ValueError(f'{name} must be (d, n), (b, n, l) or (b, g, n, l), '
+                             f'got {X.dim()}-D shape {tuple(X.shape)}')
+        g = 1 if X.dim() == 3 else X.shape[1]
+        if X.shape[0] != b or X.shape[-2] != n or X.shape[-1] != l:
+            raise ValueError(f'{name} must be (b={b}, g, n={n}, l={l}), got {tuple(X.shape)}')
+        if g < 1 or d % g != 0:
+            raise ValueError(f'{name} has g={g} groups, which must divide d={d}')
+    for name, x in (('D', D), ('delta_bias', delta_bias)):
+        if x is None:
+            continue
+        if tuple(x.shape) != (d,):
+            raise ValueError(f'{name} must be (d={d},), got {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise TypeError(f'{name} must be floating point, got {x.dtype}')
+    for name, x in (('delta', delta), ('A', A), ('B', B), ('C', C), ('D', D),
+                    ('z', z), ('delta_bias', delta_bias)):
+        if x is not None and x.device != u.device:
+            raise ValueError(f'{name} is on {x.device} but u is on {u.device}')
 
 
 def _expand_bc(X: Tensor, d: int, l: int, name: str) -> Tensor:
-    """Return B or C as a fp32 (b|1, d, n, l) view-friendly tensor."""
+    """Return B or C as a (b|1, d, n, l|1) tensor (the reference's simple layout)."""
     if X.dim() == 2:  # constant (d, n)
-        if X.shape[0] != d:
-            raise ValueError(f'{name} constant must be (d={d}, n), got {tuple(X.shape)}')
-        return X.float()[None, :, :, None]  # (1, d, n, 1)
+        return X[None, :, :, None]  # (1, d, n, 1)
     if X.dim() == 3:  # (b, n, l) == one group
         X = X.unsqueeze(1)
-    if X.dim() != 4 or X.shape[-1] != l:
-        raise ValueError(f'{name} must be (d, n) or (b, g, n, l={l}), got {tuple(X.shape)}')
-    g = X.shape[1]
-    if d % g != 0:
-        raise ValueError(f'{name} has g={g} groups, which must divide d={d}')
-    return X.float().repeat_interleave(d // g, dim=1)  # (b, d, n, l)
+    return X.repeat_interleave(d // X.shape[1], dim=1)  # (b, d, n, l)
 
 
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -44,8 +106,10 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        delta_bias: Optional[Tensor] = None,
                        delta_softplus: bool = False,
                        return_last_state: bool = False,
-                       out_fp32: bool = False) -> ScanOut:
+                       out_fp32: bool = False,
+                       reverse: bool = False) -> ScanOut:
     """Plain sequential reference (ground truth). float64 inputs stay float64."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     b, d, l = u.shape
@@ -58,14 +122,15 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Bx = _expand_bc(B, d, l, 'B').to(work)
     Cx = _expand_bc(C, d, l, 'C').to(work)
     h = u_.new_zeros(b, d, A.shape[1])
-    ys = []
-    for t in range(l):
+    ys = [None] * l
+    steps = range(l - 1, -1, -1) if reverse else range(l)
+    for t in steps:
         dA = torch.exp(dt[:, :, t, None] * A_)  # (b, d, n)
         Bt = Bx[..., min(t, Bx.shape[-1] - 1)]
         Ct = Cx[..., min(t, Cx.shape[-1] - 1)]
         h = dA * h + (dt[:, :, t] * u_[:, :, t])[..., None] * Bt
-        ys.append((h * Ct).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(b, d, 0)
+        ys[t] = (h * Ct).sum(-1)
+    y = torch.stack(ys, dim=-1) if l else u_.new_zeros(b, d, 0)
     if D is not None:
         y = y + D.to(work)[:, None] * u_
     if z is not None:
@@ -74,18 +139,72 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return (out, h) if return_last_state else out
 
 
+def _interpreting() -> bool:
+    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+
+
+def resolve_backend(u: Tensor, backend: Optional[str] = None) -> str:
+    """Pick the backend: ``backend`` arg > $MMSSM_SCAN_BACKEND > auto."""
+    name = backend or os.environ.get('MMSSM_SCAN_BACKEND') or None
+    if name is not None:
+        if name not in BACKENDS:
+            src = 'backend' if backend else 'MMSSM_SCAN_BACKEND'
+            raise ValueError(f'{src} must be one of {BACKENDS}, got {name!r}')
+        if name == 'triton':
+            if u.dtype == torch.float64:
+                raise TypeError('backend "triton" supports float32/float16/bfloat16 inputs, '
+                                'not float64; use backend "cpu" or "ref"')
+            if not (u.is_cuda or _interpreting()):
+                raise RuntimeError('backend "triton" needs CUDA tensors (or TRITON_INTERPRET=1 '
+                                   f'set before importing triton); u is on {u.device}')
+        return name
+    if u.is_cuda and u.dtype != torch.float64:
+        try:
+            import triton  # noqa: F401
+            return 'triton'
+        except ImportError:
+            pass
+    return 'cpu'
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None,
                    delta_softplus: bool = False,
                    return_last_state: bool = False,
                    out_fp32: bool = False,
-                   backend: Optional[str] = None) -> ScanOut:
+                   backend: Optional[str] = None,
+                   reverse: bool = False) -> ScanOut:
     """Selective scan with automatic backend choice (see module docstring).
 
     Args:
+        u, delta, z: (b, d, l) inputs, gate.
+        A: (d, n) real decay rates (negative for a stable scan).
+        B, C: (d, n) constant or (b, g, n, l) / (b, n, l) input-dependent.
+        D, delta_bias: optional (d,) skip weight and delta bias.
+        delta_softplus: apply softplus to delta + delta_bias.
+        return_last_state: also return the final state (b, d, n), fp32.
+        out_fp32: return the output in fp32 whatever the input dtype.
         backend: None (auto), or force one of 'ref', 'cpu', 'triton'.
+        reverse: scan from the last time step to the first.
+
+    Returns:
+        out (b, d, l), or (out, last_state) if ``return_last_state``.
     """
-    # Fast backends are plugged in by the scan-core work; the reference is exact.
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias,
-                              delta_softplus, return_last_state, out_fp32)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(u, backend)
+    b, d, l = u.shape
+    if l == 0:  # nothing to scan; keep the graph connected for autograd
+        out = u.float() * 0 if out_fp32 and u.dtype != torch.float64 else u * 0
+        last = u.new_zeros(b, d, A.shape[1], dtype=torch.float64 if u.dtype == torch.float64
+                           else torch.float32)
+        return (out, last) if return_last_state else out
+    if name == 'ref':
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, out_fp32, reverse)
+    if name == 'cpu':
+        from .selective_scan_cpu import selective_scan_chunked as fn
+    else:
+        from .selective_scan_triton import selective_scan_triton as fn
+    out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
+    return (out, last) if return_last_state else out

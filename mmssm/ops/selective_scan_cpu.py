@@ -1,0 +1,272 @@
+"""Chunked, exact selective scan in plain PyTorch with a recomputing backward.
+
+Why this design (benchmarks and numerics in shared/research/performance.md §6):
+- Exact: no cumulative-ratio / cumsum-of-exp trick (that overflows to NaN at
+  realistic dt*|A|). Inside a chunk the scan is a short sequential loop; the
+  only closed form used is the chunk-local decay prod_s a_s = exp(sum_s dt_s A),
+  which never divides, so it cannot overflow for a stable (A < 0) scan.
+- Fast on CPU: a two-level scan. Time is cut into ``nc`` chunks of ``T`` steps
+  (T ~ sqrt(l)); one loop of T steps scans all chunks at once from a zero
+  state, one loop of nc steps carries the true state across chunk ends, and a
+  single vectorised multiply-add fixes every step up. Python loops have
+  T + nc ~ 2 sqrt(l) iterations instead of l.
+- Light autograd: the forward keeps only the chunk-boundary states (nc+1, b, d,
+  n); the backward recomputes the (l, b, d, n) states chunk-locally, runs the
+  adjoint (reverse) scan with the same two-level machinery and forms every
+  gradient (u, delta, A, B, C, D, z, delta_bias and the last state) in closed form.
+
+Internal layout is time-major: (l, b, d, n), so that one time step of all
+chunks is a slice of contiguous blocks. Works on any device and in float64
+(for gradcheck).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _tm(x: Tensor, wd: torch.dtype, reverse: bool, lp: int) -> Tensor:
+    """(b, d, l) -> time-major (lp, b, d) in the work dtype, zero-padded to lp
+    (flipped first if reverse, so padding always comes after the last step)."""
+    x = x.permute(2, 0, 1)
+    x = x.flip(0) if reverse else x
+    out = x.new_zeros((lp,) + x.shape[1:], dtype=wd)
+    out[:x.shape[0]] = x
+    return out
+
+
+def _from_tm(x: Tensor, reverse: bool, l: int) -> Tensor:
+    """Time-major (lp, b, d) -> (b, d, l)."""
+    x = x[:l]
+    x = x.flip(0) if reverse else x
+    return x.permute(1, 2, 0).contiguous()
+
+
+def _bc_tm(X: Tensor, wd: torch.dtype, reverse: bool, lp: int) -> Tensor:
+    """B/C operand: constant (d, n) kept as is, else (b, g, n, l) -> (lp, b, g, n)."""
+    if X.dim() == 2:
+        return X.to(wd)
+    X = X if X.dim() == 4 else X.unsqueeze(1)
+    return _tm(X.flatten(1, 2), wd, reverse, lp).unflatten(2, X.shape[1:3])
+
+
+def _bc_from_tm(dX: Tensor, like: Tensor, reverse: bool, l: int) -> Tensor:
+    """Gradient of a B/C operand back to the user's layout and dtype."""
+    if like.dim() == 2:
+        return dX.to(like.dtype)
+    dX = _from_tm(dX.flatten(2, 3), reverse, l).unflatten(1, dX.shape[2:4])  # (b, g, n, l)
+    if like.dim() == 3:
+        dX = dX.squeeze(1)
+    return dX.to(like.dtype)
+
+
+def _mul_bc(x: Tensor, X: Tensor) -> Tensor:
+    """x (l, b, d) times B/C -> (l, b, d, n) without expanding groups."""
+    if X.dim() == 2:
+        return x[..., None] * X
+    l, b, g, n = X.shape
+    return (x.view(l, b, g, -1, 1) * X[:, :, :, None, :]).view(l, b, -1, n)
+
+
+def _contract_bc(H: Tensor, X: Tensor) -> Tensor:
+    """sum_n H (l, b, d, n) * B/C -> (l, b, d) (batched mat-vec, no expansion)."""
+    l, b, d, n = H.shape
+    if X.dim() == 2:
+        return (H.view(l * b, d, 1, n) @ X.view(d, n, 1)).view(l, b, d)
+    g = X.shape[2]
+    return torch.einsum('lbgkn,lbgn->lbgk', H.view(l, b, g, -1, n), X).reshape(l, b, d)
+
+
+def _reduce_bc(G: Tensor, w: Tensor, X: Tensor) -> Tensor:
+    """Gradient of B/C from G (l, b, d, n) and weights w (l, b, d): shape of X."""
+    l, b, d, n = G.shape
+    if X.dim() == 2:
+        return (G * w[..., None]).sum((0, 1))
+    g = X.shape[2]
+    return (w.view(l, b, g, 1, -1) @ G.view(l, b, g, -1, n)).view(l, b, g, n)
+
+
+def _chunk_scan(a: Tensor, bu: Tensor, T: int, h_chunk: Optional[Tensor] = None,
+                adjoint: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Exact linear recurrence along dim 0 in chunks of T (len(a) % T == 0).
+
+    forward:  h_t = a_t * h_{t-1} + bu_t             (h_{-1} = 0)
+    adjoint:  h_t = a_{t+1} * h_{t+1} + bu_t         (h_{len} = 0), the
+              reverse scan of the backward pass, without flipping copies.
+
+    Args:
+        a, bu: (nc*T, ...) decays and inputs.
+        T: chunk length.
+        h_chunk: forward only: known (nc, ...) state entering each chunk (the
+            backward's recompute). If None it is computed by a chunk carry.
+
+    Returns:
+        H (nc*T, ...) all states and, when computed, hs (nc+1, ...) the state
+        entering each chunk (hs[0] = 0, hs[nc] = final state), else None.
+    """
+    lp, rest = a.shape[0], a.shape[1:]
+    nc = lp // T
+    a, bu = a.view(nc, T, *rest), bu.view(nc, T, *rest)
+    H = torch.empty_like(bu)
+    # P[c, t]: product of the chunk-local decays between t and the chunk edge
+    # the carry enters from; built by multiplication, never by division.
+    carry = nc > 1 and h_chunk is None
+    P = torch.empty_like(bu) if carry else None
+    if not adjoint:
+        if h_chunk is None:
+            H[:, 0] = bu[:, 0]
+        else:
+            torch.addcmul(bu[:, 0], a[:, 0], h_chunk, out=H[:, 0])
+        if carry:
+            P[:, 0] = a[:, 0]
+        for t in range(1, T):  # all chunks advance together
+            torch.addcmul(bu[:, t], a[:, t], H[:, t - 1], out=H[:, t])
+            if carry:
+                torch.mul(a[:, t], P[:, t - 1], out=P[:, t])
+        if h_chunk is not None:
+            return H.view(lp, *rest), None
+        hs = bu.new_zeros(nc + 1, *rest)
+        hs[1] = H[0, -1]
+        for c in range(1, nc):
+            torch.addcmul(H[c, -1], P[c, -1], hs[c], out=hs[c + 1])
+        if carry:
+            H[1:].addcmul_(P[1:], hs[1:nc, None])
+        return H.view(lp, *rest), hs
+    H[:, -1] = bu[:, -1]
+    if carry:
+        P[:, -1] = 1
+    for t in range(T - 2, -1, -1):
+        torch.addcmul(bu[:, t], a[:, t + 1], H[:, t + 1], out=H[:, t])
+        if carry:
+            torch.mul(a[:, t + 1], P[:, t + 1], out=P[:, t])
+    if carry:
+        # K[c] = a_{c+1, 0} * H_{c+1, 0}: what chunk c receives from the next one.
+        K = bu.new_zeros(nc, *rest)
+        for c in range(nc - 2, -1, -1):
+            Hn = torch.addcmul(H[c + 1, 0], P[c + 1, 0], K[c + 1])
+            torch.mul(a[c + 1, 0], Hn, out=K[c])
+        H[:-1].addcmul_(P[:-1], K[:-1, None])
+    return H.view(lp, *rest), None
+
+
+def default_chunk(l: int, rows: int) -> int:
+    """Chunk length T for a scan of length l over ``rows`` = b*d*n lanes.
+
+    Each Python step touches nc * rows elements: enough chunks to amortise the
+    per-op overhead (~32K elements a step), but never more than ~sqrt(l) so the
+    chunk-carry loop stays short; with many lanes one chunk (no carry) is best.
+    """
+    nc = min(-(-32768 // max(rows, 1)), math.isqrt(max(l - 1, 0)) + 1)
+    return -(-l // max(nc, 1))
+
+
+class _ChunkedScanFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32, reverse, chunk):
+        wd = torch.float64 if u.dtype == torch.float64 else torch.float32
+        l = u.shape[-1]
+        T = min(chunk or default_chunk(l, u.shape[0] * u.shape[1] * A.shape[1]), l)
+        lp = -(-l // T) * T
+        with torch.no_grad():
+            dt, uu, A_, Bt, Ct, dtu = _prep(u, delta, A, B, C, delta_bias, softplus,
+                                            reverse, wd, lp)
+            a = torch.exp(dt[..., None] * A_)  # (lp, b, d, n); padding: a = 1, bu = 0
+            H, hs = _chunk_scan(a, _mul_bc(dtu, Bt), T)
+            del a
+            y = _contract_bc(H, Ct)
+            del H
+            if D is not None:
+                y.addcmul_(uu, D.to(wd))
+            if z is not None:
+                y.mul_(F.silu(_tm(z, wd, reverse, lp)))
+            out = _from_tm(y, reverse, l)
+            out = out if (out_fp32 and wd == torch.float32) else out.to(u.dtype)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
+        ctx.cfg = (softplus, reverse, T, wd)
+        return out, hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+        softplus, reverse, T, wd = ctx.cfg
+        need = ctx.needs_input_grad
+        l = u.shape[-1]
+        nc = hs.shape[0] - 1
+        lp = nc * T
+        dt, uu, A_, Bt, Ct, dtu = _prep(u, delta, A, B, C, delta_bias, softplus, reverse, wd, lp)
+        a = torch.exp(dt[..., None] * A_)  # (lp, b, d, n)
+        H, _ = _chunk_scan(a, _mul_bc(dtu, Bt), T, h_chunk=hs[:nc])  # recompute states
+        dy = _tm(dout, wd, reverse, lp)
+        dz = None
+        if z is not None:
+            zt = _tm(z, wd, reverse, lp)
+            sz = torch.sigmoid(zt)
+            y = _contract_bc(H, Ct)
+            if D is not None:
+                y.addcmul_(uu, D.to(wd))
+            dz = dy * y * sz * (1 + zt * (1 - sz))  # d silu(z) = s (1 + z (1 - s))
+            dy = dy * zt * sz
+        # Adjoint: G_t = dL/dh_t = a_{t+1} G_{t+1} + C_t dy_t (+ dlast at the end;
+        # padded steps have a = 1 and dy = 0, so dlast reaches step l-1 intact).
+        q = _mul_bc(dy, Ct)
+        q[-1] += dlast.to(wd)
+        G, _ = _chunk_scan(a, q, T, adjoint=True)
+        del q
+        # dL/d(dt*A)_t = G_t * a_t * h_{t-1}
+        X = a.mul_(G)
+        X[1:] *= H[:-1]
+        X[0] = 0
+        ddt = _contract_bc(X, A_)
+        dA = (X * dt[..., None]).sum((0, 1)).to(A.dtype) if need[2] else None
+        del X, a
+        ddtu = _contract_bc(G, Bt)
+        dB = _bc_from_tm(_reduce_bc(G, dtu, Bt), B, reverse, l) if need[3] else None
+        dC = _bc_from_tm(_reduce_bc(H, dy, Ct), C, reverse, l) if need[4] else None
+        du = ddtu * dt
+        if D is not None:
+            du.addcmul_(dy, D.to(wd))
+        dD = (dy * uu).sum((0, 1)).to(D.dtype) if D is not None and need[5] else None
+        ddt.addcmul_(ddtu, uu)
+        if softplus:
+            raw = _tm(delta, wd, reverse, lp)
+            if delta_bias is not None:
+                raw[:l] += delta_bias.to(wd)
+            ddt.mul_(torch.sigmoid(raw))
+        ddb = ddt[:l].sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None and need[7] else None
+        return (_from_tm(du, reverse, l).to(u.dtype), _from_tm(ddt, reverse, l).to(delta.dtype),
+                dA, dB, dC, dD,
+                _from_tm(dz, reverse, l).to(z.dtype) if dz is not None else None, ddb,
+                None, None, None, None)
+
+
+def _prep(u, delta, A, B, C, delta_bias, softplus, reverse, wd, lp):
+    """Time-major padded operands: dt, u (lp, b, d), A, B, C and dt*u.
+
+    Padded steps get dt = 0 (after softplus), hence a = 1 and dt*u = 0.
+    """
+    l = u.shape[-1]
+    dt = _tm(delta, wd, reverse, lp)
+    if delta_bias is not None:
+        dt[:l] += delta_bias.to(wd)
+    if softplus:
+        dt[:l] = F.softplus(dt[:l])
+    uu = _tm(u, wd, reverse, lp)
+    return (dt, uu, A.to(wd), _bc_tm(B, wd, reverse, lp), _bc_tm(C, wd, reverse, lp),
+            dt * uu)
+
+
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           delta_bias: Optional[Tensor] = None,
+                           delta_softplus: bool = False, out_fp32: bool = False,
+                           reverse: bool = False,
+                           chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Exact chunked scan (validated inputs, l > 0). Returns (out, last_state).
+
+    ``chunk`` overrides the chunk length T (default ~sqrt(l)).
+    """
+    return _ChunkedScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                out_fp32, reverse, chunk)
