@@ -1,0 +1,201 @@
+"""S4ND: multi-axis global convolution with separable SSM kernels (Nguyen et al., 2022).
+
+One 1-D SSM kernel module per axis (``kernel.{axis}``); the N-D kernel is their outer
+product, formed in frequency space (``mmssm.ops.fftconv``). State-dict keys and shapes are
+those of state-spaces/s4 ``src/models/sequence/modules/s4nd.py``, so official weights load
+as they are, including DPLR ``C~``/``l_kernel`` pairs.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmssm.ops.fftconv import axis_spectra, conv_sizes, outer_spectrum
+from mmssm.ops.ssm_kernels import KERNELS
+
+_ACTS = {None: nn.Identity, 'id': nn.Identity, 'identity': nn.Identity, 'linear': nn.Identity,
+         'none': nn.Identity, 'gelu': nn.GELU, 'relu': nn.ReLU, 'tanh': nn.Tanh,
+         'silu': nn.SiLU, 'swish': nn.SiLU, 'sigmoid': nn.Sigmoid, 'elu': nn.ELU,
+         'softplus': nn.Softplus}
+
+
+def _activation(name: Optional[str], dim: int = 1) -> nn.Module:
+    if name == 'glu':
+        return nn.GLU(dim=dim)
+    if name not in _ACTS:
+        raise ValueError(f"activation must be one of {sorted(map(str, _ACTS))} or 'glu', got {name!r}")
+    return _ACTS[name]()
+
+
+class TransposedLinear(nn.Module):
+    """Linear map over dim 1 of (B, D, *L): weight (out, in), bias (out,)."""
+
+    def __init__(self, d_input: int, d_output: int, bias: bool = True):
+        super().__init__()
+        lin = nn.Linear(d_input, d_output, bias=bias)  # nn.Linear's default init
+        self.weight = lin.weight
+        self.bias = lin.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.einsum('bi...,oi->bo...', x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias.reshape(-1, *([1] * (x.dim() - 2)))
+        return y
+
+
+class S4ND(nn.Module):
+    """S4ND layer: separable N-D SSM convolution + D skip (+ optional output mixing).
+
+    Args:
+        d_model: H, channels of the input (B, H, *L).
+        d_state: N, SSM state size per axis kernel.
+        l_max: kernel length per axis at rate 1 (int, list, or None = input length).
+        dim: number of convolved axes (1, 2 or 3).
+        out_channels: None for a depthwise layer; M turns it into a dense conv
+            H -> M with one separable kernel per (input, output) pair (the ConvNeXt stem).
+            No D skip in that mode.
+        channels: kernel "heads" per input channel (output has channels*H channels
+            before ``output_linear``).
+        bidirectional: two-sided kernels (causal half + flipped anti-causal half).
+        activation: applied after the convolution when ``linear=False``.
+        final_act: activation of ``output_linear`` (e.g. 'glu'); None = bare linear.
+        dropout: dropout after ``activation`` when ``linear=False``.
+        transposed: input layout (B, H, *L) if True, else (B, *L, H).
+        trank: tensor rank of the kernel: each output kernel is the mean of ``trank``
+            separable terms. (The official ``contract_version=1`` path drops this mean;
+            here both contract versions compute it.)
+        linear: if True, return the convolution output (channels*H) directly.
+        return_state: return ``(y, None)`` like the official module.
+        contract_version: accepted for config compatibility; 0 and 1 compute the same.
+        mode / kernel: 'dplr' (S4, official default) or 'diag' (S4D).
+        **kernel_args: passed to the kernel modules (init, rank, n_ssm, dt_min, dt_max,
+            dt_tie, dt_transform, lr, wd, bandlimit, disc, real_transform, imag_transform).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64,
+                 l_max: Union[None, int, Sequence[Optional[int]]] = None, dim: int = 2,
+                 out_channels: Optional[int] = None, channels: int = 1,
+                 bidirectional: bool = True, activation: Optional[str] = 'gelu',
+                 final_act: Optional[str] = None, dropout: float = 0.0,
+                 transposed: bool = True, trank: int = 1, linear: bool = True,
+                 return_state: bool = False, contract_version: int = 0,
+                 kernel: Optional[str] = None, mode: str = 'dplr', **kernel_args):
+        super().__init__()
+        kernel = kernel or mode
+        if kernel not in KERNELS:
+            raise ValueError(f'kernel/mode must be one of {sorted(KERNELS)}, got {kernel!r}')
+        if contract_version not in (0, 1):
+            raise ValueError(f'contract_version must be 0 or 1, got {contract_version}')
+        if isinstance(l_max, (list, tuple)):
+            l_max = list(l_max)
+            if dim is not None and len(l_max) != dim:
+                raise ValueError(f'l_max has {len(l_max)} entries but dim={dim}')
+        else:
+            if dim is None:
+                raise ValueError('dim must be given unless l_max is a list')
+            l_max = [l_max] * dim
+        if not 1 <= len(l_max) <= 3:
+            raise ValueError(f'S4ND supports dim 1, 2 or 3, got {len(l_max)}')
+        if out_channels is not None and not linear:
+            raise ValueError('out_channels (dense mode) requires linear=True')
+        self.h, self.n, self.l_max, self.dim = d_model, d_state, l_max, len(l_max)
+        self.channels, self.out_channels, self.trank = channels, out_channels, trank
+        self.bidirectional, self.transposed = bidirectional, transposed
+        self.linear, self.return_state = linear, return_state
+
+        self.D = nn.Parameter(torch.randn(channels, d_model))
+        k_channels = channels * (out_channels or 1) * trank * (2 if bidirectional else 1)
+        self.kernel = nn.ModuleList([
+            KERNELS[kernel](d_model=d_model, d_state=d_state, l_max=L, channels=k_channels,
+                            **kernel_args) for L in l_max])
+        if not linear:
+            self.activation = _activation(activation)
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            d_out = 2 * d_model if final_act == 'glu' else d_model
+            lin = TransposedLinear(d_model * channels, d_out)
+            # official key layout: bare linear without final_act, else Sequential(linear, act)
+            self.output_linear = lin if final_act is None else nn.Sequential(
+                lin, _activation(final_act))
+
+    # ------------------------------------------------------------------------ conv
+    def kernel_lengths(self, l_in: Sequence[int], rate: float) -> list:
+        """Official rule: ``min(L_in, round(l_max / rate))`` per axis (L_in if l_max is None)."""
+        return [l if lm is None else min(l, int(round(lm / rate)))
+                for l, lm in zip(l_in, self.l_max)]
+
+    def kernel_spectrum(self, l_in: Sequence[int], rate: float = 1.0) -> Tuple[Tensor, list]:
+        """Frequency-space N-D kernel (c', H, F_0, .., F_last//2+1) and the FFT sizes.
+
+        c' = out_channels*channels (rank terms already averaged).
+        """
+        l_k = self.kernel_lengths(l_in, rate)
+        ks = [kern(L=l, rate=rate) for kern, l in zip(self.kernel, l_k)]  # (k_ch, H, l)
+        fwd, bwd = ks, None
+        if self.bidirectional:
+            fwd, bwd = zip(*[k.chunk(2, dim=0) for k in ks])
+        sizes = conv_sizes(l_in, l_k)
+        k_f = outer_spectrum(axis_spectra(fwd, sizes, bwd))  # (r*c', H, *F')
+        if self.trank > 1:  # mean over the rank-1 terms ('(r c)' with r outermost)
+            k_f = k_f.reshape(self.trank, -1, *k_f.shape[1:]).mean(0)
+        return k_f, sizes
+
+    def forward(self, u: Tensor, rate: float = 1.0, state=None):
+        """u: (B, H, *L) (or (B, *L, H) if not transposed). ``rate`` = training res / input res."""
+        if state is not None:
+            raise ValueError('S4ND.forward does not take a state; use step() for 1-D recurrence')
+        if not self.transposed:
+            u = u.movedim(-1, 1)
+        if u.dim() != self.dim + 2 or u.shape[1] != self.h:
+            raise ValueError(f'expected input (B, {self.h}, *L) with {self.dim} axes, '
+                             f'got {tuple(u.shape)}')
+        dtype = u.dtype
+        x = u if dtype == torch.float64 else u.float()  # fp16/bf16: the FFT runs in fp32
+        l_in = list(x.shape[2:])
+        k_f, sizes = self.kernel_spectrum(l_in, rate)
+        if x.dtype == torch.float64:
+            k_f = k_f.to(torch.complex128)
+        axes = tuple(range(2, 2 + self.dim))
+        u_f = torch.fft.rfftn(x, s=sizes, dim=axes)  # (B, H, *F')
+        if self.out_channels is None:
+            y_f = u_f.unsqueeze(1) * k_f  # (B, c, H, *F')
+        else:  # dense: sum over input channels; '(i c)' with i = out_channels outermost
+            k_f = k_f.reshape(self.out_channels, self.channels, self.h, *k_f.shape[2:])
+            y_f = torch.einsum('bh...,ich...->bci...', u_f, k_f)  # (B, c, M, *F')
+        y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-self.dim, 0)))
+        y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
+        if self.out_channels is None:
+            y = y + x.unsqueeze(1) * self.D.to(y.dtype).reshape(
+                self.channels, self.h, *([1] * self.dim))
+        y = y.flatten(1, 2).to(dtype)  # (B, c*H or c*M, *L)
+        if not self.linear:
+            y = self.output_linear(self.dropout(self.activation(y)))
+        if not self.transposed:
+            y = y.movedim(1, -1)
+        return (y, None) if self.return_state else y
+
+    # ------------------------------------------------------------------------ recurrence
+    def _check_recurrent(self) -> None:
+        if self.dim != 1 or self.bidirectional or self.out_channels is not None or self.trank != 1:
+            raise ValueError('step() needs a causal 1-D layer: dim=1, bidirectional=False, '
+                             'out_channels=None, trank=1')
+
+    def setup_step(self) -> None:
+        """Prepare the discrete recurrence (rate 1) of the 1-D causal layer."""
+        self._check_recurrent()
+        kern = self.kernel[0]
+        if hasattr(kern, 'l_kernel') and int(kern.l_kernel.item()) == 0 and kern.l_max:
+            kern._setup_C(kern.l_max)  # same lazy C~ conversion as the first forward
+        kern.setup_step()
+
+    def default_state(self, batch: int) -> Tensor:
+        self._check_recurrent()
+        return self.kernel[0].default_state(batch)
+
+    def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One time step of the 1-D causal layer: u (B, H) -> y (B, H_out), new state."""
+        y, state = self.kernel[0].step(u, state)  # (B, c, H)
+        y = (y + u.unsqueeze(1) * self.D).flatten(1, 2).to(u.dtype)
+        if not self.linear:
+            y = self.output_linear(self.dropout(self.activation(y)))
+        return y, state

@@ -1,0 +1,193 @@
+"""N-D linear convolution by FFT with separable (per-axis) long kernels, and its reference.
+
+This is the convolution core of S4ND (and of any 1-D/2-D/3-D "global" SSM conv):
+
+* every convolved axis is zero padded to an FFT size ``F >= L_in + L_k`` (no wrap-around),
+  picked with prime factors 2, 3, 5, 7 only (fast pocketfft/cuFFT radices; the result of a
+  linear convolution does not depend on F once it is large enough);
+* real FFT on the last axis, complex FFT on the others;
+* kernels are separable: one 1-D kernel per axis. Their spectra are combined as an outer
+  product in frequency space, so the N-D kernel is never built in space;
+* a kernel is causal (taps at offsets 0..L_k-1) or bidirectional: a causal half ``k_fwd``
+  plus an anti-causal half ``k_bwd`` whose tap m sits at offset -(m+1) (this is how the
+  official S4ND builds ``pad(k0, (0, L)) + pad(k1.flip(-1), (L, 0))``);
+* the kernel spectrum is computed once per call and broadcast over the batch;
+* fp16/bf16 inputs are computed in fp32 (torch.fft has no bf16, and fp16 only for powers
+  of two on CUDA) and cast back.
+
+Conventions: true convolution, ``y[t] = sum_s k[s] * u[t - s]`` per axis.
+"""
+from functools import lru_cache
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _work(x: Tensor) -> Tensor:
+    """fp64 stays fp64 (for gradcheck); everything else is computed in fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+@lru_cache(maxsize=None)
+def fft_size(n: int) -> int:
+    """Smallest integer >= ``n`` whose prime factors are all in {2, 3, 5, 7}."""
+    if n < 1:
+        raise ValueError(f'fft_size needs n >= 1, got {n}')
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def _place_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], n: int) -> Tensor:
+    """Lay a causal (+ anti-causal) 1-D kernel out on a circular buffer of length ``n``.
+
+    Causal tap s goes to index s, anti-causal tap m (offset -(m+1)) to index n-1-m.
+    Shapes: (..., L_k) -> (..., n).
+    """
+    lk = k_fwd.shape[-1]
+    if k_bwd is None:
+        return F.pad(k_fwd, (0, n - lk))
+    lb = k_bwd.shape[-1]
+    if lk + lb > n:
+        raise ValueError(f'FFT size {n} too small for kernel halves of length {lk} + {lb}')
+    mid = k_fwd.new_zeros(*k_fwd.shape[:-1], n - lk - lb)
+    return torch.cat([k_fwd, mid, k_bwd.flip(-1)], dim=-1)
+
+
+def axis_spectra(kernels: Sequence[Tensor], sizes: Sequence[int],
+                 backward_kernels: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+    """Per-axis kernel spectra: ``fft`` on all axes but the last, ``rfft`` on the last.
+
+    Args:
+        kernels: d causal kernels, the i-th shaped (..., L_k_i).
+        sizes: d FFT sizes (each >= L_in_i + L_k_i).
+        backward_kernels: optional d anti-causal kernels (same shapes) for a
+            bidirectional kernel.
+    Returns:
+        d complex tensors, (..., F_i) for i < d-1 and (..., F_last // 2 + 1) for the last.
+    """
+    d = len(kernels)
+    out = []
+    for i, (k, n) in enumerate(zip(kernels, sizes)):
+        kb = None if backward_kernels is None else backward_kernels[i]
+        buf = _place_kernel(_work(k), None if kb is None else _work(kb), n)
+        out.append(torch.fft.rfft(buf, n=n) if i == d - 1 else torch.fft.fft(buf, n=n))
+    return out
+
+
+def outer_spectrum(spectra: Sequence[Tensor]) -> Tensor:
+    """Outer product of per-axis spectra: (..., F_0), ..., (..., F_{d-1}) -> (..., F_0, ..., F_{d-1})."""
+    d = len(spectra)
+    k_f = spectra[0]
+    for i in range(1, d):
+        # (..., F_0..F_{i-1}, 1) * (..., 1, .., 1, F_i)
+        k_f = k_f.unsqueeze(-1) * spectra[i].reshape(
+            *spectra[i].shape[:-1], *([1] * i), spectra[i].shape[-1])
+    return k_f
+
+
+def conv_sizes(l_in: Sequence[int], l_k: Sequence[int]) -> List[int]:
+    """FFT sizes giving a linear (not circular) convolution: ``fft_size(L_in + L_k)`` per axis."""
+    return [fft_size(int(a) + int(b)) for a, b in zip(l_in, l_k)]
+
+
+def fftconv_nd(u: Tensor, kernels: Sequence[Tensor],
+               backward_kernels: Optional[Sequence[Tensor]] = None,
+               D: Optional[Tensor] = None) -> Tensor:
+    """Depthwise N-D linear convolution with a separable (per-axis) kernel, by FFT.
+
+    Args:
+        u: (B, H, L_0, ..., L_{d-1}) input; fp16/bf16 are computed in fp32 and cast back.
+        kernels: d causal kernels; the i-th is (H, L_k_i) or (C, H, L_k_i) (C kernel
+            "heads" per input channel, shared across axes). Taps beyond L_in_i are dropped
+            (they cannot reach an output position).
+        backward_kernels: optional d anti-causal kernels of the same shapes, giving the
+            bidirectional kernel k_fwd (offsets 0..L_k-1) + k_bwd (offsets -1..-L_k).
+        D: optional skip, (H,) or (C, H): adds ``D * u``.
+
+    Returns:
+        (B, H, *L) if the kernels are (H, L_k), else (B, C, H, *L).
+    """
+    d = len(kernels)
+    if u.dim() != d + 2:
+        raise ValueError(f'u must be (B, H, *L) with {d} spatial axes for {d} kernels, '
+                         f'got shape {tuple(u.shape)}')
+    if backward_kernels is not None and len(backward_kernels) != d:
+        raise ValueError('backward_kernels must have one kernel per axis')
+    dtype = u.dtype
+    x = _work(u)
+    l_in = list(x.shape[2:])
+    kernels = [k[..., :l] for k, l in zip(kernels, l_in)]
+    if backward_kernels is not None:
+        backward_kernels = [k[..., :l] for k, l in zip(backward_kernels, l_in)]
+    l_k = [max(k.shape[-1], 1 if backward_kernels is None else backward_kernels[i].shape[-1])
+           for i, k in enumerate(kernels)]
+    sizes = conv_sizes(l_in, l_k)
+    k_f = outer_spectrum(axis_spectra(kernels, sizes, backward_kernels))  # ([C,] H, *F')
+    if x.dtype == torch.float64:
+        k_f = k_f.to(torch.complex128)
+    else:
+        k_f = k_f.to(torch.complex64)
+    dims = tuple(range(2, 2 + d))
+    u_f = torch.fft.rfftn(x, s=sizes, dim=dims)  # (B, H, *F')
+    if k_f.dim() == d + 2:  # (C, H, *F') -> (B, C, H, *F')
+        u_f = u_f.unsqueeze(1)
+    y = torch.fft.irfftn(u_f * k_f, s=sizes, dim=tuple(range(-d, 0)))
+    y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
+    if D is not None:
+        Dx = D.to(y.dtype).reshape(*D.shape, *([1] * d))
+        y = y + (x.unsqueeze(1) if k_f.dim() == d + 2 else x) * Dx
+    return y.to(dtype)
+
+
+def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
+    """Explicit 1-D kernel over offsets -length..length (index j <-> offset j - length)."""
+    lk = min(k_fwd.shape[-1], length + 1)
+    out = k_fwd.new_zeros(*k_fwd.shape[:-1], 2 * length + 1)
+    out[..., length:length + lk] = k_fwd[..., :lk]
+    if k_bwd is not None:
+        lb = min(k_bwd.shape[-1], length)
+        out[..., length - lb:length] = k_bwd[..., :lb].flip(-1)
+    return out
+
+
+def conv_reference_nd(u: Tensor, kernels: Sequence[Tensor],
+                      backward_kernels: Optional[Sequence[Tensor]] = None,
+                      D: Optional[Tensor] = None) -> Tensor:
+    """Same contract as :func:`fftconv_nd`, by ``F.conv{1,2,3}d`` with the explicit N-D kernel.
+
+    The separable kernel is materialised in space (outer product of the two-sided per-axis
+    kernels over offsets -(L_i-1)..(L_i-1)), flipped (torch convs are correlations) and
+    applied depthwise with "same" padding. Slow; for tests only.
+    """
+    d = len(kernels)
+    if d not in (1, 2, 3):
+        raise ValueError(f'conv_reference_nd supports 1, 2 or 3 axes, got {d}')
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    l_in = list(u.shape[2:])
+    axes = [two_sided_kernel(k, None if backward_kernels is None else backward_kernels[i],
+                             l_in[i] - 1) for i, k in enumerate(kernels)]
+    full = outer_spectrum(axes)  # outer product works for real tensors too: (.., H, *(2L-1))
+    heads = full.dim() == d + 2
+    if not heads:
+        full = full.unsqueeze(0)
+    B, H = u.shape[:2]
+    ys = []
+    for c in range(full.shape[0]):
+        w = full[c].flip(list(range(1, d + 1))).unsqueeze(1).to(u.dtype)  # (H, 1, *K)
+        ys.append(conv(u, w, padding=[n - 1 for n in l_in], groups=H))
+    y = torch.stack(ys, 1)  # (B, C, H, *L)
+    if D is not None:
+        Dx = D.reshape(-1, H, *([1] * d)) if D.dim() == 2 else D.reshape(1, H, *([1] * d))
+        y = y + u.unsqueeze(1) * Dx.to(u.dtype)
+    return y if heads else y[:, 0]

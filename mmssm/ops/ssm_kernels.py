@@ -1,0 +1,494 @@
+"""Convolution kernels of linear time-invariant SSMs: S4D (diagonal) and S4 (DPLR).
+
+A kernel module holds continuous-time parameters (dt, A, B, C) of ``H`` independent SSMs
+and returns the discretised convolution kernel ``K[l] = C dA^l dB``, shaped
+(channels, H, L). Everything here follows the semantics of state-spaces/s4
+(``src/models/sequence/kernels/ssm.py``) so official S4ND checkpoints load unchanged:
+
+* parameter names/shapes: ``inv_dt (H, 1)``, ``C (channels, H, N/2, 2)``,
+  ``B (1, S, N/2, 2)``, ``A_real (S, N/2)``, ``A_imag (S, N/2)`` and, for DPLR,
+  ``P (rank, S, N/2, 2)`` plus the int64 buffer ``l_kernel``. Complex tensors are stored as
+  real views; only one of each conjugate pair of modes is stored (N/2).
+* ``A = -exp(A_real) - 1j * A_imag``, ``dt = exp(inv_dt) * rate``.
+* DPLR: state matrix ``diag(A) - P P^*``, bilinear discretisation, kernel evaluated at the
+  roots of unity with a Cauchy product + Woodbury correction and an inverse FFT. Its ``C``
+  is stored as ``C~ = C (I - dA^L)`` "attuned" to ``l_kernel = L``; the first forward
+  converts a raw C (``l_kernel == 0``) in place, as the official code does.
+* ``rate`` (relative sampling rate, 2 = half resolution) scales dt; ``bandlimit`` zeroes
+  the modes whose frequency ``dt * |Im A| / 2 pi`` is above ``bandlimit / 2`` cycles/sample.
+"""
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- HiPPO
+
+
+def hippo_legs(N: int) -> Tuple[Tensor, Tensor]:
+    """HiPPO-LegS transition ``(A (N, N), B (N,))`` in float64.
+
+    Built the way it is derived (scaled-Legendre ODE ``c' = -(1/t) M c + (1/t) b u`` in the
+    orthogonal basis, then normalised by ``T = diag(sqrt(2n+1))``): ``A = T M T^{-1}`` with
+    ``M_nk = -(2k+1)`` for n >= k plus ``n`` on the diagonal.
+    """
+    q = torch.arange(N, dtype=torch.float64)
+    M = -torch.tril((2 * q + 1)[None, :].expand(N, N)) + torch.diag(q)
+    T = torch.diag(torch.sqrt(2 * q + 1))
+    A = T @ M @ torch.linalg.inv(T)
+    return A, torch.sqrt(2 * q + 1)
+
+
+def hippo_fout(N: int) -> Tuple[Tensor, Tensor]:
+    """HiPPO-FouT ('fourier') transition ``(A (N, N), B (N,))`` in float64 (N even)."""
+    if N % 2:
+        raise ValueError(f"the 'fourier' init needs an even d_state, got {N}")
+    freqs = torch.arange(N // 2, dtype=torch.float64)
+    d = torch.stack([torch.zeros(N // 2, dtype=torch.float64), freqs], -1).reshape(-1)[1:]
+    A = math.pi * (-torch.diag(d, 1) + torch.diag(d, -1))
+    B = torch.zeros(N, dtype=torch.float64)
+    B[0::2] = 2 ** 0.5
+    B[0] = 1
+    # the low-rank term accounts for the other endpoint u(t-1) of the translated window
+    return A - B[:, None] * B[None, :], B
+
+
+def rank_correction(measure: str, N: int, rank: int = 1) -> Tensor:
+    """Low-rank ``P (rank, N)`` such that ``A + P^T P`` is normal (skew + constant diagonal)."""
+    if measure == 'legs':
+        P = torch.sqrt(0.5 + torch.arange(N, dtype=torch.float64))[None]
+    elif measure in ('fourier', 'fout'):
+        P = torch.zeros(1, N, dtype=torch.float64)
+        P[0, 0::2] = 2 ** 0.5
+        P[0, 0] = 1
+    else:
+        raise ValueError(f"rank_correction: measure must be 'legs' or 'fourier', got {measure!r}")
+    if rank > 1:
+        P = torch.cat([P, P.new_zeros(rank - 1, N)], 0)
+    return P
+
+
+def nplr(measure: str, N: int, rank: int = 1,
+         B_clip: Optional[float] = 2.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normal-plus-low-rank form of a HiPPO matrix.
+
+    Returns ``W (N/2,)``, ``P (rank, N/2)``, ``B (N/2,)``, ``V (N, N/2)`` (complex128) with
+    ``A = V (diag(W) - P P^*) V^*`` over conjugate pairs (only the half with Im W <= 0 kept).
+    """
+    A, B = {'legs': hippo_legs, 'fourier': hippo_fout, 'fout': hippo_fout}[measure](N)
+    P = rank_correction(measure, N, rank)
+    AP = A + (P[:, :, None] * P[:, None, :]).sum(0)  # normal: c*I + skew
+    w_re = torch.diagonal(AP).mean()
+    skew = AP - torch.diag(torch.diagonal(AP))
+    w_im, V = torch.linalg.eigh(skew * -1j)  # -i * skew is Hermitian; eigenvalues real
+    W = w_re + 1j * w_im
+    idx = torch.argsort(W.imag)
+    W, V = W[idx][:N // 2], V[:, idx][:, :N // 2]
+    if W[-1].abs() < 1e-4:  # FouT: one zero eigenvalue pair; pick the conjugate pair basis
+        V[:, -1] = 0
+        V[0, -1] = 2 ** -0.5
+        V[1, -1] = 2 ** -0.5 * 1j
+    Vh = V.conj().T
+    B = Vh @ B.to(V.dtype)
+    P = P.to(V.dtype) @ Vh.T
+    if B_clip is not None:
+        B = B.real + 1j * B.imag.clamp(-B_clip, B_clip)
+    return W, P, B, V
+
+
+def diag_init(init: str, N: int) -> Tuple[Tensor, Tensor]:
+    """Diagonal (S4D) inits: ``A (N/2,)``, ``B (N/2,)`` complex128 for N/2 conjugate pairs.
+
+    'legs' (S4D-LegS: diagonal of the normal part of HiPPO-LegS), 'lin' (S4D-Lin:
+    -1/2 + i pi n), 'inv' (S4D-Inv: -1/2 + i N/pi (N/(2n+1) - 1)), 'real' (S4D-Real: -(n+1)).
+    """
+    n = torch.arange(N // 2, dtype=torch.float64)
+    B = torch.ones(N // 2, dtype=torch.complex128)
+    if init == 'legs':
+        W, _, B, _ = nplr('legs', N)
+        return -0.5 + 1j * W.imag, B
+    if init == 'lin':
+        imag = math.pi * n
+    elif init == 'inv':
+        imag = N / math.pi * (N / (1 + 2 * n) - 1)
+    elif init == 'real':
+        return (-(n + 1)).to(torch.complex128), B
+    else:
+        raise ValueError(f"diagonal init must be one of 'legs', 'lin', 'inv', 'real'; got {init!r}")
+    return -0.5 - 1j * imag, B
+
+
+_COMBINATIONS = {'hippo': ['legs', 'fourier'], 'diag': ['diag-inv', 'diag-lin'],
+                 'all': ['legs', 'fourier', 'diag-inv', 'diag-lin']}
+_ALIASES = {'diag-legs': 'legs', 'diag-lin': 'lin', 'diag-inv': 'inv', 'diag-real': 'real',
+            'dplr-legs': 'legs', 'dplr-lin': 'lin', 'dplr-inv': 'inv', 'dplr-real': 'real'}
+VALID_INITS = ('legs', 'fourier', 'fout', *_ALIASES, *_COMBINATIONS)
+
+
+def init_ssm(init: str, N: int, rank: int, n_ssm: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``A (S, N/2)``, ``P (rank, S, N/2)``, ``B (S, N/2)`` (complex128) for ``S = n_ssm`` copies.
+
+    'legs'/'fourier' give the NPLR HiPPO matrices; 'diag-*' the S4D inits with P = 0;
+    'dplr-*' the S4D diagonals with a random low-rank P; 'hippo'/'diag'/'all' split the
+    copies evenly between several inits.
+    """
+    if init not in VALID_INITS:
+        raise ValueError(f'init must be one of {VALID_INITS}, got {init!r}')
+    names = _COMBINATIONS.get(init, [init])
+    if n_ssm % len(names):
+        raise ValueError(f'n_ssm={n_ssm} must be a multiple of the {len(names)} inits of {init!r}')
+    s = n_ssm // len(names)
+    As, Ps, Bs = [], [], []
+    for name in names:
+        if name in ('legs', 'fourier', 'fout'):
+            W, P, B, _ = nplr(name, N, rank)
+        else:
+            W, B = diag_init(_ALIASES[name], N)
+            P = torch.randn(rank, N // 2, dtype=torch.complex128)
+            if name.startswith('diag'):
+                P = P * 0
+        As.append(W.expand(s, -1))
+        Ps.append(P[:, None].expand(-1, s, -1))
+        Bs.append(B.expand(s, -1))
+    return torch.cat(As, 0), torch.cat(Ps, 1), torch.cat(Bs, 0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_TRANSFORMS = ('none', 'exp', 'relu', 'sigmoid', 'softplus')
+
+
+def _param_transform(x: Tensor, transform: str) -> Tensor:
+    if transform == 'none':
+        return x
+    if transform == 'exp':
+        return x.exp()
+    if transform == 'relu':
+        return F.relu(x) + 1e-4
+    if transform == 'sigmoid':
+        return torch.sigmoid(x)
+    if transform == 'softplus':
+        return F.softplus(x)
+    raise ValueError(f'transform must be one of {_TRANSFORMS}, got {transform!r}')
+
+
+def _inv_transform(x: Tensor, transform: str) -> Tensor:
+    x = x.clamp(min=1e-4)
+    if transform in ('none', 'relu'):
+        return x
+    if transform == 'exp':
+        return x.log()
+    if transform == 'sigmoid':
+        return torch.logit(x)
+    if transform == 'softplus':
+        return torch.log(torch.expm1(x))
+    raise ValueError(f'transform must be one of {_TRANSFORMS}, got {transform!r}')
+
+
+def _conj(x: Tensor) -> Tensor:
+    """Append the conjugate modes: (..., N/2) -> (..., N)."""
+    return torch.cat([x, x.conj()], -1)
+
+
+def vandermonde(v: Tensor, log_x: Tensor, L: int) -> Tensor:
+    """``2 Re sum_n v_n x_n^l`` for l < L. v (..., H, N), log_x (H, N) -> (..., H, L)."""
+    V = torch.exp(log_x.unsqueeze(-1) * torch.arange(L, device=log_x.device))  # (H, N, L)
+    return 2 * torch.einsum('...hn,hnl->...hl', v, V).real
+
+
+def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    """``sum_n v_n / (z_l - w_n)`` over n and its conjugate pairs. v (..., H, N), z (Lf,), w (H, N)."""
+    r = 1.0 / (z[None, None, :] - _conj(w)[..., None])  # (H, 2N, Lf)
+    return torch.einsum('...hn,hnl->...hl', _conj(v), r)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class SSMKernelDiag(nn.Module):
+    """S4D kernel: diagonal A, kernel by a Vandermonde product.
+
+    Args:
+        d_model: H, number of independent SSMs (one per feature).
+        d_state: N, state size (N/2 conjugate pairs are stored).
+        l_max: default kernel length (used when ``forward`` gets no L).
+        channels: output "heads" per SSM: C is (channels, H, N/2).
+        dt_min, dt_max: log-uniform init range of the step size.
+        dt_tie: one dt per feature (H, 1) instead of (H, N/2).
+        dt_transform: parameterisation of dt ('exp': ``inv_dt = log dt``).
+        rank: rank of P (DPLR only; ignored here but used by init).
+        n_ssm: number of trainable (A, B) copies shared across H (None = H). Must divide H.
+        init: see :func:`init_ssm`.
+        disc: 'zoh' or 'bilinear'.
+        real_transform, imag_transform: parameterisation of -Re(A) and -Im(A).
+        bandlimit: None, or the fraction of Nyquist above which modes are masked.
+        lr, wd: optimizer hints attached to the SSM parameters as ``param._optim``
+            (``lr=0.0`` stores them as buffers, as the official code does).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, l_max: Optional[int] = None,
+                 channels: int = 1, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_tie: bool = True, dt_transform: str = 'exp', rank: int = 1,
+                 n_ssm: Optional[int] = None, init: str = 'legs', disc: str = 'zoh',
+                 real_transform: str = 'exp', imag_transform: str = 'none',
+                 bandlimit: Optional[float] = None,
+                 lr: Union[None, float, Dict[str, float]] = None,
+                 wd: Union[None, float, Dict[str, float]] = 0.0):
+        super().__init__()
+        if disc not in ('zoh', 'bilinear'):
+            raise ValueError(f"disc must be 'zoh' or 'bilinear', got {disc!r}")
+        for name, t in (('dt_transform', dt_transform), ('real_transform', real_transform),
+                        ('imag_transform', imag_transform)):
+            if t not in _TRANSFORMS:
+                raise ValueError(f'{name} must be one of {_TRANSFORMS}, got {t!r}')
+        if d_state % 2:
+            raise ValueError(f'd_state must be even (conjugate pairs), got {d_state}')
+        self.H, self.N, self.l_max, self.channels = d_model, d_state // 2, l_max, channels
+        self.n_ssm = d_model if n_ssm is None else n_ssm
+        if d_model % self.n_ssm:
+            raise ValueError(f'n_ssm={self.n_ssm} must divide d_model={d_model}')
+        self.rank, self.disc, self.bandlimit = rank, disc, bandlimit
+        self.dt_transform, self.real_transform = dt_transform, real_transform
+        self.imag_transform = imag_transform
+        self._lr = lr if isinstance(lr, dict) else {k: lr for k in ('dt', 'A', 'B', 'C')}
+        self._wd = wd if isinstance(wd, dict) else {k: wd for k in ('dt', 'A', 'B', 'C')}
+        self._lr = {k: self._lr.get(k) for k in ('dt', 'A', 'B', 'C')}
+        self._wd = {k: self._wd.get(k) for k in ('dt', 'A', 'B', 'C')}
+
+        shape = (self.H, 1) if dt_tie else (self.H, self.N)
+        log_dt = torch.rand(*shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        inv_dt = _inv_transform(log_dt.exp(), dt_transform)
+        A, P, B = init_ssm(init, d_state, rank, self.n_ssm)
+        C = torch.randn(channels, self.H, self.N, dtype=torch.cfloat)
+        self._register('inv_dt', inv_dt, 'dt')
+        self._register('C', torch.view_as_real(C).contiguous(), 'C', wd=None)
+        self._register('B', torch.view_as_real(B.to(torch.cfloat))[None].contiguous(), 'B')
+        self._register('A_real', _inv_transform(-A.real.float(), real_transform), 'A')
+        self._register('A_imag', _inv_transform(-A.imag.float(), imag_transform), 'A')
+        self._init_extra(P)
+
+    def _init_extra(self, P: Tensor) -> None:
+        """Hook for DPLR (P is ignored by the diagonal kernel)."""
+
+    def _register(self, name: str, t: Tensor, group: str, wd: Optional[float] = -1.0) -> None:
+        """Parameter with the official ``_optim`` hints, or a buffer when its lr is 0."""
+        lr = self._lr[group]
+        wd = self._wd[group] if wd == -1.0 else wd
+        if lr == 0.0:
+            self.register_buffer(name, t)
+            return
+        p = nn.Parameter(t)
+        optim = {}
+        if lr is not None:
+            optim['lr'] = lr
+        if wd is not None:
+            optim['weight_decay'] = wd
+        p._optim = optim
+        self.register_parameter(name, p)
+
+    # -- parameters -------------------------------------------------------------------
+    def _repeat(self, x: Tensor, dim: int) -> Tensor:
+        """Tile n_ssm copies up to H along ``dim`` ('(v t)' order, as official)."""
+        reps = [1] * x.dim()
+        reps[dim] = self.H // x.shape[dim]
+        return x.repeat(*reps)
+
+    def get_params(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Continuous parameters: dt (H, 1|N), A (H, N), B (1, H, N), C (channels, H, N)."""
+        A = (-_param_transform(self.A_real, self.real_transform)
+             - 1j * _param_transform(self.A_imag, self.imag_transform))
+        B = torch.view_as_complex(self.B)
+        C = torch.view_as_complex(self.C)
+        dt = _param_transform(self.inv_dt, self.dt_transform) * rate
+        if self.bandlimit is not None:
+            freqs = dt / rate * A.imag.abs() / (2 * math.pi)  # cycles/sample at rate 1
+            C = C * (freqs < self.bandlimit * 0.5).to(C.real.dtype)
+        return dt, self._repeat(A, 0), self._repeat(B, 1), C
+
+    # -- convolution view --------------------------------------------------------------
+    def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
+        """Kernel (channels, H, L) at sampling ``rate``."""
+        if L is None:
+            if self.l_max is None:
+                raise ValueError('L must be given when the kernel was built with l_max=None')
+            L = round(self.l_max / rate)
+        dt, A, B, C = self.get_params(rate)
+        dtA = dt * A  # (H, N)
+        BC = B * C  # (channels, H, N)
+        if self.disc == 'zoh':
+            return vandermonde(BC * torch.expm1(dtA) / A, dtA, L)
+        dA = (1 + dtA / 2) / (1 - dtA / 2)
+        return vandermonde(BC * dt / (1 - dtA / 2), dA.log(), L)
+
+    # -- recurrent view ----------------------------------------------------------------
+    @torch.no_grad()
+    def setup_step(self) -> None:
+        """Cache the discrete diagonal system (rate 1) for :meth:`step`."""
+        dt, A, B, C = self.get_params()
+        dtA = dt * A
+        if self.disc == 'zoh':
+            self.dA, self.dB = dtA.exp(), (B * torch.expm1(dtA) / A)[0]
+        else:
+            self.dA = (1 + dtA / 2) / (1 - dtA / 2)
+            self.dB = (B * dt / (1 - dtA / 2))[0]
+        self.dC = C
+
+    def default_state(self, batch: int) -> Tensor:
+        return torch.zeros(batch, self.H, self.N, dtype=torch.cfloat, device=self.C.device)
+
+    def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: u (B, H) -> y (B, channels, H), new state (B, H, N/2)."""
+        state = self.dA * state + self.dB * u.unsqueeze(-1)
+        y = 2 * torch.einsum('chn,bhn->bch', self.dC, state).real
+        return y, state
+
+
+class SSMKernelDPLR(SSMKernelDiag):
+    """S4 kernel: diagonal-plus-low-rank A = diag(A) - P P^*, bilinear discretisation.
+
+    The kernel is evaluated in frequency space at ``discrete_L`` roots of unity by a Cauchy
+    product with a Woodbury correction for P, then inverse-FFT'd. ``C`` holds
+    ``C~ = C (I - dA^l_kernel)``; see the module docstring. Same arguments as
+    :class:`SSMKernelDiag` (``disc`` is always bilinear here). Default init 'legs'.
+    """
+
+    def _init_extra(self, P: Tensor) -> None:
+        self._register('P', torch.view_as_real(P.to(torch.cfloat)).contiguous(), 'A')
+        self.register_buffer('l_kernel', torch.tensor(0))
+
+    def get_params(self, rate: float = 1.0):
+        dt, A, B, C = super().get_params(rate)
+        P = self._repeat(torch.view_as_complex(self.P), 1)  # (R, H, N)
+        return dt, A, B, C, P
+
+    @torch.no_grad()
+    def dense_system(self, dtype=torch.complex128) -> Tuple[Tensor, Tensor]:
+        """Bilinear dA (H, 2N, 2N), dB (H, 2N) of the full (conjugate-expanded) state at rate 1."""
+        dt, A, B, _, P = self.get_params()
+        dt, A, B, P = dt.to(dtype), A.to(dtype), B.to(dtype), P.to(dtype)
+        Pc = _conj(P)  # (R, H, 2N)
+        Af = torch.diag_embed(_conj(A)) - torch.einsum('rhn,rhm->hnm', Pc, Pc.conj())
+        eye = torch.eye(2 * self.N, dtype=dtype, device=A.device)
+        h = (dt[..., :1] if dt.shape[-1] == 1 else dt)  # dt tied: (H, 1)
+        if h.shape[-1] != 1:
+            raise ValueError('the DPLR kernel needs dt_tie=True')
+        back = eye - h[:, :, None] / 2 * Af
+        dA = torch.linalg.solve(back, eye + h[:, :, None] / 2 * Af)
+        dB = torch.linalg.solve(back, h * _conj(B[0]))
+        return dA, dB
+
+    @torch.no_grad()
+    def _linear_step_dA(self) -> Tensor:
+        """Bilinear dA (H, 2N, 2N) in complex64, evaluated column by column with the
+        O(N) Woodbury step (the official ``_setup_state`` arithmetic).
+
+        Used for the C -> C~ conversion so that lazily converted weights agree with the
+        official ones to float32 round-off: with near-zero Re(A) (the 'fourier' init) the
+        kernel is very sensitive to C~, and a different (even more exact) evaluation order
+        shifts outputs by ~1e-4 relative.
+        """
+        dt, A, _, _, P = self.get_params()
+        dt, A, P = dt.detach(), A.detach(), P.detach()
+        Q = P.conj()
+        D = 1.0 / (2.0 / dt - A)  # (H, N)
+        R = (torch.eye(self.rank, device=A.device)
+             + 2 * torch.einsum('rhn,hn,shn->hrs', Q, D, P).real).to(Q.dtype)
+        QD = (Q * D).permute(1, 0, 2)  # (H, R, N)
+        Rs = torch.linalg.solve(R, QD).permute(1, 0, 2)  # (R, H, N)
+        D, E, Rs, P, Q = (_conj(t) for t in (D, 2.0 / dt + A, Rs, P, Q))
+        state = torch.eye(2 * self.N, dtype=Q.dtype, device=Q.device).unsqueeze(1)  # (2N, 1, 2N)
+        low_rank = lambda p, q, x: torch.einsum('rhn,rhm,...hm->...hn', p, q, x)  # noqa: E731
+        x = E * state - low_rank(P, Q, state)
+        x = D * (x - low_rank(P, Rs, x))
+        return x.permute(1, 2, 0)  # column n of dA = image of e_n
+
+    @staticmethod
+    def _binary_power(M: Tensor, L: int) -> Tensor:
+        """M^L by repeated squaring, multiplying from the left (official order)."""
+        out = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
+        while True:
+            if L % 2:
+                out = M @ out
+            L //= 2
+            if L == 0:
+                return out
+            M = M @ M
+
+    @torch.no_grad()
+    def _setup_C(self, L: int) -> None:
+        """Attune C~ to length L (from raw C when l_kernel == 0, else double l_kernel)."""
+        lk = int(self.l_kernel.item())
+        if lk == 0:
+            double = False
+        elif L > lk:
+            double, L = True, lk
+        else:
+            return
+        dA_L = self._binary_power(self._linear_step_dA(), L)
+        C = _conj(torch.view_as_complex(self.C))  # (ch, H, 2N)
+        prod = torch.einsum('chn,hnm->chm', C, dA_L)  # C dA^L
+        C = C + prod if double else C - prod  # (I + dA^L) doubles the attuned length
+        self.C.copy_(torch.view_as_real(C[..., :self.N]))
+        self.l_kernel.fill_(2 * lk if double else lk + L)
+
+    def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
+        if int(self.l_kernel.item()) == 0 and self.l_max is not None and self.l_max > 0:
+            self._setup_C(self.l_max)
+        if L is None:
+            L = round(int(self.l_kernel.item()) / rate)
+        while round(rate * L) > int(self.l_kernel.item()):  # grow the attuned length
+            self._setup_C(round(rate * L))
+        n = round(int(self.l_kernel.item()) / rate)  # number of FFT nodes
+
+        dt, A, B, C, P = self.get_params(rate)
+        # roots of unity omega^k, k <= n/2, as powers of a complex64 base (the official
+        # arithmetic; keeps checkpoints' outputs within ~1e-6 relative of the official ones)
+        base = torch.tensor(np.exp(-2j * np.pi / n), dtype=A.dtype, device=A.device)
+        omega = base ** torch.arange(n // 2 + 1, device=A.device).to(A.dtype)
+        z = 2 * (1 - omega) / (1 + omega)  # bilinear pre-image of the nodes
+        Bs = torch.cat([B, P], 0)  # (1+R, H, N)
+        Cs = torch.cat([C, P.conj()], 0)  # (ch+R, H, N)
+        v = Bs[:, None] * Cs[None] * dt.unsqueeze(0)  # (1+R, ch+R, H, N)
+        r = cauchy(v, z, A * dt)  # (1+R, ch+R, H, Lf)
+        R = self.rank
+        if R == 1:
+            k_f = r[:-1, :-1] - r[:-1, -1:] * r[-1:, :-1] / (1 + r[-1:, -1:])
+        else:
+            r11 = r[-R:, -R:].permute(2, 3, 0, 1)  # (H, Lf, R, R)
+            eye = torch.eye(R, dtype=r.dtype, device=r.device)
+            inv = torch.linalg.inv(eye + r11).permute(2, 3, 0, 1)
+            k_f = r[:-R, :-R] - torch.einsum('ijhl,jkhl,kmhl->imhl', r[:-R, -R:], inv, r[-R:, :-R])
+        k_f = k_f[0] * 2 / (1 + omega)  # (ch, H, Lf)
+        K = torch.fft.irfft(k_f, n=n)[..., :L]
+        if K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
+            K = F.pad(K, (0, L - K.shape[-1]))
+        return K
+
+    @torch.no_grad()
+    def setup_step(self) -> None:
+        """Dense recurrence x' = dA x + dB u, y = Re(C x) at rate 1, with the raw C recovered."""
+        dA, dB = self.dense_system()
+        C = _conj(torch.view_as_complex(self.C).to(dA.dtype))
+        lk = int(self.l_kernel.item())
+        if lk > 0:  # C = C~ (I - dA^L)^{-1}
+            eye = torch.eye(dA.shape[-1], dtype=dA.dtype, device=dA.device)
+            M = eye - torch.linalg.matrix_power(dA, lk)
+            C = torch.linalg.solve(M.transpose(-1, -2)[None], C.unsqueeze(-1)).squeeze(-1)
+        self.dA, self.dB, self.dC = dA, dB, C
+
+    def default_state(self, batch: int) -> Tensor:
+        return torch.zeros(batch, self.H, 2 * self.N, dtype=torch.complex128,
+                           device=self.C.device)
+
+    def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One step: u (B, H) -> y (B, channels, H), state (B, H, N) (full, complex128)."""
+        state = torch.einsum('hnm,bhm->bhn', self.dA, state) + self.dB * u.unsqueeze(-1)
+        y = torch.einsum('chn,bhn->bch', self.dC, state).real
+        return y.to(u.dtype), state
+
+
+KERNELS = {'diag': SSMKernelDiag, 's4d': SSMKernelDiag, 'dplr': SSMKernelDPLR, 's4': SSMKernelDPLR}

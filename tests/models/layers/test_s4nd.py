@@ -1,0 +1,208 @@
+"""S4ND layer: parity with the official fixtures, rank/dense/GLU modes, rate, recurrence."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmssm.models.layers.s4nd import S4ND
+from mmssm.ops.fftconv import conv_reference_nd
+
+REPO = Path(__file__).resolve().parents[3]
+FIXTURES = REPO.parent / 'shared' / 'fixtures' / 'official' / 's4nd'
+
+# official S4ND kwargs we do not support; the fixtures must hold their defaults
+_UNSUPPORTED = {'initializer': None, 'weight_norm': False, 'tie_dropout': None,
+                'verbose': False, 'deterministic': False}
+
+
+def _load(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f'official S4ND fixture missing: {path}')
+    return torch.load(path, weights_only=True)
+
+
+def _fixture(key):
+    if key == '2d':
+        return _load('s4nd_layer_2d_cfg_a.pt')
+    return _load('s4nd_layer_1d_and_3d.pt')[key]
+
+
+def build_from_official(constructor):
+    """Map the official ``S4ND(**kwargs)`` onto ours."""
+    kw = dict(constructor)
+    for k, default in _UNSUPPORTED.items():
+        assert kw.pop(k, default) == default, f'unsupported official option {k}'
+    return S4ND(**kw)
+
+
+def _close(y, ref, rel=1e-4):
+    scale = ref.abs().max().item()
+    err = (y - ref).abs().max().item()
+    assert err <= rel * scale, f'max err {err:.3g} > {rel} * {scale:.3g}'
+
+
+@pytest.mark.parametrize('key', ['2d', '1d', '3d'])
+@pytest.mark.parametrize('sd', ['state_dict', 'state_dict_before_first_forward'])
+def test_official_parity(key, sd):
+    fx = _fixture(key)
+    m = build_from_official(fx['constructor']).eval()
+    ours, theirs = m.state_dict(), fx[sd]
+    assert list(ours) == list(theirs)  # same keys, same order
+    assert all(ours[k].shape == v.shape and ours[k].dtype == v.dtype for k, v in theirs.items())
+    m.load_state_dict(theirs)
+    x = fx['input'].clone().requires_grad_()
+    y = m(x)
+    _close(y, fx['output'])
+    y.sum().backward()
+    _close(x.grad, fx['grad_check'])
+    # the first forward converts a raw C to C~ in place exactly like the official one
+    for k, v in fx['state_dict'].items():
+        if k.endswith('l_kernel'):
+            assert m.state_dict()[k].item() == v.item()
+        else:
+            torch.testing.assert_close(m.state_dict()[k], v, atol=1e-6, rtol=1e-5)
+    if 'input_hr' in fx:  # resolution change: 2x larger input, rate 0.5 (and default rate 1)
+        with torch.no_grad():
+            _close(m(fx['input_hr'], **fx['forward_kwargs_hr']), fx['output_hr'])
+            _close(m(fx['input_hr']), fx['output_hr_rate1'])
+        for k, v in fx['state_dict'].items():  # unchanged by these calls
+            torch.testing.assert_close(m.state_dict()[k], v, atol=1e-6, rtol=1e-5)
+
+
+def _axis_kernels(m, l_in, rate=1.0):
+    """The per-axis causal/anti-causal kernels the layer uses: lists of (k_ch/2, H, L_k)."""
+    ks = [kern(L=l, rate=rate).detach() for kern, l in zip(m.kernel, m.kernel_lengths(l_in, rate))]
+    if not m.bidirectional:
+        return ks, None
+    f, b = zip(*[k.chunk(2, 0) for k in ks])
+    return list(f), list(b)
+
+
+@pytest.mark.parametrize('dim,l_in', [(1, (11,)), (2, (6, 7)), (3, (3, 4, 5))])
+@pytest.mark.parametrize('mode', ['dplr', 'diag'])
+def test_trank_is_mean_of_rank1_terms(dim, l_in, mode):
+    """trank > 1 (broken in the official 1-D/3-D path) = average of rank-1 separable kernels."""
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[n - 1 for n in l_in], dim=dim, trank=3, channels=2,
+             mode=mode, contract_version=1, dt_min=0.05, dt_max=0.5)
+    u = torch.randn(2, 4, *l_in)
+    with torch.no_grad():
+        y = m(u)
+        fwd, bwd = _axis_kernels(m, l_in)
+        ref = conv_reference_nd(u.double(), [k.double() for k in fwd],
+                                [k.double() for k in bwd])  # (B, 3*2, H, *L)
+        ref = ref.reshape(2, 3, 2, 4, *l_in).mean(1) + u.double()[:, None] * m.D.double(
+        ).reshape(2, 4, *([1] * dim))
+    assert y.shape == (2, 8, *l_in)
+    _close(y, ref.flatten(1, 2).float(), rel=1e-5)
+
+
+def test_dense_out_channels_mode():
+    """out_channels=M: one separable kernel per (input, output) pair, summed over inputs."""
+    torch.manual_seed(0)
+    m = S4ND(3, d_state=8, l_max=[6, 6], dim=2, out_channels=5, dt_min=0.1, dt_max=1.0)
+    assert m.kernel[0].C.shape == (10, 3, 4, 2) and m.D.shape == (1, 3)
+    u = torch.randn(2, 3, 8, 7)
+    with torch.no_grad():
+        y = m(u)
+        fwd, bwd = _axis_kernels(m, (8, 7))
+        ref = conv_reference_nd(u.double(), [k.double() for k in fwd],
+                                [k.double() for k in bwd]).sum(2)  # (B, M, *L), no D skip
+    assert y.shape == (2, 5, 8, 7)
+    _close(y, ref.float(), rel=1e-5)
+
+
+def test_glu_output_linear_and_layouts():
+    torch.manual_seed(0)
+    m = S4ND(6, d_state=8, l_max=[5, 5], dim=2, channels=2, linear=False, activation='gelu',
+             final_act='glu', mode='diag', n_ssm=1)
+    sd = m.state_dict()
+    assert sd['output_linear.0.weight'].shape == (12, 12)
+    assert sd['output_linear.0.bias'].shape == (12,)
+    assert sd['kernel.0.B'].shape == (1, 1, 4, 2) and 'kernel.0.P' not in sd
+    u = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        m.linear = True
+        z = m(u)  # (B, 12, 5, 5) conv output
+        m.linear = False
+        h = torch.einsum('bihw,oi->bohw', torch.nn.functional.gelu(z),
+                         sd['output_linear.0.weight']) + sd['output_linear.0.bias'][:, None, None]
+        ref = h[:, :6] * torch.sigmoid(h[:, 6:])
+        torch.testing.assert_close(m(u), ref, atol=1e-5, rtol=1e-5)
+        m.transposed = False  # channels-last layout gives the same numbers
+        torch.testing.assert_close(m(u.permute(0, 2, 3, 1)), ref.permute(0, 2, 3, 1),
+                                   atol=1e-5, rtol=1e-5)
+    bare = S4ND(6, d_state=8, l_max=5, dim=1, linear=False, final_act=None)
+    assert 'output_linear.weight' in bare.state_dict()
+
+
+@pytest.mark.parametrize('mode', ['diag', 'dplr'])
+def test_rate_for_larger_input(mode):
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[6, 6], dim=2, mode=mode, dt_min=0.1, dt_max=1.0)
+    u = torch.randn(1, 4, 12, 12)
+    assert m.kernel_lengths([12, 12], 0.5) == [12, 12]
+    assert m.kernel_lengths([12, 12], 1.0) == [6, 6]
+    assert m.kernel_lengths([3, 3], 2.0) == [3, 3]
+    with torch.no_grad():
+        y = m(u, rate=0.5)
+        fwd, bwd = _axis_kernels(m, (12, 12), rate=0.5)
+        assert fwd[0].shape[-1] == 12
+        ref = conv_reference_nd(u.double(), [k.double() for k in fwd],
+                                [k.double() for k in bwd])[:, 0] + u.double() * m.D.double(
+                                )[0, :, None, None]
+        _close(y, ref.float(), rel=1e-5)
+        assert m(torch.randn(1, 4, 3, 3), rate=2.0).shape == (1, 4, 3, 3)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_input(dtype):
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[7, 7], dim=2, dt_min=0.1, dt_max=1.0)
+    u = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        y = m(u.to(dtype))
+        ref = m(u.to(dtype).float())
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    _close(y.float(), ref, rel=2e-2)
+
+
+@pytest.mark.parametrize('mode', ['diag', 'dplr'])
+def test_recurrent_step_matches_convolution(mode):
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=16, dim=1, bidirectional=False, channels=2, linear=False,
+             final_act='glu', mode=mode, dt_min=0.01, dt_max=0.1)
+    u = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        y = m(u)
+        m.setup_step()
+        state = m.default_state(2)
+        ys = []
+        for t in range(16):
+            y_t, state = m.step(u[:, :, t], state)
+            ys.append(y_t)
+    _close(torch.stack(ys, -1), y, rel=1e-4)
+    bi = S4ND(4, d_state=8, l_max=16, dim=1)
+    with pytest.raises(ValueError, match='causal 1-D'):
+        bi.setup_step()
+
+
+def test_backward_reaches_all_parameters():
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[5, 6], dim=2, linear=False, final_act='glu')
+    m(torch.randn(2, 4, 5, 6)).square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='kernel/mode'):
+        S4ND(4, mode='ssm')
+    with pytest.raises(ValueError, match='l_max has 2 entries'):
+        S4ND(4, l_max=[3, 3], dim=3)
+    with pytest.raises(ValueError, match='dim 1, 2 or 3'):
+        S4ND(4, l_max=3, dim=4)
+    with pytest.raises(ValueError, match='expected input'):
+        S4ND(4, l_max=3, dim=2)(torch.randn(1, 4, 3))

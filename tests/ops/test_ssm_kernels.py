@@ -1,0 +1,169 @@
+"""HiPPO matrices, S4D/DPLR kernel generators and their recurrent views."""
+import math
+
+import pytest
+import torch
+
+from mmssm.ops.ssm_kernels import (SSMKernelDiag, SSMKernelDPLR, diag_init, hippo_legs,
+                                   nplr)
+
+
+def _impulse_response(kern, L):
+    """Run the kernel's recurrence on unit impulses: (channels, H, L)."""
+    kern.setup_step()
+    x = kern.default_state(1)
+    ys = []
+    for t in range(L):
+        u = torch.full((1, kern.H), 1.0 if t == 0 else 0.0)
+        y, x = kern.step(u, x)
+        ys.append(y[0])
+    return torch.stack(ys, -1)
+
+
+def test_hippo_legs_closed_form():
+    N = 8
+    A, B = hippo_legs(N)
+    for n in range(N):
+        assert B[n] == pytest.approx(math.sqrt(2 * n + 1))
+        for k in range(N):
+            want = (-math.sqrt(2 * n + 1) * math.sqrt(2 * k + 1) if n > k
+                    else -(n + 1) if n == k else 0.0)
+            assert A[n, k].item() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize('measure', ['legs', 'fourier'])
+def test_nplr_reconstructs_normal_part(measure):
+    N = 16
+    W, P, B, V = nplr(measure, N, B_clip=None)
+    assert W.shape == (N // 2,) and P.shape == (1, N // 2) and V.shape == (N, N // 2)
+    assert (W.imag <= 1e-9).all()
+    from mmssm.ops.ssm_kernels import hippo_fout, rank_correction
+    A, B0 = hippo_legs(N) if measure == 'legs' else hippo_fout(N)
+    P0 = rank_correction(measure, N)
+    normal = A + P0.T @ P0
+    # conjugate pairs: A + P P^T = 2 Re(V diag(W) V^*), B = 2 Re(V B~), P = 2 Re(V P~)
+    torch.testing.assert_close(2 * (V @ torch.diag(W) @ V.conj().T).real, normal,
+                               atol=1e-8, rtol=0)
+    torch.testing.assert_close(2 * (V @ B).real, B0, atol=1e-8, rtol=0)
+    torch.testing.assert_close(2 * (V @ P[0]).real, P0[0], atol=1e-8, rtol=0)
+
+
+def test_diag_inits():
+    N = 16
+    n = torch.arange(N // 2, dtype=torch.float64)
+    A, B = diag_init('lin', N)
+    torch.testing.assert_close(A, -0.5 - 1j * math.pi * n)
+    A, _ = diag_init('inv', N)
+    torch.testing.assert_close(A.imag, -N / math.pi * (N / (2 * n + 1) - 1))
+    A, _ = diag_init('real', N)
+    torch.testing.assert_close(A, (-(n + 1)).to(A.dtype))
+    A, B = diag_init('legs', N)
+    W, _, B2, _ = nplr('legs', N)
+    torch.testing.assert_close(A, -0.5 + 1j * W.imag)
+    torch.testing.assert_close(B, B2)
+    # the kernel module stores exactly these (A_real = log(-Re A), A_imag = -Im A)
+    k = SSMKernelDiag(d_model=2, d_state=N, init='diag-lin')
+    _, A_mod, _, _ = k.get_params()
+    want = torch.complex(torch.full((N // 2,), -0.5, dtype=torch.float64),
+                         -(math.pi * n).clamp(min=1e-4))  # Im A = 0 is stored clamped
+    torch.testing.assert_close(A_mod[0].to(torch.complex128), want, atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match='init must be one of'):
+        SSMKernelDiag(d_model=2, d_state=N, init='nope')
+
+
+@pytest.mark.parametrize('init', ['diag-legs', 'diag-lin', 'diag-inv', 'diag-real'])
+@pytest.mark.parametrize('disc', ['zoh', 'bilinear'])
+def test_s4d_kernel_equals_recurrence(init, disc):
+    torch.manual_seed(0)
+    k = SSMKernelDiag(d_model=3, d_state=16, channels=2, init=init, disc=disc,
+                      dt_min=0.01, dt_max=0.2)
+    with torch.no_grad():
+        K = k(L=12)
+        assert K.shape == (2, 3, 12)
+        torch.testing.assert_close(K, _impulse_response(k, 12), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('init', ['legs', 'fourier', 'hippo', 'dplr-lin'])
+def test_dplr_kernel_equals_recurrence_and_doubles(init):
+    torch.manual_seed(0)
+    k = SSMKernelDPLR(d_model=4, d_state=16, l_max=10, channels=2, init=init, n_ssm=2,
+                      dt_min=0.01, dt_max=0.1)
+    assert int(k.l_kernel) == 0
+    with torch.no_grad():
+        K = k(L=10)
+        assert int(k.l_kernel) == 10  # C converted lazily to C~ on the first call
+        scale = K.abs().max().item()
+        torch.testing.assert_close(K, _impulse_response(k, 10), atol=1e-4 * scale, rtol=0)
+        K2 = k(L=25)  # needs a longer attuned length: doubles 10 -> 20 -> 40
+        assert int(k.l_kernel) == 40
+        torch.testing.assert_close(K2, _impulse_response(k, 25), atol=1e-4 * scale, rtol=0)
+        torch.testing.assert_close(K2[..., :10], K, atol=1e-4 * scale, rtol=0)
+
+
+def test_dplr_with_zero_P_equals_s4d_bilinear():
+    """Cauchy/Woodbury path vs Vandermonde path on the same diagonal system."""
+    torch.manual_seed(0)
+    dplr = SSMKernelDPLR(d_model=3, d_state=16, l_max=14, channels=2, init='diag-inv')
+    diag = SSMKernelDiag(d_model=3, d_state=16, channels=2, init='diag-inv', disc='bilinear')
+    diag.load_state_dict({k: v for k, v in dplr.state_dict().items()
+                          if k not in ('P', 'l_kernel')})
+    with torch.no_grad():
+        torch.testing.assert_close(dplr(L=14), diag(L=14), atol=1e-5, rtol=1e-4)
+
+
+def test_rate_scales_dt():
+    torch.manual_seed(0)
+    k = SSMKernelDiag(d_model=3, d_state=8, init='diag-lin')
+    k2 = SSMKernelDiag(d_model=3, d_state=8, init='diag-lin')
+    k2.load_state_dict(k.state_dict())
+    with torch.no_grad():
+        k2.inv_dt += math.log(0.5)
+        torch.testing.assert_close(k(L=9, rate=0.5), k2(L=9))
+
+
+def test_bandlimit_masks_high_frequency_modes():
+    torch.manual_seed(0)
+    kw = dict(d_model=3, d_state=16, init='diag-lin', dt_min=0.1, dt_max=0.5)
+    base = SSMKernelDiag(**kw)
+    sd = base.state_dict()
+    off = SSMKernelDiag(**kw, bandlimit=0.0)
+    off.load_state_dict(sd)
+    wide = SSMKernelDiag(**kw, bandlimit=1e6)
+    wide.load_state_dict(sd)
+    half = SSMKernelDiag(**kw, bandlimit=0.5)
+    half.load_state_dict(sd)
+    with torch.no_grad():
+        assert off(L=8).abs().max() == 0
+        torch.testing.assert_close(wide(L=8), base(L=8))
+        dt = sd['inv_dt'].exp()  # (H, 1)
+        freqs = dt * sd['A_imag'].abs() / (2 * math.pi)  # (H, N/2)
+        keep = (freqs < 0.25)
+        assert keep.any() and not keep.all()
+        base.C.mul_(keep[None, :, :, None])
+        torch.testing.assert_close(half(L=8), base(L=8))
+
+
+def test_optimizer_hints_and_buffers():
+    k = SSMKernelDPLR(d_model=2, d_state=8, lr=0.001)
+    for name in ('inv_dt', 'B', 'A_real', 'A_imag', 'P'):
+        assert getattr(k, name)._optim == {'lr': 0.001, 'weight_decay': 0.0}
+    assert k.C._optim == {'lr': 0.001}
+    # lr=0.0 freezes everything (C included, as the official lr dict does) into buffers
+    k0 = SSMKernelDPLR(d_model=2, d_state=8, lr=0.0)
+    assert not list(k0.parameters()) and set(k0.state_dict()) == set(k.state_dict())
+    # a dict freezes only the named groups
+    k1 = SSMKernelDPLR(d_model=2, d_state=8, lr={'dt': 0.0, 'A': 0.01})
+    assert {n for n, _ in k1.named_parameters()} == {'C', 'B', 'A_real', 'A_imag', 'P'}
+    assert k1.A_real._optim == {'lr': 0.01, 'weight_decay': 0.0} and k1.B._optim == {
+        'weight_decay': 0.0}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='disc'):
+        SSMKernelDiag(d_model=2, d_state=8, disc='euler')
+    with pytest.raises(ValueError, match='d_state must be even'):
+        SSMKernelDiag(d_model=2, d_state=7)
+    with pytest.raises(ValueError, match='n_ssm'):
+        SSMKernelDiag(d_model=4, d_state=8, n_ssm=3)
+    with pytest.raises(ValueError, match='dt_transform'):
+        SSMKernelDiag(d_model=2, d_state=8, dt_transform='cube')
