@@ -5,46 +5,105 @@
 - V2M corner rotations: the grid seen from each of its four corners; each
   rotation is undone exactly by ``corner_unrotate``.
 - LocalMamba windows: windows of w x w read row-major, windows row-major.
+
+Each scan and its merge are adjoint linear maps, so each op is a
+``torch.autograd.Function`` whose backward is its partner's forward
+(cross_scan <-> cross_merge, corner_rotate_all <-> corner_merge_all,
+local_scan <-> local_reverse with zero-filled padding): one gather/scatter
+pass per direction instead of autograd replaying stack/flip/transposes.
+Round trips (asserted in tests/ops/test_scan_order.py):
+
+    cross_merge(cross_scan(x), h, w)                == 4 * x.flatten(2)
+    corner_merge_all(corner_rotate_all(x, cs), cs)  == len(cs) * x
+    local_reverse(local_scan(x, k, ...), k, h, w, ...) == x
 """
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def cross_scan(x: Tensor) -> Tensor:
-    """(b, c, h, w) -> (b, 4, c, h*w): row, column, reversed row, reversed column."""
+def _cross_scan(x: Tensor) -> Tensor:
     b, c, h, w = x.shape
-    row = x.flatten(2)
-    col = x.transpose(2, 3).flatten(2)
-    return torch.stack([row, col, row.flip(-1), col.flip(-1)], dim=1)
+    out = x.new_empty(b, 4, c, h * w)
+    out[:, 0] = x.flatten(2)
+    out[:, 1].view(b, c, w, h).copy_(x.transpose(2, 3))
+    out[:, 2:] = out[:, :2].flip(-1)
+    return out
+
+
+def _cross_merge(y: Tensor, h: int, w: int) -> Tensor:
+    b, k, c, l = y.shape
+    row = y[:, 0] + y[:, 2].flip(-1)
+    col = y[:, 1] + y[:, 3].flip(-1)
+    return row.add_(col.view(b, c, w, h).transpose(2, 3).reshape(b, c, l))
+
+
+class _CrossScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.hw = x.shape[-2:]
+        return _cross_scan(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.hw
+        return _cross_merge(g, h, w).view(g.shape[0], g.shape[2], h, w)
+
+
+class _CrossMerge(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, y, h, w):
+        ctx.hw = (h, w)
+        return _cross_merge(y, h, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.hw
+        return _cross_scan(g.reshape(g.shape[0], g.shape[1], h, w)), None, None
+
+
+def _check_grid(x: Tensor, name: str = 'x') -> None:
+    if x.dim() != 4:
+        raise ValueError(f'{name} must be (b, c, h, w), got shape {tuple(x.shape)}')
+
+
+def cross_scan(x: Tensor) -> Tensor:
+    """(b, c, h, w) -> (b, 4, c, h*w): row, column, reversed row, reversed column.
+
+    Direction 0 visits token ids 0, 1, 2, ... (row-major), direction 1 visits
+    0, w, 2w, ... (column-major), directions 2 and 3 are their reverses.
+    """
+    _check_grid(x)
+    return _CrossScan.apply(x)
 
 
 def cross_merge(y: Tensor, h: int, w: int) -> Tensor:
     """(b, 4, c, h*w) -> (b, c, h*w): undo each direction and sum onto the grid."""
-    b, k, c, l = y.shape
-    row = y[:, 0] + y[:, 2].flip(-1)
-    col = y[:, 1] + y[:, 3].flip(-1)
-    col = col.view(b, c, w, h).transpose(2, 3).reshape(b, c, l)
-    return row + col
+    if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != h * w:
+        raise ValueError(f'y must be (b, 4, c, h*w={h * w}), got shape {tuple(y.shape)}')
+    return _CrossMerge.apply(y, h, w)
 
 
 # Corner k views the grid so that a row-major scan starts at that corner.
 # Paper Table 4 order: upper-left, lower-right, upper-right, lower-left.
 CORNERS = ('ul', 'lr', 'ur', 'll')
+_FLIP_DIMS = {'ul': (), 'lr': (-2, -1), 'ur': (-1,), 'll': (-2,)}
 
 
 def corner_rotate(x: Tensor, corner: str) -> Tensor:
-    """(b, c, h, w) -> grid re-oriented so that index (0, 0) is ``corner``."""
-    if corner == 'ul':
-        return x
-    if corner == 'lr':
-        return x.flip(-2, -1)
-    if corner == 'ur':
-        return x.flip(-1)
-    if corner == 'll':
-        return x.flip(-2)
-    raise ValueError(f'corner must be one of {CORNERS}, got {corner!r}')
+    """(b, c, h, w) -> grid re-oriented so that index (0, 0) is ``corner``.
+
+    Each re-orientation is a flip, hence an involution; autograd's flip
+    backward is already the exact adjoint.
+    """
+    if corner not in _FLIP_DIMS:
+        raise ValueError(f'corner must be one of {CORNERS}, got {corner!r}')
+    dims = _FLIP_DIMS[corner]
+    return x.flip(dims) if dims else x
 
 
 def corner_unrotate(x: Tensor, corner: str) -> Tensor:
@@ -52,15 +111,125 @@ def corner_unrotate(x: Tensor, corner: str) -> Tensor:
     return corner_rotate(x, corner)
 
 
+def _rotate_all(x: Tensor, corners: Sequence[str]) -> Tensor:
+    b = x.shape[0]
+    out = x.new_empty((len(corners) * b,) + x.shape[1:])
+    for i, c in enumerate(corners):
+        out[i * b:(i + 1) * b] = corner_rotate(x, c)
+    return out
+
+
+def _merge_all(y: Tensor, corners: Sequence[str]) -> Tensor:
+    parts = y.chunk(len(corners), dim=0)
+    out = corner_unrotate(parts[0], corners[0]).clone()
+    for p, c in zip(parts[1:], corners[1:]):
+        out += corner_unrotate(p, c)
+    return out
+
+
+class _RotateAll(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, corners):
+        ctx.corners = corners
+        return _rotate_all(x, corners)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _merge_all(g, ctx.corners), None
+
+
+class _MergeAll(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, y, corners):
+        ctx.corners = corners
+        return _merge_all(y, corners)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _rotate_all(g, ctx.corners), None
+
+
+def _check_corners(corners: Sequence[str]) -> tuple:
+    corners = tuple(corners)
+    bad = [c for c in corners if c not in _FLIP_DIMS]
+    if not corners or bad:
+        raise ValueError(f'corners must be a non-empty sequence of {CORNERS}, got {corners!r}')
+    return corners
+
+
 def corner_rotate_all(x: Tensor, corners: Sequence[str]) -> Tensor:
-    """(b, c, h, w) -> (k*b, c, h, w): all requested corners batched."""
-    return torch.cat([corner_rotate(x, c) for c in corners], dim=0)
+    """(b, c, h, w) -> (k*b, c, h, w): all requested corners batched (corner-major)."""
+    _check_grid(x)
+    return _RotateAll.apply(x, _check_corners(corners))
 
 
 def corner_merge_all(y: Tensor, corners: Sequence[str]) -> Tensor:
     """(k*b, c, h, w) -> (b, c, h, w): rotate each back exactly and sum."""
-    parts = y.chunk(len(corners), dim=0)
-    return sum(corner_unrotate(p, c) for p, c in zip(parts, corners))
+    corners = _check_corners(corners)
+    _check_grid(y, 'y')
+    if y.shape[0] % len(corners):
+        raise ValueError(f'y batch {y.shape[0]} is not a multiple of len(corners)={len(corners)}')
+    return _MergeAll.apply(y, corners)
+
+
+def _local_scan(x: Tensor, k: int, flip: bool, column_first: bool) -> Tensor:
+    b, c, h, w = x.shape
+    hp, wp = -(-h // k) * k, -(-w // k) * k
+    if (hp, wp) != (h, w):  # zero-pad right/bottom (as LocalMamba)
+        x = F.pad(x, (0, wp - w, 0, hp - h))
+    x = x.view(b, c, hp // k, k, wp // k, k)
+    if column_first:
+        x = x.permute(0, 1, 4, 2, 5, 3)  # (b, c, Wg, Hg, kw, kh)
+    else:
+        x = x.permute(0, 1, 2, 4, 3, 5)  # (b, c, Hg, Wg, kh, kw)
+    x = x.reshape(b, c, -1)
+    return x.flip(-1) if flip else x
+
+
+def _local_reverse(y: Tensor, k: int, h: int, w: int, flip: bool,
+                   column_first: bool) -> Tensor:
+    b, c, _ = y.shape
+    hg, wg = -(-h // k), -(-w // k)
+    if flip:
+        y = y.flip(-1)
+    if column_first:
+        y = y.view(b, c, wg, hg, k, k).permute(0, 1, 3, 5, 2, 4)
+    else:
+        y = y.view(b, c, hg, wg, k, k).permute(0, 1, 2, 4, 3, 5)
+    y = y.reshape(b, c, hg * k, wg * k)
+    return y[:, :, :h, :w].contiguous()
+
+
+class _LocalScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, k, flip, column_first):
+        ctx.cfg = (k, x.shape[-2], x.shape[-1], flip, column_first)
+        return _local_scan(x, k, flip, column_first)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _local_reverse(g, *ctx.cfg), None, None, None
+
+
+class _LocalReverse(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, y, k, h, w, flip, column_first):
+        ctx.cfg = (k, flip, column_first)
+        return _local_reverse(y, k, h, w, flip, column_first)
+
+    @staticmethod
+    def backward(ctx, g):
+        # padded positions were cropped away: their gradient is zero
+        return _local_scan(g, *ctx.cfg), None, None, None, None, None
+
+
+def _check_window(window: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f'window must be a positive int, got {window!r}')
 
 
 def local_scan(x: Tensor, window: int, flip: bool = False,
@@ -71,31 +240,17 @@ def local_scan(x: Tensor, window: int, flip: bool = False,
     row-major order, tokens inside a window too (column-major for both when
     ``column_first``); ``flip`` reverses the whole sequence.
     """
-    b, c, h, w = x.shape
-    k = window
-    hp, wp = -(-h // k) * k, -(-w // k) * k
-    if (hp, wp) != (h, w):
-        x = torch.nn.functional.pad(x, (0, wp - w, 0, hp - h))
-    x = x.view(b, c, hp // k, k, wp // k, k)
-    if column_first:
-        x = x.permute(0, 1, 4, 2, 5, 3)  # (b, c, Wg, Hg, kw, kh)
-    else:
-        x = x.permute(0, 1, 2, 4, 3, 5)  # (b, c, Hg, Wg, kh, kw)
-    x = x.reshape(b, c, -1)
-    return x.flip(-1) if flip else x
+    _check_grid(x)
+    _check_window(window)
+    return _LocalScan.apply(x, window, flip, column_first)
 
 
 def local_reverse(y: Tensor, window: int, h: int, w: int, flip: bool = False,
                   column_first: bool = False) -> Tensor:
     """Inverse of :func:`local_scan`: (b, c, L) -> (b, c, h, w), cropped back."""
-    b, c, _ = y.shape
-    k = window
-    hg, wg = -(-h // k), -(-w // k)
-    if flip:
-        y = y.flip(-1)
-    if column_first:
-        y = y.view(b, c, wg, hg, k, k).permute(0, 1, 3, 5, 2, 4)
-    else:
-        y = y.view(b, c, hg, wg, k, k).permute(0, 1, 2, 4, 3, 5)
-    y = y.reshape(b, c, hg * k, wg * k)
-    return y[:, :, :h, :w]
+    _check_window(window)
+    L = -(-h // window) * window * (-(-w // window) * window)
+    if y.dim() != 3 or y.shape[-1] != L:
+        raise ValueError(f'y must be (b, c, L={L}) for window={window}, h={h}, w={w}, '
+                         f'got shape {tuple(y.shape)}')
+    return _LocalReverse.apply(y, window, h, w, flip, column_first)
