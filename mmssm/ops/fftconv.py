@@ -65,8 +65,10 @@ def _place_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], n: int) -> Tensor:
 
 
 def axis_spectra(kernels: Sequence[Tensor], sizes: Sequence[int],
-                 backward_kernels: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
-    """Per-axis kernel spectra: ``fft`` on all axes but the last, ``rfft`` on the last.
+                 backward_kernels: Optional[Sequence[Tensor]] = None,
+                 real: bool = False) -> List[Tensor]:
+    """Per-axis kernel spectra: ``fft`` on all axes but the last, ``rfft`` on the last
+    (``rfft`` on every axis if ``real``, for axis-by-axis convolution).
 
     Args:
         kernels: d causal kernels, the i-th shaped (..., L_k_i).
@@ -74,14 +76,15 @@ def axis_spectra(kernels: Sequence[Tensor], sizes: Sequence[int],
         backward_kernels: optional d anti-causal kernels (same shapes) for a
             bidirectional kernel.
     Returns:
-        d complex tensors, (..., F_i) for i < d-1 and (..., F_last // 2 + 1) for the last.
+        d complex tensors, (..., F_i) for i < d-1 and (..., F_last // 2 + 1) for the last
+        (all (..., F_i // 2 + 1) if ``real``).
     """
     d = len(kernels)
     out = []
     for i, (k, n) in enumerate(zip(kernels, sizes)):
         kb = None if backward_kernels is None else backward_kernels[i]
         buf = _place_kernel(_work(k), None if kb is None else _work(kb), n)
-        out.append(torch.fft.rfft(buf, n=n) if i == d - 1 else torch.fft.fft(buf, n=n))
+        out.append(torch.fft.rfft(buf, n=n) if real or i == d - 1 else torch.fft.fft(buf, n=n))
     return out
 
 
@@ -96,21 +99,61 @@ def outer_spectrum(spectra: Sequence[Tensor]) -> Tensor:
     return k_f
 
 
-def conv_sizes(l_in: Sequence[int], l_k: Sequence[int]) -> List[int]:
-    """FFT sizes giving a linear (not circular) convolution: ``fft_size(L_in + L_k)`` per axis."""
-    return [fft_size(int(a) + int(b)) for a, b in zip(l_in, l_k)]
+def conv_sizes(l_in: Sequence[int], l_k: Sequence[int], bidirectional: bool = True) -> List[int]:
+    """FFT sizes that make the circular convolution equal the linear one on ``[0, L_in)``.
+
+    A kernel with taps at offsets ``[-a, b]`` needs ``F >= L_in + max(a, b)``; taps at
+    ``|offset| >= L_in`` never reach an output, so ``a <= L_in - 1`` and ``b <= L_in - 1``.
+    (The official code uses ``L_in + L_k``; any F this large gives the same result.)
+    """
+    out = []
+    for l, k in zip(l_in, l_k):
+        l, k = int(l), int(k)
+        reach = min(k, l - 1) if bidirectional else min(k, l) - 1
+        out.append(fft_size(l + max(reach, 0)))
+    return out
+
+
+def prepare_kernels(l_in: Sequence[int], kernels: Sequence[Tensor],
+                    backward_kernels: Optional[Sequence[Tensor]] = None):
+    """Drop taps that cannot reach an output and pick the FFT sizes.
+
+    Returns ``(kernels, backward_kernels, sizes)``.
+    """
+    if backward_kernels is not None and len(backward_kernels) != len(kernels):
+        raise ValueError('backward_kernels must have one kernel per axis')
+    l_k = [k.shape[-1] for k in kernels]
+    kernels = [k[..., :l] for k, l in zip(kernels, l_in)]
+    if backward_kernels is not None:
+        l_k = [max(a, b.shape[-1]) for a, b in zip(l_k, backward_kernels)]
+        backward_kernels = [k[..., :max(l - 1, 0)] for k, l in zip(backward_kernels, l_in)]
+    return kernels, backward_kernels, conv_sizes(l_in, l_k, backward_kernels is not None)
+
+
+def _check(u: Tensor, d: int) -> None:
+    if u.dim() != d + 2:
+        raise ValueError(f'u must be (B, H, *L) with {d} spatial axes for {d} kernels, '
+                         f'got shape {tuple(u.shape)}')
+
+
+def _skip(y: Tensor, x: Tensor, D: Optional[Tensor], heads: bool, d: int) -> Tensor:
+    if D is None:
+        return y
+    Dx = D.to(y.dtype).reshape(*D.shape, *([1] * d))
+    return y + (x.unsqueeze(1) if heads else x) * Dx
 
 
 def fftconv_nd(u: Tensor, kernels: Sequence[Tensor],
                backward_kernels: Optional[Sequence[Tensor]] = None,
                D: Optional[Tensor] = None) -> Tensor:
-    """Depthwise N-D linear convolution with a separable (per-axis) kernel, by FFT.
+    """Depthwise N-D linear convolution with a separable kernel: one N-D FFT, kernel spectrum
+    = outer product of the per-axis spectra.
 
     Args:
         u: (B, H, L_0, ..., L_{d-1}) input; fp16/bf16 are computed in fp32 and cast back.
         kernels: d causal kernels; the i-th is (H, L_k_i) or (C, H, L_k_i) (C kernel
-            "heads" per input channel, shared across axes). Taps beyond L_in_i are dropped
-            (they cannot reach an output position).
+            "heads" per input channel, shared across axes). Taps that cannot reach an
+            output position are dropped.
         backward_kernels: optional d anti-causal kernels of the same shapes, giving the
             bidirectional kernel k_fwd (offsets 0..L_k-1) + k_bwd (offsets -1..-L_k).
         D: optional skip, (H,) or (C, H): adds ``D * u``.
@@ -119,35 +162,68 @@ def fftconv_nd(u: Tensor, kernels: Sequence[Tensor],
         (B, H, *L) if the kernels are (H, L_k), else (B, C, H, *L).
     """
     d = len(kernels)
-    if u.dim() != d + 2:
-        raise ValueError(f'u must be (B, H, *L) with {d} spatial axes for {d} kernels, '
-                         f'got shape {tuple(u.shape)}')
-    if backward_kernels is not None and len(backward_kernels) != d:
-        raise ValueError('backward_kernels must have one kernel per axis')
+    _check(u, d)
     dtype = u.dtype
     x = _work(u)
     l_in = list(x.shape[2:])
-    kernels = [k[..., :l] for k, l in zip(kernels, l_in)]
-    if backward_kernels is not None:
-        backward_kernels = [k[..., :l] for k, l in zip(backward_kernels, l_in)]
-    l_k = [max(k.shape[-1], 1 if backward_kernels is None else backward_kernels[i].shape[-1])
-           for i, k in enumerate(kernels)]
-    sizes = conv_sizes(l_in, l_k)
+    kernels, backward_kernels, sizes = prepare_kernels(l_in, kernels, backward_kernels)
     k_f = outer_spectrum(axis_spectra(kernels, sizes, backward_kernels))  # ([C,] H, *F')
-    if x.dtype == torch.float64:
-        k_f = k_f.to(torch.complex128)
-    else:
-        k_f = k_f.to(torch.complex64)
-    dims = tuple(range(2, 2 + d))
-    u_f = torch.fft.rfftn(x, s=sizes, dim=dims)  # (B, H, *F')
-    if k_f.dim() == d + 2:  # (C, H, *F') -> (B, C, H, *F')
+    k_f = k_f.to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+    heads = k_f.dim() == d + 2
+    u_f = torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + d)))  # (B, H, *F')
+    if heads:  # (C, H, *F') -> (B, C, H, *F')
         u_f = u_f.unsqueeze(1)
     y = torch.fft.irfftn(u_f * k_f, s=sizes, dim=tuple(range(-d, 0)))
     y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
-    if D is not None:
-        Dx = D.to(y.dtype).reshape(*D.shape, *([1] * d))
-        y = y + (x.unsqueeze(1) if k_f.dim() == d + 2 else x) * Dx
-    return y.to(dtype)
+    return _skip(y, x, D, heads, d).to(dtype)
+
+
+def fftconv_separable(u: Tensor, kernels: Sequence[Tensor],
+                      backward_kernels: Optional[Sequence[Tensor]] = None,
+                      D: Optional[Tensor] = None) -> Tensor:
+    """Same contract and result as :func:`fftconv_nd`, computed axis by axis.
+
+    A separable kernel is a product of per-axis factors in frequency space, so the N-D
+    convolution factorises into d 1-D FFT convolutions (last axis first). Each 1-D pass
+    pads only its own axis, which roughly halves the FFT work in 2-D and avoids the padded
+    N-D spectrum; this is the fast path of S4ND when ``trank == 1``.
+    """
+    _check(u, len(kernels))
+    l_in = list(u.shape[2:])
+    kernels, backward_kernels, sizes = prepare_kernels(l_in, kernels, backward_kernels)
+    spectra = axis_spectra(kernels, sizes, backward_kernels, real=True)  # (.., H, F_i//2+1)
+    return separable_conv(u, spectra, sizes, D)
+
+
+def separable_conv(u: Tensor, spectra: Sequence[Tensor], sizes: Sequence[int],
+                   D: Optional[Tensor] = None) -> Tensor:
+    """Axis-by-axis FFT convolution with precomputed per-axis ``rfft`` kernel spectra.
+
+    Args:
+        u: (B, H, *L).
+        spectra: d tensors (H, F_i // 2 + 1) or (C, H, F_i // 2 + 1).
+        sizes: the d FFT sizes.
+        D: optional skip (H,) or (C, H).
+    Returns:
+        (B, H, *L) or (B, C, H, *L).
+    """
+    d = len(spectra)
+    _check(u, d)
+    dtype = u.dtype
+    x = _work(u)
+    l_in = list(x.shape[2:])
+    heads = spectra[0].dim() == 3
+    y = x.unsqueeze(1) if heads else x  # (B, [1,] H, *L)
+    for i in reversed(range(d)):  # last (contiguous) axis first
+        n, sp = sizes[i], spectra[i]
+        if x.dtype == torch.float64:
+            sp = sp.to(torch.complex128)
+        # (.., H, F_i') -> (.., H, 1.., F_i', 1..) aligned with axis i
+        k_i = sp.reshape(*sp.shape[:-1], *([1] * i), sp.shape[-1], *([1] * (d - 1 - i)))
+        dim = i - d
+        y = torch.fft.irfft(torch.fft.rfft(y, n=n, dim=dim) * k_i, n=n, dim=dim)
+        y = y.narrow(dim, 0, l_in[i])
+    return _skip(y, x, D, heads, d).to(dtype)
 
 
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:

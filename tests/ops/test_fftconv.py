@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from mmssm.ops.fftconv import (axis_spectra, conv_reference_nd, fft_size, fftconv_nd,
-                               outer_spectrum)
+from mmssm.ops.fftconv import (axis_spectra, conv_reference_nd, conv_sizes, fft_size,
+                               fftconv_nd, fftconv_separable, outer_spectrum)
+
+IMPLS = [fftconv_nd, fftconv_separable]
 
 CASES = [((7,), (5,)), ((9,), (9,)), ((5, 7), (3, 7)), ((6, 5), (6, 2)),
          ((3, 5, 7), (2, 5, 4))]
@@ -29,7 +31,8 @@ def test_fft_size_is_smallest_smooth_number():
 @pytest.mark.parametrize('shape,klen', CASES)
 @pytest.mark.parametrize('bidirectional', [False, True])
 @pytest.mark.parametrize('heads', [False, True])
-def test_fftconv_matches_direct_conv(shape, klen, bidirectional, heads):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_fftconv_matches_direct_conv(shape, klen, bidirectional, heads, impl):
     g = torch.Generator().manual_seed(len(shape) * 10 + sum(klen))
     H, lead = 3, ((2,) if heads else ())
     u = torch.randn(2, H, *shape, generator=g, dtype=torch.float64)
@@ -37,22 +40,23 @@ def test_fftconv_matches_direct_conv(shape, klen, bidirectional, heads):
     kb = [torch.randn(*lead, H, k, generator=g, dtype=torch.float64) for k in klen] \
         if bidirectional else None
     D = torch.randn(*lead, H, generator=g, dtype=torch.float64)
-    y = fftconv_nd(u, ks, kb, D)
+    y = impl(u, ks, kb, D)
     ref = conv_reference_nd(u, ks, kb, D)
     assert y.shape == ((2, 2, H, *shape) if heads else (2, H, *shape))
     torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
 
 
-def test_no_wraparound_and_long_kernels():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_no_wraparound_and_long_kernels(impl):
     # an impulse at the last position must not leak to the start (circular conv would);
     # kernels longer than the input are truncated without changing the result
     u = torch.zeros(1, 1, 6, dtype=torch.float64)
     u[..., -1] = 1
     k = torch.arange(1.0, 11.0, dtype=torch.float64)[None]  # length 10 > 6
-    y = fftconv_nd(u, [k])
+    y = impl(u, [k])
     torch.testing.assert_close(y, torch.zeros_like(y) + torch.tensor([0, 0, 0, 0, 0, 1.0],
                                                                       dtype=torch.float64))
-    yb = fftconv_nd(u, [k], [k])  # anti-causal half reaches back: offsets -1..-5
+    yb = impl(u, [k], [k])  # anti-causal half reaches back: offsets -1..-5
     torch.testing.assert_close(yb[0, 0], torch.tensor([5, 4, 3, 2, 1, 1.0], dtype=torch.float64))
 
 
@@ -65,7 +69,14 @@ def test_outer_spectrum_is_spectrum_of_outer_product():
     torch.testing.assert_close(spec, torch.fft.rfftn(full, dim=(-2, -1)), atol=1e-5, rtol=1e-5)
 
 
-def test_gradcheck_float64():
+def test_conv_sizes_are_minimal_linear_sizes():
+    assert conv_sizes([56, 13, 7], [56, 13, 3]) == [112, 25, 10]  # L + min(L_k, L - 1)
+    assert conv_sizes([56, 13], [56, 4], bidirectional=False) == [112, 16]  # L + L_k - 1
+    assert conv_sizes([1], [5]) == [1]
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_gradcheck_float64(impl):
     g = torch.Generator().manual_seed(1)
     u = torch.randn(1, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     k0 = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -74,20 +85,22 @@ def test_gradcheck_float64():
     b1 = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
     D = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *a: fftconv_nd(a[0], [a[1], a[2]], [a[3], a[4]], a[5]), (u, k0, k1, b0, b1, D))
+        lambda *a: impl(a[0], [a[1], a[2]], [a[3], a[4]], a[5]), (u, k0, k1, b0, b1, D))
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_half_inputs_computed_in_fp32(dtype):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_half_inputs_computed_in_fp32(dtype, impl):
     g = torch.Generator().manual_seed(2)
     u = torch.randn(2, 4, 9, 11, generator=g)
     ks = [torch.randn(4, 9, generator=g) * 0.3, torch.randn(4, 11, generator=g) * 0.3]
-    y = fftconv_nd(u.to(dtype), ks, ks)
+    y = impl(u.to(dtype), ks, ks)
     assert y.dtype == dtype and torch.isfinite(y).all()
-    ref = fftconv_nd(u.to(dtype).float(), ks, ks)
+    ref = impl(u.to(dtype).float(), ks, ks)
     torch.testing.assert_close(y.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
 
 
-def test_bad_input():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_bad_input(impl):
     with pytest.raises(ValueError, match='spatial axes'):
-        fftconv_nd(torch.randn(1, 2, 5), [torch.randn(2, 3), torch.randn(2, 3)])
+        impl(torch.randn(1, 2, 5), [torch.randn(2, 3), torch.randn(2, 3)])

@@ -44,9 +44,10 @@ def _close(y, ref, rel=1e-4):
 
 @pytest.mark.parametrize('key', ['2d', '1d', '3d'])
 @pytest.mark.parametrize('sd', ['state_dict', 'state_dict_before_first_forward'])
-def test_official_parity(key, sd):
+@pytest.mark.parametrize('conv_mode', ['axes', 'outer'])
+def test_official_parity(key, sd, conv_mode):
     fx = _fixture(key)
-    m = build_from_official(fx['constructor']).eval()
+    m = build_from_official(dict(fx['constructor'], conv_mode=conv_mode)).eval()
     ours, theirs = m.state_dict(), fx[sd]
     assert list(ours) == list(theirs)  # same keys, same order
     assert all(ours[k].shape == v.shape and ours[k].dtype == v.dtype for k, v in theirs.items())
@@ -188,6 +189,26 @@ def test_recurrent_step_matches_convolution(mode):
         bi.setup_step()
 
 
+def test_inference_kernel_cache_follows_weight_changes():
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[6, 6], dim=2, dt_min=0.1, dt_max=1.0).eval()
+    other = S4ND(4, d_state=8, l_max=[6, 6], dim=2, dt_min=0.1, dt_max=1.0).eval()
+    u = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        y0 = m(u)
+        assert torch.equal(m(u), y0)  # served from the cache
+        m.load_state_dict(other.state_dict())  # in-place copy: new versions
+        torch.testing.assert_close(m(u), other(u))
+        m.kernel[1].inv_dt.add_(0.5)
+        y1 = m(u)
+    m._spec_cache = None
+    with torch.no_grad():
+        torch.testing.assert_close(m(u), y1)  # recomputed from scratch: same
+    assert not torch.allclose(y1, other(u))
+    y_grad = m(u)  # training path: no cache, same numbers
+    torch.testing.assert_close(y_grad.detach(), y1)
+
+
 def test_backward_reaches_all_parameters():
     torch.manual_seed(0)
     m = S4ND(4, d_state=8, l_max=[5, 6], dim=2, linear=False, final_act='glu')
@@ -200,6 +221,10 @@ def test_backward_reaches_all_parameters():
 def test_bad_arguments():
     with pytest.raises(ValueError, match='kernel/mode'):
         S4ND(4, mode='ssm')
+    with pytest.raises(ValueError, match='conv_mode'):
+        S4ND(4, l_max=3, conv_mode='fast')
+    with pytest.raises(ValueError, match="conv_mode='axes' needs trank=1"):
+        S4ND(4, l_max=3, trank=2, conv_mode='axes')
     with pytest.raises(ValueError, match='l_max has 2 entries'):
         S4ND(4, l_max=[3, 3], dim=3)
     with pytest.raises(ValueError, match='dim 1, 2 or 3'):
