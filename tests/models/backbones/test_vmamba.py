@@ -19,6 +19,8 @@ ARCH_A1 = dict(depths=[1, 1, 2, 1], dims=32, d_state=1, ssm_ratio=1.0)  # v2, v0
 ARCH_A2 = dict(depths=[1, 1, 2, 1], dims=32, d_state=4, ssm_ratio=2.0, forward_type='v0',
                mlp_ratio=0.0, downsample='v1', patch_embed='v1', norm_layer='ln', conv_bias=True)
 CASES = [('vmamba_v2_tiny_cfg_a.pt', ARCH_A1), ('vmamba_v0_tiny_cfg_a.pt', ARCH_A2)]
+# the same v2 weights in the channel-last ('ln') build give the same outputs
+CASES_LN = CASES + [('vmamba_v2_tiny_cfg_a.pt', dict(ARCH_A1, norm_layer='ln'))]
 
 
 def _close(out, ref, rtol=1e-4):
@@ -62,7 +64,7 @@ def test_fixture_logits_and_grad(fixture, arch, tmp_path):
 
 
 @needs_fixtures
-@pytest.mark.parametrize('fixture,arch', CASES)
+@pytest.mark.parametrize('fixture,arch', CASES_LN)
 def test_fixture_stage_features_det_checkpoint(fixture, arch, tmp_path):
     """An MM_VSSM detector checkpoint (backbone.* + neck keys) gives the official stage features."""
     d = torch.load(FIX / fixture, weights_only=True)
@@ -188,6 +190,18 @@ def test_any_input_size(name):
         exp_w.append(-(-w // 2 ** (i + 2)))
     assert [o.shape[-2:] for o in outs] == [torch.Size([a, b]) for a, b in zip(exp_h, exp_w)]
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize('layout', ['ln2d', 'ln'])
+def test_z_gated_v2_and_k2_downsample(layout):
+    """Other official v2 options: z-gated SS2D ('v05'), Conv k2 downsample ('v2'), odd sizes."""
+    m = VMamba(arch=dict(depths=[1, 1, 1, 1], dims=16, forward_type='v05', downsample='v2',
+                         norm_layer=layout)).eval()
+    op = m.layers[0].blocks[0].op
+    assert op.use_z and op.in_proj.weight.shape == (32, 16)
+    assert m.layers[0].downsample[1].kernel_size == (2, 2)
+    outs = m(torch.randn(1, 3, 50, 75))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(13, 19), (7, 10), (4, 5), (2, 3)]
 
 
 def test_out_indices_and_layout():
