@@ -277,3 +277,17 @@ def test_bad_arguments():
         VMamba(arch=_small('tiny'), out_indices=(4, ))
     with pytest.raises(ValueError, match='frozen_stages=5'):
         VMamba(arch=_small('tiny'), frozen_stages=5)
+
+
+@pytest.mark.parametrize('name', ['tiny', 'vanilla-tiny'])
+def test_feeds_mmdet_fpn_under_bf16_autocast(name):
+    """Dense contract end to end: NCHW maps into mmdet's FPN, mixed precision, backward."""
+    det = pytest.importorskip('mmdet.registry')
+    m = VMamba(arch=_small(name))
+    neck = det.MODELS.build(dict(type='FPN', in_channels=m.dims, out_channels=8, num_outs=5))
+    x = torch.randn(1, 3, 64, 80, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        pyramid = neck(m(x))
+    assert [tuple(p.shape[-2:]) for p in pyramid] == [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    sum(p.float().mean() for p in pyramid).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
