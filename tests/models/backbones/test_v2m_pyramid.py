@@ -135,3 +135,14 @@ def test_bad_arguments():
         V2MPyramid(arch=TINY, out_indices=(0, 7))
     with pytest.raises(ValueError, match='frozen_stages=-2'):
         V2MPyramid(arch=TINY, frozen_stages=-2)
+
+
+def test_feeds_mmseg_uperhead():
+    seg = pytest.importorskip('mmseg.registry')
+    m = V2MPyramid(arch=TINY).eval()
+    head = seg.MODELS.build(dict(type='UPerHead', in_channels=m.dims, in_index=[0, 1, 2, 3],
+                                 channels=8, pool_scales=(1, 2), num_classes=3,
+                                 norm_cfg=dict(type='BN'), align_corners=False)).eval()
+    with torch.no_grad():
+        logits = head(m(torch.randn(1, 3, 64, 96)))
+    assert logits.shape == (1, 3, 16, 24) and torch.isfinite(logits).all()

@@ -19,6 +19,8 @@ ARCH_A1 = dict(depths=[1, 1, 2, 1], dims=32, d_state=1, ssm_ratio=1.0)  # v2, v0
 ARCH_A2 = dict(depths=[1, 1, 2, 1], dims=32, d_state=4, ssm_ratio=2.0, forward_type='v0',
                mlp_ratio=0.0, downsample='v1', patch_embed='v1', norm_layer='ln', conv_bias=True)
 CASES = [('vmamba_v2_tiny_cfg_a.pt', ARCH_A1), ('vmamba_v0_tiny_cfg_a.pt', ARCH_A2)]
+# the same v2 weights in the channel-last ('ln') build give the same outputs
+CASES_LN = CASES + [('vmamba_v2_tiny_cfg_a.pt', dict(ARCH_A1, norm_layer='ln'))]
 
 
 def _close(out, ref, rtol=1e-4):
@@ -62,7 +64,7 @@ def test_fixture_logits_and_grad(fixture, arch, tmp_path):
 
 
 @needs_fixtures
-@pytest.mark.parametrize('fixture,arch', CASES)
+@pytest.mark.parametrize('fixture,arch', CASES_LN)
 def test_fixture_stage_features_det_checkpoint(fixture, arch, tmp_path):
     """An MM_VSSM detector checkpoint (backbone.* + neck keys) gives the official stage features."""
     d = torch.load(FIX / fixture, weights_only=True)
@@ -190,6 +192,18 @@ def test_any_input_size(name):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+@pytest.mark.parametrize('layout', ['ln2d', 'ln'])
+def test_z_gated_v2_and_k2_downsample(layout):
+    """Other official v2 options: z-gated SS2D ('v05'), Conv k2 downsample ('v2'), odd sizes."""
+    m = VMamba(arch=dict(depths=[1, 1, 1, 1], dims=16, forward_type='v05', downsample='v2',
+                         norm_layer=layout)).eval()
+    op = m.layers[0].blocks[0].op
+    assert op.use_z and op.in_proj.weight.shape == (32, 16)
+    assert m.layers[0].downsample[1].kernel_size == (2, 2)
+    outs = m(torch.randn(1, 3, 50, 75))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(13, 19), (7, 10), (4, 5), (2, 3)]
+
+
 def test_out_indices_and_layout():
     m = VMamba(arch=_small('tiny'), out_indices=(1, -1)).eval()
     assert m.channel_first and not VMamba(arch=_small('vanilla-tiny')).channel_first
@@ -263,3 +277,17 @@ def test_bad_arguments():
         VMamba(arch=_small('tiny'), out_indices=(4, ))
     with pytest.raises(ValueError, match='frozen_stages=5'):
         VMamba(arch=_small('tiny'), frozen_stages=5)
+
+
+@pytest.mark.parametrize('name', ['tiny', 'vanilla-tiny'])
+def test_feeds_mmdet_fpn_under_bf16_autocast(name):
+    """Dense contract end to end: NCHW maps into mmdet's FPN, mixed precision, backward."""
+    det = pytest.importorskip('mmdet.registry')
+    m = VMamba(arch=_small(name))
+    neck = det.MODELS.build(dict(type='FPN', in_channels=m.dims, out_channels=8, num_outs=5))
+    x = torch.randn(1, 3, 64, 80, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        pyramid = neck(m(x))
+    assert [tuple(p.shape[-2:]) for p in pyramid] == [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    sum(p.float().mean() for p in pyramid).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
