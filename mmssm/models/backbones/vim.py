@@ -50,7 +50,10 @@ class Vim(SSMBackbone):
         in_channels: image channels.
         out_indices: layers whose output is returned (negative from the end).
         out_type: per output, 'cls_token' (B, C) normed class token,
-            'featmap' (B, C, h, w) patch tokens without the class token,
+            'featmap' (B, C, h, w) patch tokens without the class token
+            (stride = ``stride``; the residual stream after the layer, i.e.
+            ``x_i + mixer_i(norm(x_i))`` -- the official segmentation code
+            reads the mixer output alone by default),
             'avg_featmap' (B, C) mean of the normed patch tokens, or 'raw'
             (B, L, C) every token in sequence order.
         with_cls_token: use the middle class token (official: True).
@@ -138,7 +141,8 @@ class Vim(SSMBackbone):
         """Class token and position embedding (1, M0 [+1], C), class entry at M0 // 2."""
         self.has_cls = with_cls_token
         h0, w0 = self.patch_resolution
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims)) if with_cls_token else None
+        self.cls_token = (nn.Parameter(torch.zeros(1, 1, self.embed_dims))
+                          if with_cls_token else None)
         self.pos_embed = nn.Parameter(torch.zeros(1, h0 * w0 + int(with_cls_token),
                                                   self.embed_dims))
 
@@ -196,7 +200,8 @@ class Vim(SSMBackbone):
         """Official ``VisionMamba.forward_features``: the normed class token (B, C)."""
         out_type, out_indices, out_norms = self.out_type, self.out_indices, self.out_norms
         try:
-            self.out_type, self.out_indices, self.out_norms = 'cls_token', [self.num_layers - 1], None
+            self.out_type, self.out_norms = 'cls_token', None
+            self.out_indices = [self.num_layers - 1]
             return self(x)[0]
         finally:
             self.out_type, self.out_indices, self.out_norms = out_type, out_indices, out_norms

@@ -220,7 +220,8 @@ def test_loads_official_v2m_format_checkpoint(tmp_path):
     """Released V2M checkpoints: mean pooling, patch-only pos_embed, head.*."""
     torch.manual_seed(0)
     off = V2M(SMALL, img_size=32, cls_position='mean')
-    sd = dict(off.state_dict(), **{'head.weight': torch.randn(10, 32), 'head.bias': torch.zeros(10)})
+    sd = dict(off.state_dict())
+    sd.update({'head.weight': torch.randn(10, 32), 'head.bias': torch.zeros(10)})
     path = tmp_path / 'v2m.pth'
     torch.save({'model': sd, 'epoch': 1}, path)
     m = V2M(SMALL, img_size=64, cls_position='middle',

@@ -203,6 +203,11 @@ def test_out_types_and_batch_independence():
         torch.testing.assert_close(m(x)[1], fm.mean((2, 3)))
 
 
+def test_input_smaller_than_a_patch():
+    m = Vim(SMALL, img_size=32, out_type='featmap')
+    assert m(torch.randn(1, 3, 10, 20))[0].shape == (1, 32, 1, 2)
+
+
 def test_no_cls_token_and_out_norms():
     m = Vim(SMALL, img_size=32, with_cls_token=False, out_type='avg_featmap',
             out_indices=(0, 1), out_norms=True)
@@ -257,6 +262,26 @@ def test_get_layer_depth():
     assert m.get_layer_depth('backbone.layers.2.mixer.A_log', 'backbone.') == (3, 6)
     assert m.get_layer_depth('backbone.norm_f.weight', 'backbone.') == (5, 6)
     assert m.get_layer_depth('head.fc.weight', 'backbone.') == (5, 6)
+
+
+def test_layer_decay_optim_wrapper_constructor():
+    from mmpretrain.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+    model = MODELS.build(dict(
+        type='ImageClassifier', neck=None,
+        backbone=dict(type='mmssm.Vim', arch=dict(embed_dims=32, num_layers=3), img_size=32),
+        head=dict(type='LinearClsHead', num_classes=5, in_channels=32)))
+    ctor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+        type='LearningRateDecayOptimWrapperConstructor',
+        optim_wrapper_cfg=dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1.0,
+                                                                weight_decay=0.05)),
+        paramwise_cfg=dict(layer_decay_rate=0.5)))
+    wrapper = ctor(model)
+    scale = {id(p): g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
+    bb = model.backbone
+    assert scale[id(bb.pos_embed)] == pytest.approx(0.5 ** 4)
+    assert scale[id(bb.layers[0].mixer.A_log)] == pytest.approx(0.5 ** 3)
+    assert scale[id(bb.layers[2].mixer.A_log)] == pytest.approx(0.5)
+    assert scale[id(model.head.fc.weight)] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------- errors
