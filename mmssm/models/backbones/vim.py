@@ -8,6 +8,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint as cp
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor, nn
 
@@ -67,6 +68,8 @@ class Vim(SSMBackbone):
         norm_eps: RMSNorm epsilon.
         residual_in_fp32: keep the residual stream in fp32 (official: True).
         interpolate_mode: position-embedding resize mode.
+        with_cp: activation checkpointing per layer while training (saves
+            memory for dense tasks at high resolution).
         frozen_stages: -1 none; 0 patch embed, cls token and position
             embedding; i > 0 also layers 0..i-1 (and ``norm_f`` when i is
             ``num_layers``).
@@ -96,7 +99,8 @@ class Vim(SSMBackbone):
                  with_cls_token: bool = True, final_norm: bool = True, out_norms: bool = False,
                  drop_rate: float = 0., drop_path_rate: float = 0., norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, interpolate_mode: str = 'bicubic',
-                 frozen_stages: int = -1, init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 frozen_stages: int = -1, with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
                  **layout_kwargs) -> None:
         super().__init__(init_cfg=init_cfg)
         s = self.arch_settings = self.parse_arch(arch)
@@ -110,6 +114,7 @@ class Vim(SSMBackbone):
         self.residual_in_fp32 = residual_in_fp32
         self.interpolate_mode = interpolate_mode
         self.final_norm = final_norm
+        self.with_cp = with_cp
 
         self.img_size = to_2tuple(img_size, 'img_size')
         self.patch_embed = PatchEmbed(in_channels, D, patch_size, stride)
@@ -176,7 +181,10 @@ class Vim(SSMBackbone):
             x = x.float()
         outs = []
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if self.with_cp and self.training and x.requires_grad:
+                x = cp.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
             if i in self.out_indices:
                 outs.append(self._format_output(x, self.out_indices.index(i), h, w))
         return tuple(outs)

@@ -204,6 +204,18 @@ def test_out_types_and_batch_independence():
         torch.testing.assert_close(m(x)[1], fm.mean((2, 3)))
 
 
+def test_with_cp_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = Vim(SMALL, img_size=32, out_type='featmap')
+    b = Vim(SMALL, img_size=32, out_type='featmap', with_cp=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for m in (a, b):
+        m(x)[0].square().sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
 def test_input_smaller_than_a_patch():
     m = Vim(SMALL, img_size=32, out_type='featmap')
     assert m(torch.randn(1, 3, 10, 20))[0].shape == (1, 32, 1, 2)
