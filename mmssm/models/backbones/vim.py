@@ -90,6 +90,7 @@ class Vim(SSMBackbone):
         **dict.fromkeys(['b', 'base'], dict(embed_dims=768, num_layers=24)),
     }
     arch_keys = ('embed_dims', 'num_layers')
+    ARCH_OPTIONAL = ('d_state', 'expand', 'd_conv', 'dt_rank')
     OUT_TYPES = ('cls_token', 'featmap', 'avg_featmap', 'raw')
     checkpoint_ignore_missing = ('out_norms.', )
 
@@ -100,10 +101,13 @@ class Vim(SSMBackbone):
                  drop_rate: float = 0., drop_path_rate: float = 0., norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, interpolate_mode: str = 'bicubic',
                  frozen_stages: int = -1, with_cp: bool = False,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None,
-                 **layout_kwargs) -> None:
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         s = self.arch_settings = self.parse_arch(arch)
+        unknown = set(s) - set(self.ARCH_OPTIONAL + self.arch_keys)
+        if unknown:
+            raise ValueError(f'{type(self).__name__}: unknown arch keys {sorted(unknown)}; '
+                             f'valid: {list(self.arch_keys + self.ARCH_OPTIONAL)}')
         self.embed_dims = D = s['embed_dims']
         self.num_layers = s['num_layers']
         self.mixer_cfg = dict(d_state=s.get('d_state', 16), expand=s.get('expand', 2),
@@ -119,7 +123,7 @@ class Vim(SSMBackbone):
         self.img_size = to_2tuple(img_size, 'img_size')
         self.patch_embed = PatchEmbed(in_channels, D, patch_size, stride)
         self.patch_resolution = self.patch_embed.grid_size(self.img_size)
-        self._build_tokens(with_cls_token=with_cls_token, **layout_kwargs)
+        self._build_tokens(with_cls_token=with_cls_token)
         if out_type == 'cls_token' and not self.has_cls:
             raise ValueError("out_type='cls_token' needs a class token (with_cls_token=True "
                              "or a cls_position other than 'mean'); use 'avg_featmap'")
