@@ -95,8 +95,9 @@ class V2M(Vim):
         if local_window and isinstance(arch, str):
             key = arch.lower()
             if key not in self.local_arch_zoo:
-                raise ValueError(f'V2M: unknown arch={arch!r}; valid: {sorted(self.local_arch_zoo)} '
-                                 f'or a dict with keys {list(self.arch_keys)}')
+                raise ValueError(f'V2M: unknown arch={arch!r}; valid: '
+                                 f'{sorted(self.local_arch_zoo)} or a dict with keys '
+                                 f'{list(self.arch_keys)}')
             arch = dict(self.local_arch_zoo[key])
         if not local_window and directions is not None:
             raise ValueError('directions applies to local_window=True only')

@@ -8,6 +8,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint as cp
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor, nn
 
@@ -50,7 +51,10 @@ class Vim(SSMBackbone):
         in_channels: image channels.
         out_indices: layers whose output is returned (negative from the end).
         out_type: per output, 'cls_token' (B, C) normed class token,
-            'featmap' (B, C, h, w) patch tokens without the class token,
+            'featmap' (B, C, h, w) patch tokens without the class token
+            (stride = ``stride``; the residual stream after the layer, i.e.
+            ``x_i + mixer_i(norm(x_i))`` -- the official segmentation code
+            reads the mixer output alone by default),
             'avg_featmap' (B, C) mean of the normed patch tokens, or 'raw'
             (B, L, C) every token in sequence order.
         with_cls_token: use the middle class token (official: True).
@@ -64,6 +68,8 @@ class Vim(SSMBackbone):
         norm_eps: RMSNorm epsilon.
         residual_in_fp32: keep the residual stream in fp32 (official: True).
         interpolate_mode: position-embedding resize mode.
+        with_cp: activation checkpointing per layer while training (saves
+            memory for dense tasks at high resolution).
         frozen_stages: -1 none; 0 patch embed, cls token and position
             embedding; i > 0 also layers 0..i-1 (and ``norm_f`` when i is
             ``num_layers``).
@@ -84,6 +90,7 @@ class Vim(SSMBackbone):
         **dict.fromkeys(['b', 'base'], dict(embed_dims=768, num_layers=24)),
     }
     arch_keys = ('embed_dims', 'num_layers')
+    ARCH_OPTIONAL = ('d_state', 'expand', 'd_conv', 'dt_rank')
     OUT_TYPES = ('cls_token', 'featmap', 'avg_featmap', 'raw')
     checkpoint_ignore_missing = ('out_norms.', )
 
@@ -93,10 +100,14 @@ class Vim(SSMBackbone):
                  with_cls_token: bool = True, final_norm: bool = True, out_norms: bool = False,
                  drop_rate: float = 0., drop_path_rate: float = 0., norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, interpolate_mode: str = 'bicubic',
-                 frozen_stages: int = -1, init_cfg: Optional[Union[dict, List[dict]]] = None,
-                 **layout_kwargs) -> None:
+                 frozen_stages: int = -1, with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         s = self.arch_settings = self.parse_arch(arch)
+        unknown = set(s) - set(self.ARCH_OPTIONAL + self.arch_keys)
+        if unknown:
+            raise ValueError(f'{type(self).__name__}: unknown arch keys {sorted(unknown)}; '
+                             f'valid: {list(self.arch_keys + self.ARCH_OPTIONAL)}')
         self.embed_dims = D = s['embed_dims']
         self.num_layers = s['num_layers']
         self.mixer_cfg = dict(d_state=s.get('d_state', 16), expand=s.get('expand', 2),
@@ -107,11 +118,12 @@ class Vim(SSMBackbone):
         self.residual_in_fp32 = residual_in_fp32
         self.interpolate_mode = interpolate_mode
         self.final_norm = final_norm
+        self.with_cp = with_cp
 
         self.img_size = to_2tuple(img_size, 'img_size')
         self.patch_embed = PatchEmbed(in_channels, D, patch_size, stride)
         self.patch_resolution = self.patch_embed.grid_size(self.img_size)
-        self._build_tokens(with_cls_token=with_cls_token, **layout_kwargs)
+        self._build_tokens(with_cls_token=with_cls_token)
         if out_type == 'cls_token' and not self.has_cls:
             raise ValueError("out_type='cls_token' needs a class token (with_cls_token=True "
                              "or a cls_position other than 'mean'); use 'avg_featmap'")
@@ -138,7 +150,8 @@ class Vim(SSMBackbone):
         """Class token and position embedding (1, M0 [+1], C), class entry at M0 // 2."""
         self.has_cls = with_cls_token
         h0, w0 = self.patch_resolution
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims)) if with_cls_token else None
+        self.cls_token = (nn.Parameter(torch.zeros(1, 1, self.embed_dims))
+                          if with_cls_token else None)
         self.pos_embed = nn.Parameter(torch.zeros(1, h0 * w0 + int(with_cls_token),
                                                   self.embed_dims))
 
@@ -172,7 +185,10 @@ class Vim(SSMBackbone):
             x = x.float()
         outs = []
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if self.with_cp and self.training and x.requires_grad:
+                x = cp.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
             if i in self.out_indices:
                 outs.append(self._format_output(x, self.out_indices.index(i), h, w))
         return tuple(outs)
@@ -196,7 +212,8 @@ class Vim(SSMBackbone):
         """Official ``VisionMamba.forward_features``: the normed class token (B, C)."""
         out_type, out_indices, out_norms = self.out_type, self.out_indices, self.out_norms
         try:
-            self.out_type, self.out_indices, self.out_norms = 'cls_token', [self.num_layers - 1], None
+            self.out_type, self.out_norms = 'cls_token', None
+            self.out_indices = [self.num_layers - 1]
             return self(x)[0]
         finally:
             self.out_type, self.out_indices, self.out_norms = out_type, out_indices, out_norms

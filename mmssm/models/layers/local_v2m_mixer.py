@@ -79,7 +79,8 @@ class LocalV2MMixer(nn.Module):
                  **dt_kwargs) -> None:
         super().__init__()
         if isinstance(directions, str) or not directions:
-            raise ValueError(f'directions must be a non-empty sequence of names, got {directions!r}')
+            raise ValueError('directions must be a non-empty sequence of names, '
+                             f'got {directions!r}')
         self.directions = tuple(directions)
         self._orders = [parse_direction(d) for d in self.directions]
         self.d_model = d_model

@@ -79,6 +79,10 @@ def make_conv1d(d_inner: int, d_conv: int, bias: bool = True) -> Optional[nn.Con
     return nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=bias)
 
 
+def _state_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
              x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
              varying: str = 'BC') -> Tensor:
@@ -104,7 +108,7 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
     N = A_log.shape[1]
     x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)  # (n, l, R + k*N)
     dt = F.linear(x_dbl[..., :R], dt_proj.weight).transpose(1, 2)  # (n, d, l)
-    ones = A_log.new_ones(A_log.shape, dtype=torch.float32)  # constant (d, N)
+    ones = A_log.new_ones(A_log.shape, dtype=_state_dtype(A_log))  # constant (d, N)
     if varying == 'BC':
         B = x_dbl[..., R:R + N].transpose(1, 2)  # (n, N, l)
         C = x_dbl[..., R + N:].transpose(1, 2)
@@ -114,9 +118,10 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
         B, C = ones, x_dbl[..., R:].transpose(1, 2)
     else:
         raise ValueError(f"varying must be 'BC', 'B' or 'C', got {varying!r}")
-    A = -torch.exp(A_log.float())
-    return ops.selective_scan(x, dt, A, B, C, D.float(), z,
-                              delta_bias=dt_proj.bias.float(), delta_softplus=True)
+    f = _state_dtype(A_log)  # fp32 (fp64 models stay fp64)
+    A = -torch.exp(A_log.to(f))
+    return ops.selective_scan(x, dt, A, B, C, D.to(f), z,
+                              delta_bias=dt_proj.bias.to(f), delta_softplus=True)
 
 
 class BiMambaMixer(nn.Module):

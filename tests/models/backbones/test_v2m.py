@@ -220,7 +220,8 @@ def test_loads_official_v2m_format_checkpoint(tmp_path):
     """Released V2M checkpoints: mean pooling, patch-only pos_embed, head.*."""
     torch.manual_seed(0)
     off = V2M(SMALL, img_size=32, cls_position='mean')
-    sd = dict(off.state_dict(), **{'head.weight': torch.randn(10, 32), 'head.bias': torch.zeros(10)})
+    sd = dict(off.state_dict())
+    sd.update({'head.weight': torch.randn(10, 32), 'head.bias': torch.zeros(10)})
     path = tmp_path / 'v2m.pth'
     torch.save({'model': sd, 'epoch': 1}, path)
     m = V2M(SMALL, img_size=64, cls_position='middle',
@@ -275,3 +276,38 @@ def test_bad_arguments():
         V2M(SMALL, local_window=True, corners=2)
     with pytest.raises(TypeError, match='cls_position'):
         V2M(SMALL, with_cls_token=False)
+
+
+def test_mmseg_encoder_decoder_loss_and_predict():
+    from mmengine.registry import DefaultScope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = _build_segmentor(MODELS)
+    samples = []
+    for _ in range(2):
+        s = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, 3, (1, 64, 64))))
+        s.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64)))
+        samples.append(s)
+    x = torch.randn(2, 3, 64, 64)
+    losses = model(x, samples, mode='loss')
+    losses['decode.loss_ce'].backward()
+    assert model.backbone.layers[0].mixer.A_2_log.grad is not None
+    model.eval()
+    with torch.no_grad():
+        pred = model(x, samples, mode='predict')
+    assert pred[0].pred_sem_seg.data.shape == (1, 64, 64)
+
+
+def _build_segmentor(MODELS):
+    from mmengine.config import ConfigDict
+    return MODELS.build(dict(
+        type='EncoderDecoder', data_preprocessor=dict(type='SegDataPreProcessor', size=(64, 64)),
+        backbone=dict(type='mmssm.V2M', arch=SMALL, img_size=64, out_indices=(0, 1),
+                      out_type='featmap'),
+        decode_head=dict(type='FCNHead', in_channels=32, in_index=1, channels=16, num_convs=1,
+                         num_classes=3, norm_cfg=dict(type='BN', requires_grad=True)),
+        test_cfg=ConfigDict(mode='whole')))
