@@ -18,11 +18,11 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
-    dataset=dict(type=dataset_type, data_root=data_root, data_prefix='train',
+    dataset=dict(_delete_=True, type=dataset_type, data_root=data_root, data_prefix='train',
                  ann_file='', with_label=True, pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
-    dataset=dict(type=dataset_type, data_root=data_root, data_prefix='val',
+    dataset=dict(_delete_=True, type=dataset_type, data_root=data_root, data_prefix='val',
                  ann_file='', with_label=True, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 val_evaluator = dict(type='Accuracy', topk=(1, ))

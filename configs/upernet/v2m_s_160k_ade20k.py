@@ -1,0 +1,14 @@
+# UPerNet, ADE20K 512x512, 160k iterations, backbone V2M-S* (pyramid).
+_base_ = '../_base_/seg/upernet_160k.py'
+
+# ImageNet-1k weights of V2M-S* (pyramid): an mmssm classification checkpoint
+# (tools/train.py with configs/v2m/), or an official file where one
+# exists (Vim / VMamba release files load directly: the 'model' entry is read).
+pretrained = 'checkpoints/v2m_s_in1k.pth'
+
+model = dict(
+    backbone=dict(
+        type='mmssm.V2MPyramid', arch='small', out_indices=(0, 1, 2, 3), drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))

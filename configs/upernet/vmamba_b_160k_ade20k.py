@@ -1,0 +1,14 @@
+# UPerNet, ADE20K 512x512, 160k iterations, backbone VMamba-B (s1l20).
+_base_ = '../_base_/seg/upernet_160k.py'
+
+# ImageNet-1k weights of VMamba-B (s1l20): an mmssm classification checkpoint
+# (tools/train.py with configs/vmamba/), or an official file where one
+# exists (Vim / VMamba release files load directly: the 'model' entry is read).
+pretrained = 'checkpoints/vmamba_b_in1k.pth'
+
+model = dict(
+    backbone=dict(
+        type='mmssm.VMamba', arch='base', out_indices=(0, 1, 2, 3), drop_path_rate=0.6,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]),
+    auxiliary_head=dict(in_channels=512))

@@ -1,0 +1,13 @@
+# ImageNet-1k classification: V2M-S, 80.5% (official script: batch 512, lr 1e-3, wd 0.05, drop path 0.05).
+_base_ = '../_base_/cls/in1k_300e.py'
+
+model = dict(
+    backbone=dict(type='mmssm.V2M', arch='small', cls_position='middle', drop_path_rate=0.05),
+    neck=None,
+    head=dict(in_channels=384))
+optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.05))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, end=5,
+         convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=5)
+]

@@ -1,0 +1,9 @@
+# ImageNet-1k classification: VMamba-S (s2l15), 83.6%.
+_base_ = '../_base_/cls/in1k_300e.py'
+
+model = dict(
+    backbone=dict(type='mmssm.VMamba', arch='small-s2l15', out_indices=(3, )),
+    neck=dict(type='GlobalAveragePooling'),
+    head=dict(in_channels=768))
+optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.05))
+custom_hooks = [dict(type='EMAHook', momentum=0.0001, priority='ABOVE_NORMAL')]
