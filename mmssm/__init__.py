@@ -2,8 +2,11 @@
 
 Importing mmssm checks the installed versions against the tested matrix and
 makes mmengine load local checkpoints on torch>=2.6 (see
-:func:`mmssm.utils.compat._load_local_trusted`: local files are trusted).
+:func:`mmssm.utils.compat._load_local_trusted`: local files are trusted) and
+write them atomically (:mod:`mmssm.utils.atomic_io`: a job killed while saving
+keeps its previous checkpoint and ``last_checkpoint``).
 """
+from .utils.atomic_io import install_atomic_checkpoint_writes
 from .utils.compat import (_warn_transformers, check_environment,
                            install_checkpoint_loader)
 from .version import __version__
@@ -11,5 +14,6 @@ from .version import __version__
 check_environment()
 _warn_transformers()
 install_checkpoint_loader()
+install_atomic_checkpoint_writes()
 
 __all__ = ['__version__']

@@ -57,12 +57,18 @@ class SSMBackbone(BaseModule):
         """Normalise out_indices (negative values count from the end)."""
         if isinstance(out_indices, int):
             out_indices = [out_indices]
+        if len(out_indices) == 0:
+            raise ValueError(f'{name} is empty: the backbone would return nothing; '
+                             f'give at least one index in {-num}..{num - 1}')
         out = []
         for i in out_indices:
             j = i + num if i < 0 else i
             if not 0 <= j < num:
                 raise ValueError(f'{name}={list(out_indices)}: index {i} is out of range '
                                  f'for {num} layers/stages (valid: {-num}..{num - 1})')
+            if j in out:
+                raise ValueError(f'{name}={list(out_indices)}: index {i} repeats layer/stage {j} '
+                                 '(each output is returned once)')
             out.append(j)
         return out
 
@@ -72,6 +78,31 @@ class SSMBackbone(BaseModule):
             raise ValueError(f'frozen_stages={frozen_stages} must be in -1..{num} '
                              f'(-1: none, 0: stem, i: stem and the first i stages/layers)')
         return frozen_stages
+
+    @staticmethod
+    def check_rate(name: str, value: float) -> float:
+        """A dropout / drop-path probability must lie in [0, 1)."""
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f'{name}={value} must be in [0, 1)')
+        return value
+
+    @staticmethod
+    def check_input(x: Tensor, in_channels: int) -> None:
+        """Clear errors for inputs that would crash deep inside or give a silent wrong result."""
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f'input must be a (B, C, H, W) image batch, got {shape}')
+        B, C, H, W = x.shape
+        if C != in_channels:
+            raise ValueError(f'input has {C} channels but the backbone was built with '
+                             f'in_channels={in_channels} (input shape {tuple(x.shape)})')
+        if B == 0:
+            raise ValueError(f'input batch is empty (shape {tuple(x.shape)})')
+        if H == 0 or W == 0:
+            raise ValueError(f'input image has zero size (shape {tuple(x.shape)})')
+        if not x.is_floating_point():
+            raise TypeError(f'input must be a floating tensor, got {x.dtype} '
+                            '(normalise images with a data_preprocessor first)')
 
     # -------------------------------------------------------------- weights
     def _init_weights(self) -> None:

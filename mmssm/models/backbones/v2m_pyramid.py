@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from mmssm.registry import MODELS
 from ..layers.v2m_mixer import V2MMixer2D, parse_corners
 from ..layers.vss_block import VSSBlock
-from .vmamba import VMamba
+from .vmamba import VMamba, check_arch_numbers
 
 _PYRAMID = dict(d_state=1, expand=1, d_conv=0, d_conv2d=3, dt_rank='auto', corners=4,
                 use_z=True, mlp_ratio=4.0, downsample='v3', patch_embed='v2', norm_layer='ln')
@@ -86,6 +86,7 @@ class V2MPyramid(VMamba):
             raise ValueError(f"arch downsample={cfg['downsample']!r}: valid 'v1' (patch merging), "
                              "'v2' (conv k2 s2), 'v3' (conv k3 s2)")
         parse_corners(cfg['corners'])  # clear error for bad corners
+        check_arch_numbers(cfg)
         return cfg
 
     def _make_block(self, dim: int, drop_path: float, cfg: dict) -> nn.Module:

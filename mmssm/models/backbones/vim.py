@@ -92,6 +92,7 @@ class Vim(SSMBackbone):
     arch_keys = ('embed_dims', 'num_layers')
     ARCH_OPTIONAL = ('d_state', 'expand', 'd_conv', 'dt_rank')
     OUT_TYPES = ('cls_token', 'featmap', 'avg_featmap', 'raw')
+    INTERPOLATE_MODES = ('nearest', 'bilinear', 'bicubic', 'area', 'nearest-exact')
     checkpoint_ignore_missing = ('out_norms.', )
 
     def __init__(self, arch: Union[str, dict] = 'tiny', img_size: Union[int, Sequence[int]] = 224,
@@ -108,6 +109,16 @@ class Vim(SSMBackbone):
         if unknown:
             raise ValueError(f'{type(self).__name__}: unknown arch keys {sorted(unknown)}; '
                              f'valid: {list(self.arch_keys + self.ARCH_OPTIONAL)}')
+        for key in ('embed_dims', 'num_layers', 'd_state', 'expand', 'd_conv'):
+            if key in s and not (isinstance(s[key], int) and s[key] >= 1):
+                raise ValueError(f'{type(self).__name__}: arch {key}={s[key]!r} must be an int >= 1')
+        if interpolate_mode not in self.INTERPOLATE_MODES:
+            raise ValueError(f'interpolate_mode={interpolate_mode!r}; valid: {self.INTERPOLATE_MODES}')
+        if not (isinstance(in_channels, int) and in_channels >= 1):
+            raise ValueError(f'in_channels={in_channels!r} must be an int >= 1')
+        self.check_rate('drop_rate', drop_rate)
+        self.check_rate('drop_path_rate', drop_path_rate)
+        self.in_channels = in_channels
         self.embed_dims = D = s['embed_dims']
         self.num_layers = s['num_layers']
         self.mixer_cfg = dict(d_state=s.get('d_state', 16), expand=s.get('expand', 2),
@@ -178,6 +189,7 @@ class Vim(SSMBackbone):
 
     # ----------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        self.check_input(x, self.in_channels)
         p = self.patch_embed(x)  # (B, h, w, C)
         h, w = p.shape[1:3]
         x = self.drop_after_pos(self._tokens(p))

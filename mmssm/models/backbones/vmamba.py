@@ -44,6 +44,15 @@ def _v0(depths, dims, drop_path_rate):
     return dict(_V0, depths=depths, dims=dims, drop_path_rate=drop_path_rate)
 
 
+def check_arch_numbers(cfg: dict) -> None:
+    """Sizes in an arch dict must be positive (mlp_ratio 0 means no MLP)."""
+    for key in ('d_state', 'ssm_ratio', 'expand', 'mlp_ratio'):
+        v = cfg.get(key, 1)
+        if not (isinstance(v, (int, float)) and (v > 0 or (key == 'mlp_ratio' and v == 0))):
+            raise ValueError(f'arch {key}={v!r} must be a number > 0'
+                             + (' (or 0: no MLP)' if key == 'mlp_ratio' else ''))
+
+
 class PatchEmbed(nn.Sequential):
     """Stem. 'v1': Conv k4 s4 + norm (keys 0, 2). 'v2': Conv k3 s2, norm, GELU,
     Conv k3 s2, norm (keys 0, 2, 5, 7; the gaps are parameter-free slots kept so
@@ -176,6 +185,13 @@ class VMamba(SSMBackbone):
         dims = list(dims)
         if len(dims) != len(depths):
             raise ValueError(f'arch: dims {dims} and depths {depths} differ in length')
+        if not depths or not all(isinstance(d, int) and d >= 0 for d in depths):
+            raise ValueError(f'arch depths={depths}: need a non-empty list of ints >= 0')
+        if not all(isinstance(d, int) and d >= 1 for d in dims):
+            raise ValueError(f'arch dims={dims}: need ints >= 1')
+        if not (isinstance(in_channels, int) and in_channels >= 1):
+            raise ValueError(f'in_channels={in_channels!r} must be an int >= 1')
+        self.in_channels = in_channels
         self.arch_settings = cfg
         self.depths, self.dims = depths, dims
         self.num_stages = len(depths)
@@ -185,6 +201,7 @@ class VMamba(SSMBackbone):
         self.norm_eval = norm_eval
         if drop_path_rate is None:
             drop_path_rate = cfg.get('drop_path_rate', 0.0)
+        self.check_rate('drop_path_rate', drop_path_rate)
         n = sum(depths)
         dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # == torch.linspace
 
@@ -213,6 +230,7 @@ class VMamba(SSMBackbone):
         if cfg['norm_layer'] not in ('ln', 'ln2d'):
             raise ValueError(f"arch norm_layer={cfg['norm_layer']!r}: valid 'ln' (channel-last) "
                              "or 'ln2d' (channel-first)")
+        check_arch_numbers(cfg)
         if cfg['forward_type'] not in FORWARD_TYPES:
             raise ValueError(f"arch forward_type={cfg['forward_type']!r}: valid {list(FORWARD_TYPES)}")
         if cfg['forward_type'] == 'v0' and cfg['norm_layer'] != 'ln':
@@ -236,6 +254,7 @@ class VMamba(SSMBackbone):
     # ------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """(B, C_in, H, W) -> tuple of (B, dims[i], ceil(H/2^(i+2)), ceil(W/2^(i+2)))."""
+        self.check_input(x, self.in_channels)
         x = self.patch_embed(x)
         outs = []
         for i, layer in enumerate(self.layers):

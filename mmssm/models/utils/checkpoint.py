@@ -92,13 +92,23 @@ def load_backbone_weights(model: nn.Module, state_dict: Dict[str, Tensor],
     own = model.state_dict()
     mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
                   for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    counted = [k for k in own if not any(s in k for s in ignore_missing)]
+    named = sum(k in state_dict for k in counted) / max(len(counted), 1)
+    if named < min_coverage:
+        # another family: say so first (its few same-named keys may also differ in shape)
+        raise RuntimeError(
+            f'{source}: only {named:.1%} of the backbone keys are in the checkpoint '
+            f'(< {min_coverage:.0%}); is it a checkpoint of another model family or arch? '
+            f'e.g. missing {[k for k in counted if k not in state_dict][:5]}, checkpoint has '
+            f'{list(state_dict)[:5]}'
+            + (f'; {len(mismatched)} shape mismatch(es): {mismatched[:3]}' if mismatched else '')
+            + ". Pass init_cfg=dict(type='Pretrained', ..., min_coverage=0.0) to allow it.")
     if mismatched:
         raise RuntimeError(f'{source}: shape mismatch for {len(mismatched)} key(s):\n  '
                            + '\n  '.join(mismatched[:20]))
     incompatible = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in incompatible.missing_keys
                if not any(s in k for s in ignore_missing)]
-    counted = [k for k in own if not any(s in k for s in ignore_missing)]
     loaded = len(counted) - len(missing)
     coverage = loaded / max(len(counted), 1)
     msg = (f'{source}: loaded {loaded}/{len(counted)} backbone keys '
