@@ -201,9 +201,21 @@ def vandermonde(v: Tensor, log_x: Tensor, L: int) -> Tensor:
 
 
 def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
-    """``sum_n v_n / (z_l - w_n)`` over n and its conjugate pairs. v (..., H, N), z (Lf,), w (H, N)."""
-    r = 1.0 / (z[None, None, :] - _conj(w)[..., None])  # (H, 2N, Lf)
-    return torch.einsum('...hn,hnl->...hl', _conj(v), r)
+    """``sum_n v_n / (z_l - w_n) + conj(v_n) / (z_l - conj(w_n))``.
+
+    v (..., H, N), z (Lf,), w (H, N) -> (..., H, Lf). The Cauchy matrices are formed with
+    real arithmetic (complex reciprocal is slow on CPU) and contracted with two einsums
+    instead of concatenating the conjugate halves.
+    """
+    a = z.real - w.real[..., None]  # (H, N, Lf)
+    b1 = z.imag - w.imag[..., None]
+    b2 = z.imag + w.imag[..., None]
+    a2 = a * a
+    d1, d2 = 1.0 / (a2 + b1 * b1), 1.0 / (a2 + b2 * b2)
+    r1 = torch.complex(a * d1, -b1 * d1)  # 1 / (z - w)
+    r2 = torch.complex(a * d2, -b2 * d2)  # 1 / (z - conj(w))
+    return (torch.einsum('...hn,hnl->...hl', v, r1)
+            + torch.einsum('...hn,hnl->...hl', v.conj(), r2))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -291,14 +303,23 @@ class SSMKernelDiag(nn.Module):
         self.register_parameter(name, p)
 
     # -- parameters -------------------------------------------------------------------
-    def _repeat(self, x: Tensor, dim: int) -> Tensor:
-        """Tile n_ssm copies up to H along ``dim`` ('(v t)' order, as official)."""
+    def _repeat(self, x: Tensor, dim: int, expand: bool = True) -> Tensor:
+        """Tile n_ssm copies up to H along ``dim`` ('(v t)' order, as official).
+
+        With ``expand=False`` a single copy (n_ssm == 1) is left to broadcast.
+        """
+        if not expand and x.shape[dim] == 1:
+            return x
         reps = [1] * x.dim()
         reps[dim] = self.H // x.shape[dim]
         return x.repeat(*reps)
 
-    def get_params(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Continuous parameters: dt (H, 1|N), A (H, N), B (1, H, N), C (channels, H, N)."""
+    def get_params(self, rate: float = 1.0,
+                   expand: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Continuous parameters: dt (H, 1|N), A (H, N), B (1, H, N), C (channels, H, N).
+
+        ``expand=False`` keeps A/B (and P) with a size-1 SSM axis when n_ssm == 1.
+        """
         A = (-_param_transform(self.A_real, self.real_transform)
              - 1j * _param_transform(self.A_imag, self.imag_transform))
         B = torch.view_as_complex(self.B)
@@ -307,7 +328,7 @@ class SSMKernelDiag(nn.Module):
         if self.bandlimit is not None:
             freqs = dt / rate * A.imag.abs() / (2 * math.pi)  # cycles/sample at rate 1
             C = C * (freqs < self.bandlimit * 0.5).to(C.real.dtype)
-        return dt, self._repeat(A, 0), self._repeat(B, 1), C
+        return dt, self._repeat(A, 0, expand), self._repeat(B, 1, expand), C
 
     # -- convolution view --------------------------------------------------------------
     def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
@@ -316,7 +337,7 @@ class SSMKernelDiag(nn.Module):
             if self.l_max is None:
                 raise ValueError('L must be given when the kernel was built with l_max=None')
             L = round(self.l_max / rate)
-        dt, A, B, C = self.get_params(rate)
+        dt, A, B, C = self.get_params(rate, expand=False)
         dtA = dt * A  # (H, N)
         BC = B * C  # (channels, H, N)
         if self.disc == 'zoh':
@@ -360,9 +381,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         self._register('P', torch.view_as_real(P.to(torch.cfloat)).contiguous(), 'A')
         self.register_buffer('l_kernel', torch.tensor(0))
 
-    def get_params(self, rate: float = 1.0):
-        dt, A, B, C = super().get_params(rate)
-        P = self._repeat(torch.view_as_complex(self.P), 1)  # (R, H, N)
+    def get_params(self, rate: float = 1.0, expand: bool = True):
+        dt, A, B, C = super().get_params(rate, expand)
+        P = self._repeat(torch.view_as_complex(self.P), 1, expand)  # (R, H, N)
         return dt, A, B, C, P
 
     @torch.no_grad()
@@ -444,14 +465,14 @@ class SSMKernelDPLR(SSMKernelDiag):
             self._setup_C(round(rate * L))
         n = round(int(self.l_kernel.item()) / rate)  # number of FFT nodes
 
-        dt, A, B, C, P = self.get_params(rate)
+        dt, A, B, C, P = self.get_params(rate, expand=False)  # A/B/P broadcast if n_ssm == 1
         # roots of unity omega^k, k <= n/2, as powers of a complex64 base (the official
         # arithmetic; keeps checkpoints' outputs within ~1e-6 relative of the official ones)
         base = torch.tensor(np.exp(-2j * np.pi / n), dtype=A.dtype, device=A.device)
         omega = base ** torch.arange(n // 2 + 1, device=A.device).to(A.dtype)
         z = 2 * (1 - omega) / (1 + omega)  # bilinear pre-image of the nodes
         Bs = torch.cat([B, P], 0)  # (1+R, H, N)
-        Cs = torch.cat([C, P.conj()], 0)  # (ch+R, H, N)
+        Cs = torch.cat([C, P.conj().expand(-1, C.shape[1], -1)], 0)  # (ch+R, H, N)
         v = Bs[:, None] * Cs[None] * dt.unsqueeze(0)  # (1+R, ch+R, H, N)
         r = cauchy(v, z, A * dt)  # (1+R, ch+R, H, Lf)
         R = self.rank
