@@ -200,22 +200,60 @@ def vandermonde(v: Tensor, log_x: Tensor, L: int) -> Tensor:
     return 2 * torch.einsum('...hn,hnl->...hl', v, V).real
 
 
-def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
-    """``sum_n v_n / (z_l - w_n) + conj(v_n) / (z_l - conj(w_n))``.
-
-    v (..., H, N), z (Lf,), w (H, N) -> (..., H, Lf). The Cauchy matrices are formed with
-    real arithmetic (complex reciprocal is slow on CPU) and contracted with two einsums
-    instead of concatenating the conjugate halves.
-    """
-    a = z.real - w.real[..., None]  # (H, N, Lf)
+def _cauchy_matrices(z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """``1 / (z - w)`` and ``1 / (z - conj(w))``, (H, N, Lf), by real arithmetic (complex
+    reciprocal is slow on CPU)."""
+    a = z.real - w.real[..., None]
     b1 = z.imag - w.imag[..., None]
     b2 = z.imag + w.imag[..., None]
     a2 = a * a
     d1, d2 = 1.0 / (a2 + b1 * b1), 1.0 / (a2 + b2 * b2)
-    r1 = torch.complex(a * d1, -b1 * d1)  # 1 / (z - w)
-    r2 = torch.complex(a * d2, -b2 * d2)  # 1 / (z - conj(w))
+    return torch.complex(a * d1, -b1 * d1), torch.complex(a * d2, -b2 * d2)
+
+
+def _cauchy_fwd(v: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
     return (torch.einsum('...hn,hnl->...hl', v, r1)
             + torch.einsum('...hn,hnl->...hl', v.conj(), r2))
+
+
+class _Cauchy(torch.autograd.Function):
+    """Cauchy product with a hand-written backward (a few einsums instead of the ~40-node
+    autograd graph of the elementwise ops; this dominates S4 kernel generation on CPU).
+
+    Gradients follow PyTorch's convention for complex tensors (conjugate Wirtinger):
+    ``r = sum_n v R1 + conj(v) R2`` with R1 = 1/(z-w), R2 = 1/(z-conj w), so
+    ``gv = g R1^* + g^* R2`` and ``gw = sum_batch v^* (g R1^{*2} + g^* R2^2)``.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        r1, r2 = _cauchy_matrices(z, w)
+        ctx.save_for_backward(v, r1, r2)
+        return _cauchy_fwd(v, r1, r2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        v, r1, r2 = ctx.saved_tensors
+        gv = gw = None
+        gc = g.conj()
+        if ctx.needs_input_grad[0]:
+            gv = (torch.einsum('...hl,hnl->...hn', g, r1.conj())
+                  + torch.einsum('...hl,hnl->...hn', gc, r2))
+        if ctx.needs_input_grad[2]:
+            G = (torch.einsum('...hl,hnl->...hn', g, (r1 * r1).conj())
+                 + torch.einsum('...hl,hnl->...hn', gc, r2 * r2))
+            gw = (v.conj() * G).reshape(-1, *G.shape[-2:]).sum(0)
+        return gv, None, gw
+
+
+def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    """``sum_n v_n / (z_l - w_n) + conj(v_n) / (z_l - conj(w_n))``.
+
+    v (..., H, N), z (Lf,) (constant), w (H, N) -> (..., H, Lf).
+    """
+    if torch.is_grad_enabled() and (v.requires_grad or w.requires_grad):
+        return _Cauchy.apply(v, z, w)
+    return _cauchy_fwd(v, *_cauchy_matrices(z, w))
 
 
 # ----------------------------------------------------------------------------- kernels

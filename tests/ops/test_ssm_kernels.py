@@ -167,3 +167,17 @@ def test_bad_arguments():
         SSMKernelDiag(d_model=4, d_state=8, n_ssm=3)
     with pytest.raises(ValueError, match='dt_transform'):
         SSMKernelDiag(d_model=2, d_state=8, dt_transform='cube')
+
+
+def test_cauchy_custom_backward_gradcheck():
+    from mmssm.ops.ssm_kernels import cauchy
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.complex128, requires_grad=True)
+    w = torch.complex(-torch.rand(4, 5, generator=g, dtype=torch.float64) - 0.1,
+                      torch.randn(4, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    z = 1j * torch.linspace(0, 3, 6, dtype=torch.float64).to(torch.complex128)
+    assert torch.autograd.gradcheck(lambda v, w: cauchy(v, z, w), (v, w))
+    # same values as the direct definition
+    ref = (v[..., None] / (z - w[..., None]) + v.conj()[..., None] / (z - w.conj()[..., None])
+           ).sum(-2)
+    torch.testing.assert_close(cauchy(v, z, w), ref)
