@@ -240,9 +240,11 @@ class _Cauchy(torch.autograd.Function):
             gv = (torch.einsum('...hl,hnl->...hn', g, r1.conj())
                   + torch.einsum('...hl,hnl->...hn', gc, r2))
         if ctx.needs_input_grad[2]:
-            G = (torch.einsum('...hl,hnl->...hn', g, (r1 * r1).conj())
-                 + torch.einsum('...hl,hnl->...hn', gc, r2 * r2))
-            gw = (v.conj() * G).reshape(-1, *G.shape[-2:]).sum(0)
+            H, N = v.shape[-2:]
+            vc = v.conj().reshape(-1, H, N)
+            g1 = torch.einsum('bhn,bhl->hnl', vc, g.reshape(-1, H, g.shape[-1]))
+            g2 = torch.einsum('bhn,bhl->hnl', vc, gc.reshape(-1, H, g.shape[-1]))
+            gw = (g1 * (r1 * r1).conj() + g2 * (r2 * r2)).sum(-1)
         return gv, None, gw
 
 
@@ -511,7 +513,10 @@ class SSMKernelDPLR(SSMKernelDiag):
         z = 2 * (1 - omega) / (1 + omega)  # bilinear pre-image of the nodes
         Bs = torch.cat([B, P], 0)  # (1+R, H, N)
         Cs = torch.cat([C, P.conj().expand(-1, C.shape[1], -1)], 0)  # (ch+R, H, N)
-        v = Bs[:, None] * Cs[None] * dt.unsqueeze(0)  # (1+R, ch+R, H, N)
+        if Bs.shape[1] == 1:  # shared (n_ssm=1): einsum's backward avoids slow complex sums
+            v = torch.einsum('an,bhn->abhn', Bs[:, 0], Cs * dt)  # (1+R, ch+R, H, N)
+        else:
+            v = Bs[:, None] * (Cs * dt)[None]
         r = cauchy(v, z, A * dt)  # (1+R, ch+R, H, Lf)
         R = self.rank
         if R == 1:
