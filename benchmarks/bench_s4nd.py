@@ -3,7 +3,8 @@
 Times forward and forward+backward at the ConvNeXt-T stage shapes and prints the ratios
 S4ND / conv in one run. Not a test. Usage:
 
-    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 5]
+    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 7]
+        [--conv-mode auto|toeplitz|axes|outer]
 """
 import argparse
 import time
@@ -16,11 +17,11 @@ from mmssm.models.layers.s4nd import S4ND
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-T (C, H=W) at 224
 
 
-def block_layer(C: int, L: int) -> S4ND:
+def block_layer(C: int, L: int, conv_mode: str = 'auto') -> S4ND:
     """The ConvNeXt-S4ND-T block layer (ImageNet config): DPLR, fourier, global kernel."""
     return S4ND(C, d_state=64, l_max=[L, L], dim=2, bidirectional=True, channels=1,
                 activation=None, final_act='none', linear=True, init='fourier', rank=1,
-                trank=1, n_ssm=1, dt_min=0.1, dt_max=1.0, lr=0.001)
+                trank=1, n_ssm=1, dt_min=0.1, dt_max=1.0, lr=0.001, conv_mode=conv_mode)
 
 
 def bench_pair(fns, repeat: int):
@@ -41,11 +42,13 @@ def main():
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--batch', type=int, nargs='+', default=[1, 8])
     p.add_argument('--repeat', type=int, default=7)
+    p.add_argument('--conv-mode', default='auto', choices=['auto', 'toeplitz', 'axes', 'outer'],
+                   help="S4ND evaluation: 'outer' is the official N-D FFT algorithm")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f'torch {torch.__version__}, CPU threads {torch.get_num_threads()}, '
-          f'best of {args.repeat}, times in ms.')
+          f'best of {args.repeat}, S4ND conv_mode={args.conv_mode!r}, times in ms.')
     print('fwd: inference (no_grad; S4ND reuses its cached kernel spectrum); '
           'fwd+kgen: forward with autograd on, kernel regenerated as in training; '
           'f+b: forward + backward (training step).')
@@ -53,7 +56,7 @@ def main():
           f'{"s4nd fwd+kgen":>13} {"ratio":>6} | {"conv f+b":>8} {"s4nd f+b":>8} {"ratio":>6}')
     for B in args.batch:
         for C, L in STAGES:
-            s4 = block_layer(C, L)
+            s4 = block_layer(C, L, args.conv_mode)
             conv = nn.Conv2d(C, C, 7, padding=3, groups=C)
             x = torch.randn(B, C, L, L)
             xg = x.clone().requires_grad_()

@@ -258,6 +258,65 @@ def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     return _cauchy_fwd(v, *_cauchy_matrices(z, w))
 
 
+def _cauchy_lr_fwd(Bs: Tensor, Cs: Tensor, r1: Tensor, r2: Tensor) -> Tuple[Tensor, Tensor]:
+    V = Bs.unsqueeze(-2) * Cs.unsqueeze(-3)  # (H, A, Bc, N)
+    H, A, Bc, N = V.shape
+    Vf = V.reshape(H, A * Bc, N)
+    r = torch.bmm(Vf, r1) + torch.bmm(Vf.conj(), r2)  # (H, A*Bc, Lf)
+    return r.view(H, A, Bc, -1), V
+
+
+class _CauchyOuter(torch.autograd.Function):
+    """:func:`cauchy_outer` with a hand-written backward, H-major contiguous layouts and
+    batched matmuls only (PyTorch's complex convention: conjugate Wirtinger gradients).
+
+    With ``V = Bs Cs`` and ``Q = g R1^* + g^* R2`` (summed over l): ``gBs = sum V-partner
+    Q Cs^*``, ``gCs = sum Q Bs^*``, ``gw = sum_{a,b} V^* (g R1^{*2} + g^* R2^2)``.
+    """
+
+    @staticmethod
+    def forward(ctx, Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        r1, r2 = _cauchy_matrices(z, w)
+        r, V = _cauchy_lr_fwd(Bs, Cs, r1, r2)
+        ctx.save_for_backward(Bs, Cs, V, r1, r2)
+        return r
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        Bs, Cs, V, r1, r2 = ctx.saved_tensors
+        H, A, Bc, N = V.shape
+        gf = g.reshape(H, A * Bc, -1)
+        gc = gf.conj()
+        gB = gC = gw = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            Q = (torch.bmm(gf, r1.conj().transpose(1, 2))
+                 + torch.bmm(gc, r2.transpose(1, 2))).view(H, A, Bc, N)  # grad wrt V
+            if ctx.needs_input_grad[0]:
+                gB = (Q * Cs.conj().unsqueeze(1)).sum(2)  # (H, A, N)
+                if Bs.dim() == 2:  # shared across H
+                    gB = gB.sum(0)
+            if ctx.needs_input_grad[1]:
+                gC = (Q * Bs.conj().unsqueeze(-2)).sum(1)  # (H, Bc, N)
+        if ctx.needs_input_grad[3]:
+            G = (torch.bmm(gf, (r1 * r1).conj().transpose(1, 2))
+                 + torch.bmm(gc, (r2 * r2).transpose(1, 2)))  # (H, A*Bc, N)
+            gw = (V.conj().reshape(H, A * Bc, N) * G).sum(1)
+        return gB, gC, None, gw
+
+
+def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    """Cauchy products of all pairs ``v = Bs[a] * Cs[b]`` (the S4 DPLR batch):
+    ``r[h, a, b, l] = sum_n v / (z_l - w_hn) + conj(v) / (z_l - conj(w_hn))``.
+
+    Bs (A, N) (shared over H) or (H, A, N); Cs (H, Bc, N); z (Lf,) constant; w (H, N).
+    Returns (H, A, Bc, Lf).
+    """
+    Bs, Cs, w = Bs.contiguous(), Cs.contiguous(), w.contiguous()
+    if torch.is_grad_enabled() and (Bs.requires_grad or Cs.requires_grad or w.requires_grad):
+        return _CauchyOuter.apply(Bs, Cs, z, w)
+    return _cauchy_lr_fwd(Bs, Cs, *_cauchy_matrices(z, w))[0]
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -511,22 +570,22 @@ class SSMKernelDPLR(SSMKernelDiag):
         base = torch.tensor(np.exp(-2j * np.pi / n), dtype=A.dtype, device=A.device)
         omega = base ** torch.arange(n // 2 + 1, device=A.device).to(A.dtype)
         z = 2 * (1 - omega) / (1 + omega)  # bilinear pre-image of the nodes
-        Bs = torch.cat([B, P], 0)  # (1+R, H, N)
+        Bs = torch.cat([B, P], 0)  # (1+R, S, N), S = 1 (shared) or H
         Cs = torch.cat([C, P.conj().expand(-1, C.shape[1], -1)], 0)  # (ch+R, H, N)
-        if Bs.shape[1] == 1:  # shared (n_ssm=1): einsum's backward avoids slow complex sums
-            v = torch.einsum('an,bhn->abhn', Bs[:, 0], Cs * dt)  # (1+R, ch+R, H, N)
-        else:
-            v = Bs[:, None] * (Cs * dt)[None]
-        r = cauchy(v, z, A * dt)  # (1+R, ch+R, H, Lf)
+        Bs = Bs[:, 0] if Bs.shape[1] == 1 else self._repeat(Bs, 1).transpose(0, 1)
+        # all (B|P) x (C|Q) Cauchy products, H-major: (H, 1+R, ch+R, Lf)
+        r = cauchy_outer(Bs, (Cs * dt).transpose(0, 1), z, A * dt)
         R = self.rank
-        if R == 1:
-            k_f = r[:-1, :-1] - r[:-1, -1:] * r[-1:, :-1] / (1 + r[-1:, -1:])
+        if R == 1:  # Woodbury: k = r00 - r01 r10 / (1 + r11)
+            k_f = r[:, :1, :-1] - r[:, :1, -1:] * r[:, 1:, :-1] / (1 + r[:, 1:, -1:])
         else:
-            r11 = r[-R:, -R:].permute(2, 3, 0, 1)  # (H, Lf, R, R)
+            r11 = r[:, -R:, -R:].permute(0, 3, 1, 2)  # (H, Lf, R, R)
             eye = torch.eye(R, dtype=r.dtype, device=r.device)
-            inv = torch.linalg.inv(eye + r11).permute(2, 3, 0, 1)
-            k_f = r[:-R, :-R] - torch.einsum('ijhl,jkhl,kmhl->imhl', r[:-R, -R:], inv, r[-R:, :-R])
-        k_f = k_f[0] * 2 / (1 + omega)  # (ch, H, Lf)
+            inv = torch.linalg.inv(eye + r11).permute(0, 2, 3, 1)  # (H, R, R, Lf)
+            k_f = r[:, :-R, :-R] - torch.einsum('hijl,hjkl,hkml->himl', r[:, :-R, -R:], inv,
+                                                r[:, -R:, :-R])
+        k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
+        k_f = k_f * 2 / (1 + omega)  # bilinear-transform correction
         K = torch.fft.irfft(k_f, n=n)[..., :L]
         if K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
             K = F.pad(K, (0, L - K.shape[-1]))
