@@ -168,8 +168,8 @@ class S4ND(nn.Module):
         return self.conv_mode in ('axes', 'toeplitz') or (
             self.conv_mode == 'auto' and self.trank == 1 and self.out_channels is None)
 
-    def _cached_spectrum(self, l_in: Sequence[int], rate: float):
-        """Kernel spectra, cached while no autograd graph is needed (inference).
+    def _cached_operators(self, l_in: Sequence[int], rate: float):
+        """Kernel operators, cached while no autograd graph is needed (inference).
 
         The key holds every parameter's storage and in-place version counter, so loading
         weights, optimizer steps, ``.to()`` or the lazy C~ conversion invalidate it.
@@ -188,6 +188,28 @@ class S4ND(nn.Module):
             self._spec_cache = cache = (key, spec)
         return cache[1]
 
+    def _conv(self, x: Tensor, rate: float) -> Tensor:
+        """Separable SSM convolution (+ D skip) of fp32/fp64 x (B, H, *L) -> (B, c, H|M, *L)."""
+        l_in = list(x.shape[2:])
+        ops, sizes = self._cached_operators(l_in, rate)
+        if self._separable:
+            return separable_conv(x, ops, self.D)  # D skip included
+        k_f = ops[0]
+        if x.dtype == torch.float64:
+            k_f = k_f.to(torch.complex128)
+        u_f = torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + self.dim)))  # (B, H, *F')
+        if self.out_channels is None:
+            y_f = u_f.unsqueeze(1) * k_f  # (B, c, H, *F')
+        else:  # dense: sum over input channels; '(i c)' with i = out_channels outermost
+            k_f = k_f.reshape(self.out_channels, self.channels, self.h, *k_f.shape[2:])
+            y_f = torch.einsum('bh...,ich...->bci...', u_f, k_f)  # (B, c, M, *F')
+        y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-self.dim, 0)))
+        y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
+        if self.out_channels is None:
+            y = y + x.unsqueeze(1) * self.D.to(y.dtype).reshape(
+                self.channels, self.h, *([1] * self.dim))
+        return y
+
     def forward(self, u: Tensor, rate: float = 1.0, state=None):
         """u: (B, H, *L) (or (B, *L, H) if not transposed). ``rate`` = training res / input res."""
         if state is not None:
@@ -198,26 +220,11 @@ class S4ND(nn.Module):
             raise ValueError(f'expected input (B, {self.h}, *L) with {self.dim} axes, '
                              f'got {tuple(u.shape)}')
         dtype = u.dtype
-        x = u if dtype == torch.float64 else u.float()  # fp16/bf16: the FFT runs in fp32
-        l_in = list(x.shape[2:])
-        spectra, sizes = self._cached_spectrum(l_in, rate)
-        if self._separable:
-            y = separable_conv(x, spectra, self.D)  # (B, c, H, *L), D skip included
-        else:
-            k_f = spectra[0] if len(spectra) == 1 else outer_spectrum(spectra)
-            if x.dtype == torch.float64:
-                k_f = k_f.to(torch.complex128)
-            u_f = torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + self.dim)))  # (B, H, *F')
-            if self.out_channels is None:
-                y_f = u_f.unsqueeze(1) * k_f  # (B, c, H, *F')
-            else:  # dense: sum over input channels; '(i c)' with i = out_channels outermost
-                k_f = k_f.reshape(self.out_channels, self.channels, self.h, *k_f.shape[2:])
-                y_f = torch.einsum('bh...,ich...->bci...', u_f, k_f)  # (B, c, M, *F')
-            y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-self.dim, 0)))
-            y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
-            if self.out_channels is None:
-                y = y + x.unsqueeze(1) * self.D.to(y.dtype).reshape(
-                    self.channels, self.h, *([1] * self.dim))
+        x = u if dtype == torch.float64 else u.float()  # fp16/bf16: computed in fp32
+        # the convolution stays in fp32 under autocast too (FFTs have no bf16; long
+        # kernels summed in half precision lose accuracy)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = self._conv(x, rate)  # (B, c, H|M, *L)
         y = y.flatten(1, 2).to(dtype)  # (B, c*H or c*M, *L)
         if not self.linear:
             y = self.output_linear(self.dropout(self.activation(y)))

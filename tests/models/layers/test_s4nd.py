@@ -231,3 +231,15 @@ def test_bad_arguments():
         S4ND(4, l_max=3, dim=4)
     with pytest.raises(ValueError, match='expected input'):
         S4ND(4, l_max=3, dim=2)(torch.randn(1, 4, 3))
+
+
+def test_autocast_keeps_fp32_convolution():
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[7, 7], dim=2, dt_min=0.1, dt_max=1.0)
+    u = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        ref = m(u)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = m(u)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref)
