@@ -243,3 +243,20 @@ def test_autocast_keeps_fp32_convolution():
             y = m(u)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize('mode', ['dplr', 'diag'])
+def test_unbounded_l_max_uses_input_length(mode):
+    torch.manual_seed(0)
+    m = S4ND(3, d_state=8, l_max=None, dim=2, mode=mode, dt_min=0.1, dt_max=1.0)
+    u = torch.randn(1, 3, 5, 9)
+    with torch.no_grad():
+        y = m(u)
+        fwd, bwd = _axis_kernels(m, (5, 9))
+        assert [k.shape[-1] for k in fwd] == [5, 9]
+        ref = conv_reference_nd(u.double(), [k.double() for k in fwd],
+                                [k.double() for k in bwd])[:, 0] + u.double() * m.D.double(
+                                )[0, :, None, None]
+    _close(y, ref.float(), rel=1e-5)
+    if mode == 'dplr':
+        assert [int(k.l_kernel) for k in m.kernel] == [5, 9]
