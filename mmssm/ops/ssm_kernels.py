@@ -493,9 +493,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         Pc = _conj(P)  # (R, H, 2N)
         Af = torch.diag_embed(_conj(A)) - torch.einsum('rhn,rhm->hnm', Pc, Pc.conj())
         eye = torch.eye(2 * self.N, dtype=dtype, device=A.device)
-        h = (dt[..., :1] if dt.shape[-1] == 1 else dt)  # dt tied: (H, 1)
-        if h.shape[-1] != 1:
-            raise ValueError('the DPLR kernel needs dt_tie=True')
+        if dt.shape[-1] != 1:
+            raise ValueError('the dense DPLR recurrence needs dt_tie=True')
+        h = dt  # (H, 1)
         back = eye - h[:, :, None] / 2 * Af
         dA = torch.linalg.solve(back, eye + h[:, :, None] / 2 * Af)
         dB = torch.linalg.solve(back, h * _conj(B[0]))
