@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _work(x: Tensor) -> Tensor:
@@ -89,7 +88,7 @@ def axis_spectra(kernels: Sequence[Tensor], sizes: Sequence[int],
 
 
 def outer_spectrum(spectra: Sequence[Tensor]) -> Tensor:
-    """Outer product of per-axis spectra: (..., F_0), ..., (..., F_{d-1}) -> (..., F_0, ..., F_{d-1})."""
+    """Outer product of per-axis factors: (.., F_0), .., (.., F_{d-1}) -> (.., F_0, .., F_{d-1})."""
     d = len(spectra)
     k_f = spectra[0]
     for i in range(1, d):

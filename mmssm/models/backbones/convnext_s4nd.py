@@ -385,7 +385,8 @@ class ConvNeXtS4ND3D(ConvNeXtS4ND):
                  temporal_strides: Sequence[int] = (1, 1, 1), layer_cfg: Optional[dict] = None,
                  **kwargs):
         if len(temporal_strides) != 3:
-            raise ValueError(f'temporal_strides needs 3 values (stages 1-3), got {temporal_strides}')
+            raise ValueError('temporal_strides needs 3 values (stages 1-3), '
+                             f'got {temporal_strides}')
         self.temporal_strides = list(temporal_strides)
         layer_cfg = dict(dict(contract_version=1), **(layer_cfg or {}))
         super().__init__(arch=arch, img_size=img_size, patch_size=patch_size,

@@ -25,7 +25,8 @@ def _activation(name: Optional[str], dim: int = 1) -> nn.Module:
     if name == 'glu':
         return nn.GLU(dim=dim)
     if name not in _ACTS:
-        raise ValueError(f"activation must be one of {sorted(map(str, _ACTS))} or 'glu', got {name!r}")
+        raise ValueError(f"activation must be one of {sorted(map(str, _ACTS))} or 'glu', "
+                         f'got {name!r}')
     return _ACTS[name]()
 
 

@@ -96,7 +96,8 @@ def test_other_resolution_through_rate():
     assert y_rate[0].shape == (1, 16, 16, 16) and y_rate[1].shape == (1, 40, 2, 2)
     assert not torch.allclose(y_rate[0], y_clip[0])
     blk = model.stages[0].blocks[0].conv_dw
-    assert blk.kernel_lengths([16, 16], 0.5) == [16, 16] and blk.kernel_lengths([16, 16], 1) == [8, 8]
+    assert blk.kernel_lengths([16, 16], 0.5) == [16, 16]
+    assert blk.kernel_lengths([16, 16], 1) == [8, 8]
     for k, v in model.state_dict().items():  # weights are neither resized nor changed
         assert torch.equal(v, sd[k]), k
 
