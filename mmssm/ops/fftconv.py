@@ -1,21 +1,25 @@
-"""N-D linear convolution by FFT with separable (per-axis) long kernels, and its reference.
+"""N-D linear convolution with separable (per-axis) long kernels, and its reference.
 
 This is the convolution core of S4ND (and of any 1-D/2-D/3-D "global" SSM conv):
 
-* every convolved axis is zero padded to an FFT size ``F >= L_in + L_k`` (no wrap-around),
-  picked with prime factors 2, 3, 5, 7 only (fast pocketfft/cuFFT radices; the result of a
-  linear convolution does not depend on F once it is large enough);
+* every convolved axis is zero padded to an FFT size ``F >= L_in + reach`` (no
+  wrap-around), picked with prime factors 2, 3, 5, 7 only (fast pocketfft/cuFFT radices;
+  a linear convolution does not depend on F once it is large enough);
 * real FFT on the last axis, complex FFT on the others;
-* kernels are separable: one 1-D kernel per axis. Their spectra are combined as an outer
-  product in frequency space, so the N-D kernel is never built in space;
+* kernels are separable: one 1-D kernel per axis. :func:`fftconv_nd` combines their
+  spectra as an outer product in frequency space (the official S4ND algorithm), so the
+  N-D kernel is never built in space; :func:`separable_conv` instead applies one 1-D
+  operator per axis: an FFT convolution, or a dense Toeplitz matmul for short axes
+  (:func:`axis_operators`), which is much faster on CPU for L up to a few hundred;
 * a kernel is causal (taps at offsets 0..L_k-1) or bidirectional: a causal half ``k_fwd``
   plus an anti-causal half ``k_bwd`` whose tap m sits at offset -(m+1) (this is how the
   official S4ND builds ``pad(k0, (0, L)) + pad(k1.flip(-1), (L, 0))``);
-* the kernel spectrum is computed once per call and broadcast over the batch;
+* the kernel operators are computed once per call and broadcast over the batch;
 * fp16/bf16 inputs are computed in fp32 (torch.fft has no bf16, and fp16 only for powers
   of two on CUDA) and cast back.
 
 Conventions: true convolution, ``y[t] = sum_s k[s] * u[t - s]`` per axis.
+:func:`conv_reference_nd` is the plain ``F.conv{1,2,3}d`` reference used by the tests.
 """
 from functools import lru_cache
 from typing import List, Optional, Sequence
@@ -23,7 +27,6 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def _work(x: Tensor) -> Tensor:
