@@ -203,3 +203,12 @@ def test_inflation_from_2d():
             c = kt[0, :, :t + 1].sum(-1) + kt[1, :, :T - 1 - t].sum(-1)  # (H,)
             torch.testing.assert_close(y3[:, :, t], c[None, :, None, None] * (y2 - Dx) + Dx,
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_non_square_odd_input():
+    """Detection/segmentation-style inputs: non-square, not a multiple of 32."""
+    torch.manual_seed(0)
+    model = ConvNeXtS4ND(img_size=32, out_indices=(0, 1, 2, 3), **SMALL_KW)
+    outs = model(torch.randn(1, 3, 70, 45))
+    assert [tuple(o.shape[2:]) for o in outs] == [(17, 11), (8, 5), (4, 2), (2, 1)]
+    assert all(torch.isfinite(o).all() for o in outs)
