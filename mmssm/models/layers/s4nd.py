@@ -1,9 +1,13 @@
 """S4ND: multi-axis global convolution with separable SSM kernels (Nguyen et al., 2022).
 
 One 1-D SSM kernel module per axis (``kernel.{axis}``); the N-D kernel is their outer
-product, formed in frequency space (``mmssm.ops.fftconv``). State-dict keys and shapes are
-those of state-spaces/s4 ``src/models/sequence/modules/s4nd.py``, so official weights load
-as they are, including DPLR ``C~``/``l_kernel`` pairs.
+product. It is never built in space: the official algorithm multiplies the per-axis spectra
+in frequency space (``conv_mode='outer'``); since the kernel is separable, the default
+applies one 1-D operator per axis instead (a Toeplitz matmul for short axes, an FFT
+convolution for long ones), which gives the same result several times faster on CPU
+(``mmssm.ops.fftconv``). State-dict keys and shapes are those of state-spaces/s4
+``src/models/sequence/modules/s4nd.py``, so official weights load as they are, including
+DPLR ``C~``/``l_kernel`` pairs.
 """
 from typing import Optional, Sequence, Tuple, Union
 
