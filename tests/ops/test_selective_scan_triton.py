@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CASE_IDS = ['g1_sp_last', 'L1_n16_g3', 'n1_g2_multichunk', 'n16_noDz_rev_chunks', 'constB_v2m',
             'constC_v2m_rev_chunks', 'constBC', 'bnl_mixed_groups', 'n3_padded_state_8ch',
-            'fp16', 'bf16_chunks', 'nan_propagates', 'noncontiguous']
+            'fp16', 'bf16_chunks', 'nan_propagates', 'noncontiguous', 'mixed_dtypes']
 
 triton = pytest.importorskip('triton')
 

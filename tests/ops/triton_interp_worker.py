@@ -66,6 +66,17 @@ def check_nan():
     assert torch.isfinite(out[0, 1]).all()
 
 
+def check_mixed_dtypes():
+    """Autocast-style mixed inputs: bf16 u, fp32 delta/B, fp16 C."""
+    inp = make_inputs(b=1, d=4, l=10, n=4, gB=2, gC=2)
+    inp = dict(inp, u=inp['u'].bfloat16(), C=inp['C'].half())
+    got = run_with_grads(selective_scan, inp, backend='triton', delta_softplus=True)
+    assert got[0].dtype == torch.bfloat16
+    for k, g in got[2].items():
+        assert g.dtype == inp[k].dtype, (k, g.dtype)
+    compare(got, ref64(inp, delta_softplus=True), 3e-2, 'mixed')
+
+
 def check_noncontiguous():
     inp = make_inputs(b=2, d=4, l=9, n=4, gB=2, gC=2)
     nc = {k: (None if v is None else v.transpose(0, -1).contiguous().transpose(0, -1))
@@ -76,7 +87,8 @@ def check_noncontiguous():
 
 def main(ids):
     res = {}
-    extra = {'nan_propagates': check_nan, 'noncontiguous': check_noncontiguous}
+    extra = {'nan_propagates': check_nan, 'noncontiguous': check_noncontiguous,
+             'mixed_dtypes': check_mixed_dtypes}
     for cid in ids:
         try:
             extra[cid]() if cid in extra else check(cid)
@@ -87,4 +99,5 @@ def main(ids):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:] or list(TRITON_CASES) + ['nan_propagates', 'noncontiguous'])
+    main(sys.argv[1:] or list(TRITON_CASES) + ['nan_propagates', 'noncontiguous',
+                                               'mixed_dtypes'])
