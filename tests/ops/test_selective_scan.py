@@ -96,6 +96,19 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(selective_scan(**nc, delta_softplus=True), want)
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+def test_mixed_input_dtypes(backend):
+    """Under autocast u may be bf16 while delta/B/C/z stay fp32 (or vice versa):
+    everything is computed in fp32; grads come back in each input's dtype."""
+    inp = make_inputs(b=2, d=4, l=9, n=4, gB=2, gC=2)
+    mixed = dict(inp, u=inp['u'].bfloat16(), C=inp['C'].half())
+    got = run_with_grads(selective_scan, mixed, backend=backend, delta_softplus=True)
+    assert got[0].dtype == torch.bfloat16
+    assert got[2]['u'].dtype == torch.bfloat16 and got[2]['C'].dtype == torch.float16
+    assert got[2]['delta'].dtype == torch.float32
+    compare(got, ref64(mixed, delta_softplus=True), 3e-2, f'mixed {backend}')
+
+
 def test_large_decay_is_exact():
     """dt*|A| up to ~1e3: a cumsum-of-exp ('ratio') scan would overflow to NaN."""
     inp = make_inputs(b=1, d=4, l=40, n=16, gB=1, gC=1, bias=False)
@@ -156,7 +169,8 @@ def _bad(**over):
 @pytest.mark.parametrize('over,err,msg', [
     (dict(u=torch.zeros(2, 4)), ValueError, r'u must be a \(b, d, l\)'),
     (dict(delta=torch.zeros(2, 4, 6)), ValueError, 'delta must have the shape of u'),
-    (dict(delta=torch.zeros(2, 4, 5, dtype=torch.float64)), TypeError, 'delta must have the dtype'),
+    (dict(delta=torch.zeros(2, 4, 5, dtype=torch.int32)), TypeError, 'delta must be float32/'),
+    (dict(z=torch.zeros(2, 4, 5, dtype=torch.bool)), TypeError, 'z must be float32/'),
     (dict(z=torch.zeros(2, 3, 5)), ValueError, 'z must have the shape of u'),
     (dict(A=torch.zeros(3, 3)), ValueError, r'A must be \(d=4'),
     (dict(A=torch.zeros(4, 3, dtype=torch.complex64)), TypeError, 'A must be a real'),
@@ -165,7 +179,8 @@ def _bad(**over):
     (dict(C=torch.zeros(4, 2)), ValueError, r'C constant must be \(d=4, n=3\)'),
     (dict(B=torch.zeros(3, 5)), ValueError, r'B constant must be'),
     (dict(B=torch.zeros(5)), ValueError, 'B must be'),
-    (dict(B=torch.zeros(2, 2, 3, 5, dtype=torch.float16)), TypeError, 'B must be float32 or'),
+    (dict(B=torch.zeros(2, 2, 3, 5, dtype=torch.int64)), TypeError, 'B must be float32/'),
+    (dict(D=torch.zeros(4, dtype=torch.int64)), TypeError, 'D must be float32/'),
     (dict(D=torch.zeros(3)), ValueError, r'D must be \(d=4,\)'),
     (dict(delta_bias=torch.zeros(4, 1)), ValueError, r'delta_bias must be \(d=4,\)'),
     (dict(u=torch.zeros(2, 4, 5, dtype=torch.int64)), TypeError, 'u must be float32'),
