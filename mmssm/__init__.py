@@ -4,16 +4,18 @@ Importing mmssm checks the installed versions against the tested matrix and
 makes mmengine load local checkpoints on torch>=2.6 (see
 :func:`mmssm.utils.compat._load_local_trusted`: local files are trusted) and
 write them atomically (:mod:`mmssm.utils.atomic_io`: a job killed while saving
-keeps its previous checkpoint and ``last_checkpoint``).
+keeps its previous checkpoint and ``last_checkpoint``), and makes an empty
+batch a clear error in every mmengine data preprocessor.
 """
 from .utils.atomic_io import install_atomic_checkpoint_writes
 from .utils.compat import (_warn_transformers, check_environment,
-                           install_checkpoint_loader)
+                           install_checkpoint_loader, install_empty_batch_check)
 from .version import __version__
 
 check_environment()
 _warn_transformers()
 install_checkpoint_loader()
 install_atomic_checkpoint_writes()
+install_empty_batch_check()
 
 __all__ = ['__version__']

@@ -90,3 +90,28 @@ def _warn_transformers() -> None:
             warnings.warn(f'transformers {t} breaks `import mmpretrain.models` (mmpretrain 1.2.0 '
                           'multimodal imports). Fix: pip uninstall transformers, or '
                           "pip install 'transformers<4.56'.")
+
+
+def install_empty_batch_check() -> None:
+    """Refuse a batch with no samples with a clear error (idempotent).
+
+    mmseg 1.2.2's SegDataPreProcessor indexes ``inputs[0]`` first and dies with an
+    IndexError on an empty batch; mmengine's stack_batch asserts. Every data
+    preprocessor of mmdet/mmseg passes the whole batch dict through
+    ``BaseDataPreprocessor.cast_data``, so the check goes there.
+    """
+    from mmengine.model import BaseDataPreprocessor
+    cast = BaseDataPreprocessor.cast_data
+    if getattr(cast, '_mmssm_empty_check', False):
+        return
+
+    def cast_data(self, data):
+        if isinstance(data, dict) and 'inputs' in data and hasattr(data['inputs'], '__len__') \
+                and len(data['inputs']) == 0:
+            raise ValueError(f'{type(self).__name__}: the batch is empty (0 inputs, '
+                             f'{len(data.get("data_samples") or [])} data samples); check the '
+                             'dataset filters and the sampler')
+        return cast(self, data)
+
+    cast_data._mmssm_empty_check = True
+    BaseDataPreprocessor.cast_data = cast_data

@@ -87,18 +87,19 @@ class SSMBackbone(BaseModule):
         return value
 
     @staticmethod
-    def check_input(x: Tensor, in_channels: int) -> None:
+    def check_input(x: Tensor, in_channels: int, spatial_dims: int = 2) -> None:
         """Clear errors for inputs that would crash deep inside or give a silent wrong result."""
-        if not isinstance(x, Tensor) or x.dim() != 4:
+        if not isinstance(x, Tensor) or x.dim() != 2 + spatial_dims:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f'input must be a (B, C, H, W) image batch, got {shape}')
-        B, C, H, W = x.shape
+            layout = '(B, C, H, W) image' if spatial_dims == 2 else '(B, C, T, H, W) video'
+            raise ValueError(f'input must be a {layout} batch, got {shape}')
+        B, C = x.shape[:2]
         if C != in_channels:
             raise ValueError(f'input has {C} channels but the backbone was built with '
                              f'in_channels={in_channels} (input shape {tuple(x.shape)})')
         if B == 0:
             raise ValueError(f'input batch is empty (shape {tuple(x.shape)})')
-        if H == 0 or W == 0:
+        if 0 in x.shape[2:]:
             raise ValueError(f'input image has zero size (shape {tuple(x.shape)})')
         if not x.is_floating_point():
             raise TypeError(f'input must be a floating tensor, got {x.dtype} '

@@ -248,6 +248,7 @@ class ConvNeXtS4ND(SSMBackbone):
         if downsample_type not in ('s4nd', 'conv'):
             raise ValueError(f"downsample_type must be 's4nd' or 'conv', got {downsample_type!r}")
         nd = self.spatial_dims
+        self.in_channels = in_channels
         self.img_size = self._tuple(img_size, 'img_size')
         patch = self._tuple(patch_size, 'patch_size')
         base = dict(S4ND_LAYER_CFG, **(layer_cfg or {}))
@@ -273,6 +274,10 @@ class ConvNeXtS4ND(SSMBackbone):
                                       downsample_glu, ls_init_value)
             self.stages.append(stage)
             size, prev = stage.out_size, dim
+        # every pooling floors: inputs below the total stride would give empty stages
+        self.total_stride = tuple(p * int(torch.tensor([self._stage_stride(i)[a]
+                                                         for i in range(1, 4)]).prod())
+                                  for a, p in enumerate(patch))
         self.out_indices = self.parse_out_indices(out_indices, 4)
         self.frozen_stages = self.check_frozen_stages(frozen_stages, 4)
         self.gap_before_final_norm = gap_before_final_norm
@@ -349,6 +354,11 @@ class ConvNeXtS4ND(SSMBackbone):
     def forward(self, x: Tensor, rate: Optional[float] = None) -> Tuple[Tensor, ...]:
         """x: (B, C, H, W). ``rate`` = training resolution / input resolution (default
         ``self.rate``); e.g. a 2x larger input with kernels that should cover it uses 0.5."""
+        self.check_input(x, self.in_channels, self.spatial_dims)
+        if any(n < s for n, s in zip(x.shape[2:], self.total_stride)):
+            raise ValueError(f'input size {tuple(x.shape[2:])} is smaller than the total stride '
+                             f'{self.total_stride} of {type(self).__name__}: the last stage '
+                             'would be empty (sizes are floored at each pooling, as ConvNeXt)')
         rate = self.rate if rate is None else rate
         x = self.stem(x, rate)
         outs = []
