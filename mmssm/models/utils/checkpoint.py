@@ -138,6 +138,10 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
     ckpt = read_checkpoint(checkpoint, map_location)
     sd = strip_prefix(unwrap_state_dict(ckpt, checkpoint_key), prefix)
     if convert is not None:
-        sd = convert(sd)
+        try:
+            sd = convert(sd)
+        except (ValueError, KeyError, RuntimeError) as e:  # e.g. a position embedding of another layout
+            raise RuntimeError(f'{checkpoint}: cannot convert it for {type(model).__name__} ({e}); '
+                               'is it a checkpoint of another model family or arch?') from e
     return load_backbone_weights(model, sd, min_coverage, ignore_missing,
                                  source=str(checkpoint))
