@@ -42,9 +42,11 @@ def main():
                 f'--amp needs optim_wrapper.type OptimWrapper, got {wrapper}')
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
-            # CPU autocast supports bf16 only; on GPU keep the fp16 default.
+            # CPU autocast supports bf16 only (mmengine's AmpOptimWrapper refuses CPU);
+            # on GPU keep the fp16 default.
             import torch
             if not torch.cuda.is_available():
+                cfg.optim_wrapper.type = 'mmssm.CPUAmpOptimWrapper'
                 cfg.optim_wrapper.setdefault('dtype', 'bfloat16')
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:

@@ -1,5 +1,7 @@
 """Optimizer constructors, hooks and model wrappers."""
+from .amp import CPUAmpOptimWrapper
 from .layer_decay import LayerDecayOptimWrapperConstructor
 from .wrappers import CPUFriendlyDistributedDataParallel
 
-__all__ = ['CPUFriendlyDistributedDataParallel', 'LayerDecayOptimWrapperConstructor']
+__all__ = ['CPUAmpOptimWrapper', 'CPUFriendlyDistributedDataParallel',
+           'LayerDecayOptimWrapperConstructor']

@@ -200,12 +200,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         last = u.new_zeros(b, d, A.shape[1], dtype=torch.float64 if u.dtype == torch.float64
                            else torch.float32)
         return (out, last) if return_last_state else out
-    if name == 'ref':
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  return_last_state, out_fp32, reverse)
-    if name == 'cpu':
-        from .selective_scan_cpu import selective_scan_chunked as fn
-    else:
-        from .selective_scan_triton import selective_scan_triton as fn
-    out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
+    # The backends cast to their fp32 work dtype themselves; an enclosing autocast must not
+    # push their matmuls/einsums (the C read-out of the state) back to bf16/fp16.
+    with torch.autocast(u.device.type, enabled=False):
+        if name == 'ref':
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      return_last_state, out_fp32, reverse)
+        if name == 'cpu':
+            from .selective_scan_cpu import selective_scan_chunked as fn
+        else:
+            from .selective_scan_triton import selective_scan_triton as fn
+        out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
     return (out, last) if return_last_state else out
