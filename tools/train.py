@@ -52,6 +52,10 @@ def main():
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
+    # resumed runs draw the same random numbers as uninterrupted ones
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(str(h.get('type', '')).endswith('RNGStateHook') for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type='mmssm.RNGStateHook')]
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from rel_common import NAMES, REPO, build, losses, run_train, tiny_env
+from rel_common import NAMES, build, losses, run_train
 
 import mmssm.ops
 from mmssm.models.layers.s4nd import S4ND
@@ -117,11 +117,6 @@ AMP_CONFIGS = {
 }
 
 
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    return tiny_env(tmp_path_factory.mktemp('tiny'))
-
-
 def _amp_run(task, env, work_dir, iters):
     log = run_train(AMP_CONFIGS[task], work_dir, env, iters, '--amp', ckpt_interval=iters,
                     val=iters > 10)  # the short runs skip validation (COCO eval is slow)
@@ -135,14 +130,14 @@ def _amp_run(task, env, work_dir, iters):
 
 
 @pytest.mark.parametrize('task', list(AMP_CONFIGS))
-def test_amp_tool_run_short(task, env, tmp_path):
-    _amp_run(task, env, tmp_path, 3)
+def test_amp_tool_run_short(task, tiny_data_env, tmp_path):
+    _amp_run(task, tiny_data_env, tmp_path, 3)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('task', list(AMP_CONFIGS))
-def test_amp_tool_run_200_iterations(task, env, tmp_path):
-    got = _amp_run(task, env, tmp_path, 200)
+def test_amp_tool_run_200_iterations(task, tiny_data_env, tmp_path):
+    got = _amp_run(task, tiny_data_env, tmp_path, 200)
     first = sum(float(got[i]) for i in range(1, 11)) / 10
     last = sum(float(got[i]) for i in range(191, 201)) / 10
     assert last < first, (first, last)  # it also learns something
