@@ -5,7 +5,7 @@ from rel_common import losses, run_train, tiny_env
 # A classification run whose training consumes torch RNG (drop path) and numpy RNG (random
 # crops/flips), checkpoints every 4 iterations; long enough to be killed in the middle.
 REF_CONFIG = 'configs/vim/vim_in1k_tiny.py'
-REF_ITERS = 40
+REF_ITERS = 24
 REF_OPTIONS = ('model.backbone.drop_path_rate=0.3', )
 
 

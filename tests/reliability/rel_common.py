@@ -67,10 +67,11 @@ def tiny_env(root: Path) -> dict:
 def train_cmd(config: str, work_dir: Path, iters: int, *extra: str, ckpt_interval: int = 4,
               options: Tuple[str, ...] = (), val: bool = True) -> List[str]:
     """tools/train.py on the tiny data: seed 0, deterministic, every checkpoint kept;
-    validation once at the end (or never with ``val=False``)."""
-    val_interval = iters if val else 10 ** 6
+    validation once at the end (none with ``val=False``)."""
+    no_val = () if val else ('val_cfg=None', 'val_dataloader=None', 'val_evaluator=None')
     return [sys.executable, 'tools/train.py', config, '--work-dir', str(work_dir),
-            '--cfg-options', f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={val_interval}',
+            '--cfg-options', f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+            *no_val,
             f'default_hooks.checkpoint.interval={ckpt_interval}',
             'default_hooks.checkpoint.max_keep_ckpts=100', 'randomness.seed=0',
             'randomness.deterministic=True', *options, *extra]
