@@ -69,6 +69,20 @@ def test_bad_images_raise_clear_errors(name, case, make, err, msg):
         m(make())
 
 
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+@pytest.mark.parametrize('name', NAMES)
+def test_nan_inf_pixels_propagate(name, bad):
+    """A corrupt pixel must show up in the features (never a silently finite result, never a
+    hang); the other sample of the batch stays finite."""
+    m = build(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    x[0, 1, 5, 7] = bad
+    with torch.no_grad():
+        outs = m(x)
+    assert not torch.isfinite(outs[-1][0]).all()
+    assert all(torch.isfinite(o[1]).all() for o in outs)
+
+
 def test_convnext_s4nd_input_below_total_stride_is_refused():
     with pytest.raises(ValueError, match=r'smaller than the total stride \(32, 32\)'):
         build('convnext_s4nd')(torch.randn(1, 3, 37, 29))
