@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_env(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny')
     subprocess.run([sys.executable, str(REPO / 'tools/misc/make_tiny_datasets.py'), '--out',
-                    str(root), '--tasks', 'coco', 'ade', 'imagenet'], check=True)
+                    str(root), '--tasks', 'coco', 'ade', 'imagenet', 'video'], check=True)
     env = dict(os.environ, MMSSM_TINY_DATA=str(root), PYTHON=sys.executable)
     env['PYTHONPATH'] = f'{REPO}{os.pathsep}{env.get("PYTHONPATH", "")}'
     return env
@@ -38,8 +38,11 @@ def train(config, work_dir, env, iters, *extra):
     ('configs/mask_rcnn/v2m_s_1x_tiny.py', r'coco/bbox_mAP: [\d.]+ .*coco/segm_mAP: [\d.]+'),
     ('configs/upernet/v2m_s_tiny.py', r'mIoU: [\d.]+'),
     ('configs/vim/vim_in1k_tiny.py', r'accuracy/top1: [\d.]+'),
+    ('configs/video/convnext_s4nd_3d_hmdb51_tiny.py', r'acc/top1: [\d.]+'),
 ])
 def test_train_then_test(config, metric, tiny_env, tmp_path):
+    if 'video' in config:
+        pytest.importorskip('mmaction', reason='video configs need WITH_VIDEO=1 make setup')
     log = train(config, tmp_path, tiny_env, 2)
     assert re.search(r'Iter\(train\) \[2/2\]', log)
     assert (tmp_path / 'iter_2.pth').exists()
