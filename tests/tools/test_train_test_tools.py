@@ -36,6 +36,7 @@ def train(config, work_dir, env, iters, *extra):
 
 @pytest.mark.parametrize('config,metric', [
     ('configs/mask_rcnn/v2m_s_1x_tiny.py', r'coco/bbox_mAP: [\d.]+ .*coco/segm_mAP: [\d.]+'),
+    ('configs/mask_rcnn/vim_t_1x_tiny.py', r'coco/bbox_mAP: [\d.]+ .*coco/segm_mAP: [\d.]+'),
     ('configs/upernet/v2m_s_tiny.py', r'mIoU: [\d.]+'),
     ('configs/vim/vim_in1k_tiny.py', r'accuracy/top1: [\d.]+'),
     ('configs/video/convnext_s4nd_3d_hmdb51_tiny.py', r'acc/top1: [\d.]+'),
