@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _tm(x: Tensor, wd: torch.dtype, reverse: bool, lp: int) -> Tensor:
@@ -196,6 +197,7 @@ class _ChunkedScanFn(torch.autograd.Function):
         return out, hs[-1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
         softplus, reverse, T, wd = ctx.cfg
@@ -241,7 +243,8 @@ class _ChunkedScanFn(torch.autograd.Function):
         ddt.addcmul_(ddtu, uu)
         if softplus:
             ddt.mul_(torch.sigmoid(raw))
-        ddb = ddt[:l].sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None and need[7] else None
+        ddb = (ddt[:l].sum((0, 1)).to(delta_bias.dtype)
+               if delta_bias is not None and need[7] else None)
         return (_from_tm(du, reverse, l).to(u.dtype), _from_tm(ddt, reverse, l).to(delta.dtype),
                 dA, dB, dC, dD,
                 _from_tm(dz, reverse, l).to(z.dtype) if dz is not None else None, ddb,
