@@ -290,7 +290,8 @@ def main():
         for backend, r in rows.items():
             line = (f'{desc:34s} {backend:12s} {r["fwd_ms"]:9.2f} {r["fwdbwd_ms"]:9.2f} '
                     f'{r["fwd_mb"]:8.1f} {r["fwdbwd_mb"]:8.1f} '
-                    f'{base["fwd_ms"] / r["fwd_ms"]:7.1f} {base["fwdbwd_ms"] / r["fwdbwd_ms"]:7.1f}')
+                    f'{base["fwd_ms"] / r["fwd_ms"]:7.1f} '
+                    f'{base["fwdbwd_ms"] / r["fwdbwd_ms"]:7.1f}')
             if device == 'cuda':
                 if mamba:
                     line += (f' {mamba["fwd_ms"] / r["fwd_ms"]:7.2f}'
