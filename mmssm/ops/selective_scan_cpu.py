@@ -177,7 +177,8 @@ class _ChunkedScanFn(torch.autograd.Function):
         l = u.shape[-1]
         T = min(chunk or default_chunk(l, u.shape[0] * u.shape[1] * A.shape[1]), l)
         lp = -(-l // T) * T
-        with torch.no_grad():
+        # autocast would run the contractions (bmm) in bf16/fp16: the state is fp32
+        with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
             dt, uu, A_, Bt, Ct, dtu, _ = _prep(u, delta, A, B, C, delta_bias, softplus,
                                                reverse, wd, lp)
             a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n); padding: a = 1, bu = 0
@@ -199,6 +200,11 @@ class _ChunkedScanFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlast):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _ChunkedScanFn._backward(ctx, dout, dlast)
+
+    @staticmethod
+    def _backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
         softplus, reverse, T, wd = ctx.cfg
         need = ctx.needs_input_grad
