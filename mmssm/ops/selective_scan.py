@@ -13,7 +13,8 @@ input-dependent (b, g, n, l) with g groups dividing d (channel c uses group
 c // (d // g)); a (b, n, l) tensor is read as g = 1. B and C may use different
 group counts (e.g. V2M: constant B, input-dependent C). D, delta_bias (d,).
 The state and all accumulation are fp32 (fp64 for fp64 u) whatever the input
-dtypes (which may differ, e.g. under autocast); the output takes u's dtype unless ``out_fp32`` (VMamba "oflex").
+dtypes (which may differ, e.g. under autocast); the output takes u's dtype
+unless ``out_fp32`` (VMamba "oflex").
 ``reverse=True`` scans from t = l-1 down to 0 (same result as flipping every
 time axis, scanning and flipping the output back, without the copies): Vim's
 backward direction.
