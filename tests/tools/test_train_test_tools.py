@@ -74,3 +74,6 @@ def test_dist_train_two_gloo_processes(tiny_env, tmp_path):
     assert re.search(r'Iter\(train\) \[2/2\]', log)
     assert re.search(r'accuracy/top1: [\d.]+', log)
     assert (tmp_path / 'iter_2.pth').exists()
+    log = run(['bash', 'tools/dist_test.sh', 'configs/vim/vim_in1k_tiny.py',
+               str(tmp_path / 'iter_2.pth'), '2', '--work-dir', str(tmp_path)], env)
+    assert re.search(r'Iter\(test\).*accuracy/top1: [\d.]+', log)
