@@ -188,13 +188,56 @@ def roofline_gbs(shape, batch, dtype, fwd_ms, fwdbwd_ms):
     return fwd / fwd_ms / 1e6, (fwd + bwd) / fwdbwd_ms / 1e6
 
 
+def plain_cross_scan(x):
+    """Autograd-through-ops baseline (stack / transpose / flip)."""
+    row, col = x.flatten(2), x.transpose(2, 3).flatten(2)
+    return torch.stack([row, col, row.flip(-1), col.flip(-1)], dim=1)
+
+
+def plain_cross_merge(y, h, w):
+    b, _, c, l = y.shape
+    col = (y[:, 1] + y[:, 3].flip(-1)).view(b, c, w, h).transpose(2, 3).reshape(b, c, l)
+    return y[:, 0] + y[:, 2].flip(-1) + col
+
+
+def bench_scan_order(batch, device, dtype):
+    """VMamba-T stage-1 grid (b, 96, 56, 56): cross_scan -> cross_merge, fwd and fwd+bwd."""
+    from mmssm.ops import cross_merge, cross_scan
+    h = w = 56
+    x = torch.randn(batch, 96, h, w, device=device, dtype=dtype)
+    impls = {'plain autograd': (plain_cross_scan, plain_cross_merge),
+             'torch Function': (lambda t: cross_scan(t, backend='torch'),
+                                lambda t, a, b: cross_merge(t, a, b, backend='torch'))}
+    if device == 'cuda':
+        impls['triton'] = (lambda t: cross_scan(t, backend='triton'),
+                           lambda t, a, b: cross_merge(t, a, b, backend='triton'))
+    print(f'\ncross_scan + cross_merge on {(batch, 96, h, w)} {dtype}:')
+    for name, (scan, merge) in impls.items():
+        xi = x.clone().requires_grad_()
+        times = []
+        for grad in (False, True):
+            best = float('inf')
+            for _ in range(5):
+                _sync(device)
+                t = time.perf_counter()
+                with torch.set_grad_enabled(grad):
+                    out = merge(scan(xi if grad else x), h, w)
+                    if grad:
+                        out.backward(torch.ones_like(out))
+                _sync(device)
+                best = min(best, time.perf_counter() - t)
+            times.append(best * 1e3)
+        print(f'  {name:16s} fwd {times[0]:8.2f} ms   fwd+bwd {times[1]:8.2f} ms')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--batch', type=int, default=None,
                     help='images per batch (default 1 on CPU, 64 on GPU)')
-    ap.add_argument('--shapes', default=','.join(SHAPES))
+    ap.add_argument('--shapes', default=','.join(SHAPES), help="comma list, or 'none'")
     ap.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     ap.add_argument('--skip-slow', action='store_true', help='skip ref (materialised stays)')
+    ap.add_argument('--no-scan-order', action='store_true', help='skip the cross-scan section')
     ap.add_argument('--worker', nargs=3, metavar=('SHAPE', 'BACKEND', 'MODE'),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -215,7 +258,7 @@ def main():
     if device == 'cuda':
         hdr += f' {"xm fwd":>7s} {"xm f+b":>7s}  GB/s fwd  GB/s f+b'
     print(hdr)
-    for shape in args.shapes.split(','):
+    for shape in [s for s in args.shapes.split(',') if s and s != 'none']:
         rows = {}
         for backend in available(device):
             if args.skip_slow and backend == 'ref':
@@ -247,7 +290,8 @@ def main():
         for backend, r in rows.items():
             line = (f'{desc:34s} {backend:12s} {r["fwd_ms"]:9.2f} {r["fwdbwd_ms"]:9.2f} '
                     f'{r["fwd_mb"]:8.1f} {r["fwdbwd_mb"]:8.1f} '
-                    f'{base["fwd_ms"] / r["fwd_ms"]:7.1f} {base["fwdbwd_ms"] / r["fwdbwd_ms"]:7.1f}')
+                    f'{base["fwd_ms"] / r["fwd_ms"]:7.1f} '
+                    f'{base["fwdbwd_ms"] / r["fwdbwd_ms"]:7.1f}')
             if device == 'cuda':
                 if mamba:
                     line += (f' {mamba["fwd_ms"] / r["fwd_ms"]:7.2f}'
@@ -261,6 +305,8 @@ def main():
     if device == 'cuda':
         print('xm: speed-up over mamba_ssm\'s CUDA kernel; GB/s: compulsory bytes / time '
               '(H100 copy ~3.0 TB/s, performance.md §3).')
+    if not args.no_scan_order:
+        bench_scan_order(batch, device, dtype)
 
 
 if __name__ == '__main__':

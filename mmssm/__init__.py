@@ -9,7 +9,8 @@ batch a clear error in every mmengine data preprocessor.
 """
 from .utils.atomic_io import install_atomic_checkpoint_writes
 from .utils.compat import (_warn_transformers, check_environment,
-                           install_checkpoint_loader, install_empty_batch_check)
+                           install_checkpoint_loader, install_empty_batch_check,
+                           install_mmaction_drn_fix)
 from .version import __version__
 
 check_environment()
@@ -17,5 +18,6 @@ _warn_transformers()
 install_checkpoint_loader()
 install_atomic_checkpoint_writes()
 install_empty_batch_check()
+install_mmaction_drn_fix()
 
 __all__ = ['__version__']

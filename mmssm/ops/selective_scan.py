@@ -13,7 +13,8 @@ input-dependent (b, g, n, l) with g groups dividing d (channel c uses group
 c // (d // g)); a (b, n, l) tensor is read as g = 1. B and C may use different
 group counts (e.g. V2M: constant B, input-dependent C). D, delta_bias (d,).
 The state and all accumulation are fp32 (fp64 for fp64 u) whatever the input
-dtypes (which may differ, e.g. under autocast); the output takes u's dtype unless ``out_fp32`` (VMamba "oflex").
+dtypes (which may differ, e.g. under autocast); the output takes u's dtype
+unless ``out_fp32`` (VMamba "oflex").
 ``reverse=True`` scans from t = l-1 down to 0 (same result as flipping every
 time axis, scanning and flipping the output back, without the copies): Vim's
 backward direction.
@@ -200,15 +201,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         last = u.new_zeros(b, d, A.shape[1], dtype=torch.float64 if u.dtype == torch.float64
                            else torch.float32)
         return (out, last) if return_last_state else out
-    # The backends cast to their fp32 work dtype themselves; an enclosing autocast must not
-    # push their matmuls/einsums (the C read-out of the state) back to bf16/fp16.
-    with torch.autocast(u.device.type, enabled=False):
-        if name == 'ref':
-            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      return_last_state, out_fp32, reverse)
-        if name == 'cpu':
-            from .selective_scan_cpu import selective_scan_chunked as fn
-        else:
-            from .selective_scan_triton import selective_scan_triton as fn
-        out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
+    if name == 'ref':
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, out_fp32, reverse)
+    if name == 'cpu':
+        from .selective_scan_cpu import selective_scan_chunked as fn
+    else:
+        from .selective_scan_triton import selective_scan_triton as fn
+    out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
     return (out, last) if return_last_state else out

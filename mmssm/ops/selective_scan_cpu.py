@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _tm(x: Tensor, wd: torch.dtype, reverse: bool, lp: int) -> Tensor:
@@ -176,7 +177,8 @@ class _ChunkedScanFn(torch.autograd.Function):
         l = u.shape[-1]
         T = min(chunk or default_chunk(l, u.shape[0] * u.shape[1] * A.shape[1]), l)
         lp = -(-l // T) * T
-        with torch.no_grad():
+        # autocast would run the contractions (bmm) in bf16/fp16: the state is fp32
+        with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
             dt, uu, A_, Bt, Ct, dtu, _ = _prep(u, delta, A, B, C, delta_bias, softplus,
                                                reverse, wd, lp)
             a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n); padding: a = 1, bu = 0
@@ -196,7 +198,13 @@ class _ChunkedScanFn(torch.autograd.Function):
         return out, hs[-1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlast):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _ChunkedScanFn._backward(ctx, dout, dlast)
+
+    @staticmethod
+    def _backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
         softplus, reverse, T, wd = ctx.cfg
         need = ctx.needs_input_grad
@@ -241,7 +249,8 @@ class _ChunkedScanFn(torch.autograd.Function):
         ddt.addcmul_(ddtu, uu)
         if softplus:
             ddt.mul_(torch.sigmoid(raw))
-        ddb = ddt[:l].sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None and need[7] else None
+        ddb = (ddt[:l].sum((0, 1)).to(delta_bias.dtype)
+               if delta_bias is not None and need[7] else None)
         return (_from_tm(du, reverse, l).to(u.dtype), _from_tm(ddt, reverse, l).to(delta.dtype),
                 dA, dB, dC, dD,
                 _from_tm(dz, reverse, l).to(z.dtype) if dz is not None else None, ddb,

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _INTERPRET = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 # fp32 elements per (BLOCK_D, BLOCK_L, BLOCK_N) tile; the backward keeps ~8 such
@@ -318,6 +319,7 @@ class _TritonScanFn(torch.autograd.Function):
         return out, x[:, :, -1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlast):
         u, delta, A32, Bc, Cc, D32, z, bias32, x = ctx.saved_tensors
         (softplus, reverse, (bd, bl, bn), (b_const, gB, dgB), (c_const, gC, dgC),

@@ -109,6 +109,23 @@ def test_mixed_input_dtypes(backend):
     compare(got, ref64(mixed, delta_softplus=True), 3e-2, f'mixed {backend}')
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+def test_autocast_keeps_fp32_math(backend):
+    """Under CPU bf16 autocast the contractions must not drop to bf16."""
+    inp = make_inputs(b=2, d=8, l=30, n=16, gB=1, gC=None)
+    x = {k: (None if v is None else v.clone().requires_grad_()) for k, v in inp.items()}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = selective_scan(**x, delta_softplus=True, backend=backend)
+        out.sum().backward()
+    assert out.dtype == torch.float32
+    x64 = {k: (None if v is None else v.double().requires_grad_()) for k, v in inp.items()}
+    want = selective_scan_ref(**x64, delta_softplus=True)
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias'):
+        torch.testing.assert_close(x[k].grad.double(), x64[k].grad, rtol=1e-4, atol=1e-4)
+
+
 def test_large_decay_is_exact():
     """dt*|A| up to ~1e3: a cumsum-of-exp ('ratio') scan would overflow to NaN."""
     inp = make_inputs(b=1, d=4, l=40, n=16, gB=1, gC=1, bias=False)
@@ -201,3 +218,18 @@ def test_forward_only_matches_across_flag_grid():
                                             for k, v in inp.items()}, **kw)
         torch.testing.assert_close(out.double(), rout, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(last.double(), rlast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [
+    (1, 8, 197, 16, 1),  # Vim-T length, S4D-real A: default chunking (several chunks)
+    (1, 8, 3136, 1, 4),  # VMamba-T stage-1 length (N = 1, g = 4)
+])
+def test_realistic_lengths_default_chunking(shape):
+    """Trained-model magnitudes: A = -(1..N), dt = softplus(~-4.6 + noise)."""
+    b, d, l, n, g = shape
+    inp = make_inputs(b=b, d=d, l=l, n=n, gB=g, gC=g, dt_scale=1.0)
+    inp['A'] = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)
+    inp['delta'] = inp['delta'] - 3.6
+    compare(run_with_grads(selective_scan, inp, backend='cpu', delta_softplus=True,
+                           return_last_state=True),
+            ref64(inp, delta_softplus=True, return_last_state=True), 2e-5, f'{shape}')

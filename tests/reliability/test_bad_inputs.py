@@ -134,7 +134,7 @@ def test_unknown_option_values_list_valid_ones(make, msg):
 
 INCONSISTENT_ARCH = [
     (lambda: Vim(arch=dict(embed_dims=16)), r"lacks \['num_layers'\]"),
-    (lambda: Vim(arch=dict(embed_dims=16, num_layers=2, depth=3)), r"unknown arch keys \['depth'\]"),
+    (lambda: Vim(arch=dict(embed_dims=16, num_layers=2, depth=3)), r"unknown arch key.*'depth'"),
     (lambda: Vim(arch=dict(embed_dims=0, num_layers=2)), 'embed_dims=0 must be an int >= 1'),
     (lambda: Vim(arch=dict(embed_dims=16, num_layers=0)), 'num_layers=0 must be an int >= 1'),
     (lambda: Vim(arch=dict(embed_dims='16', num_layers=1)), "embed_dims='16' must be an int"),
