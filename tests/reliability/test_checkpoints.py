@@ -71,7 +71,8 @@ def test_low_coverage_needs_opt_in(name, load, tmp_path):
     keys = list(sd)
     kept = {k: sd[k] for k in keys[:int(len(keys) * 0.7)]}  # 70% < 90%
     torch.save(kept, tmp_path / 'part.pth')
-    with pytest.raises(RuntimeError, match=r'only [67]\d\.\d% of the backbone keys.*min_coverage=0'):
+    with pytest.raises(RuntimeError, match=r'only [67]\d\.\d% of the backbone keys.*'
+                                           'min_coverage=0'):
         load(name, tmp_path / 'part.pth')
     m, report = load(name, tmp_path / 'part.pth', min_coverage=0.0)  # opted in: loads what is there
     for k, v in kept.items():
@@ -112,8 +113,8 @@ def test_checkpoint_key_and_prefix_errors(tmp_path):
     sd = build('vim').state_dict()
     torch.save(dict(model=sd), tmp_path / 'a.pth')
     m = _pretrained('vim', tmp_path / 'a.pth', checkpoint_key='model_ema')
-    with pytest.raises(KeyError, match="checkpoint_key='model_ema' is not in the checkpoint; it has "
-                                       r"\['model'\]"):
+    with pytest.raises(KeyError, match="checkpoint_key='model_ema' is not in the checkpoint; "
+                                       r"it has \['model'\]"):
         m.init_weights()
     m = _pretrained('vim', tmp_path / 'a.pth', prefix='encoder')
     with pytest.raises(KeyError, match="prefix='encoder.' matches no key"):

@@ -107,9 +107,11 @@ class Vim(SSMBackbone):
         s = self.arch_settings = self.parse_arch(arch)
         for key in ('embed_dims', 'num_layers', 'd_state', 'expand', 'd_conv'):
             if key in s and not (isinstance(s[key], int) and s[key] >= 1):
-                raise ValueError(f'{type(self).__name__}: arch {key}={s[key]!r} must be an int >= 1')
+                raise ValueError(f'{type(self).__name__}: arch {key}={s[key]!r} must be an '
+                                 'int >= 1')
         if interpolate_mode not in self.INTERPOLATE_MODES:
-            raise ValueError(f'interpolate_mode={interpolate_mode!r}; valid: {self.INTERPOLATE_MODES}')
+            raise ValueError(f'interpolate_mode={interpolate_mode!r}; '
+                             f'valid: {self.INTERPOLATE_MODES}')
         if not (isinstance(in_channels, int) and in_channels >= 1):
             raise ValueError(f'in_channels={in_channels!r} must be an int >= 1')
         self.check_rate('drop_rate', drop_rate)

@@ -140,7 +140,7 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
     if convert is not None:
         try:
             sd = convert(sd)
-        except (ValueError, KeyError, RuntimeError) as e:  # e.g. a position embedding of another layout
+        except (ValueError, KeyError, RuntimeError) as e:  # e.g. a pos_embed of another layout
             raise RuntimeError(f'{checkpoint}: cannot convert it for {type(model).__name__} ({e}); '
                                'is it a checkpoint of another model family or arch?') from e
     return load_backbone_weights(model, sd, min_coverage, ignore_missing,
