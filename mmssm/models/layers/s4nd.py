@@ -126,6 +126,10 @@ class S4ND(nn.Module):
         self.conv_mode, self.toeplitz_max = conv_mode, toeplitz_max
 
         self.D = nn.Parameter(torch.randn(channels, d_model))
+        if out_channels is not None:
+            # The dense mode has no skip term (official), but keeps D for its key layout;
+            # without grad, DDP does not wait for a gradient that never comes.
+            self.D.requires_grad_(False)
         k_channels = channels * (out_channels or 1) * trank * (2 if bidirectional else 1)
         self.kernel = nn.ModuleList([
             KERNELS[kernel](d_model=d_model, d_state=d_state, l_max=L, channels=k_channels,

@@ -260,3 +260,12 @@ def test_unbounded_l_max_uses_input_length(mode):
     _close(y, ref.float(), rel=1e-5)
     if mode == 'dplr':
         assert [int(k.l_kernel) for k in m.kernel] == [5, 9]
+
+
+def test_dense_mode_has_no_trainable_unused_parameter():
+    """Every trainable parameter gets a gradient (DDP without find_unused_parameters)."""
+    layer = S4ND(d_model=3, d_state=8, l_max=[8, 8], dim=2, out_channels=4)
+    layer(torch.randn(2, 3, 8, 8)).sum().backward()
+    unused = [n for n, p in layer.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+    assert 'D' in layer.state_dict()  # official key layout kept
