@@ -59,7 +59,8 @@ def _no_sync_bn(node: Any) -> None:
 
 def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cpu',
                 pretrained: bool = False) -> nn.Module:
-    """Build ``cfg.model`` in its task library, load ``checkpoint``, eval mode.
+    """Build ``cfg.model`` in its task library, load ``checkpoint`` (else run
+    ``init_weights``: the model "before training"), eval mode.
 
     Backbone ``init_cfg`` Pretrained entries are dropped unless ``pretrained``
     (the tools need no weights; they would otherwise fail on a missing file).
@@ -79,7 +80,9 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cp
     model = registry.build(model_cfg)
     if checkpoint:
         from mmengine.runner import load_checkpoint
-        load_checkpoint(model, checkpoint, map_location='cpu')
+        load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
+    elif hasattr(model, 'init_weights'):
+        model.init_weights()
     return model.to(device).eval()
 
 
@@ -153,6 +156,38 @@ def num_classes_of(cfg: Config) -> int:
         return int(m.roi_head.bbox_head.num_classes)
     except (AttributeError, KeyError, TypeError):
         return 3
+
+
+def find_images(folder: Optional[str], limit: int) -> List[str]:
+    """Up to ``limit`` image files under ``folder`` (recursive, sorted)."""
+    import glob
+    if not folder or not osp.isdir(folder):
+        return []
+    exts = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+    files = sorted(f for f in glob.glob(osp.join(folder, '**', '*'), recursive=True)
+                   if f.lower().endswith(exts))
+    return files[:limit]
+
+
+def default_image_dir() -> str:
+    """The tiny ImageNet-style val folder (tools/misc/make_tiny_datasets.py)."""
+    import os
+    root = os.environ.get('MMSSM_TINY_DATA', osp.join(REPO, 'data', 'tiny'))
+    return osp.join(root, 'imagenet', 'val')
+
+
+def load_images(files: Sequence[str], h: int, w: int, cfg: Optional[Config] = None) -> Tensor:
+    """Resize to (h, w) and normalise like the config's data preprocessor
+    (ImageNet mean/std, RGB by default) -> (n, 3, h, w)."""
+    import numpy as np
+    from PIL import Image
+    pre = (cfg.get('data_preprocessor') or cfg.model.get('data_preprocessor') or {}) if cfg else {}
+    mean = torch.tensor(pre.get('mean', [123.675, 116.28, 103.53])).view(1, 3, 1, 1)
+    std = torch.tensor(pre.get('std', [58.395, 57.12, 57.375])).view(1, 3, 1, 1)
+    imgs = [np.asarray(Image.open(f).convert('RGB').resize((w, h), Image.BILINEAR))
+            for f in files]
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+    return (x - mean) / std
 
 
 def backbone_stage_outputs(model: nn.Module, inputs: Tensor) -> Sequence[Tensor]:
