@@ -77,3 +77,15 @@ def test_stability_mode(tiny_root, tmp_path):
     for s in (32, 96):
         assert -1 <= float(rows[s]['cos_sim_mean']) < 0.9999
     check_png(tmp_path / 'resolution_sweep.png')
+
+
+def test_model_gets_the_configs_data_preprocessor():
+    """mmpretrain configs keep data_preprocessor at the top level (the Runner
+    merges it into the model); without it predictions use unnormalised pixels."""
+    import torch
+    from _model_utils import build_model, load_config
+    cfg = load_config(str(REPO / 'configs/vim/vim_in1k_tiny.py'))
+    model = build_model(cfg, init=False)
+    mean = torch.tensor(cfg.data_preprocessor.mean).view(-1)
+    assert torch.allclose(model.data_preprocessor.mean.view(-1), mean)
+    assert model.data_preprocessor._channel_conversion == cfg.data_preprocessor.get('to_rgb')

@@ -58,10 +58,11 @@ def _no_sync_bn(node: Any) -> None:
 
 
 def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cpu',
-                pretrained: bool = False) -> nn.Module:
+                pretrained: bool = False, init: bool = True) -> nn.Module:
     """Build ``cfg.model`` in its task library, load ``checkpoint`` (else run
     ``init_weights``: the model "before training"), eval mode.
 
+    ``init=False`` skips ``init_weights`` (shapes only: FLOPs / parameters).
     Backbone ``init_cfg`` Pretrained entries are dropped unless ``pretrained``
     (the tools need no weights; they would otherwise fail on a missing file).
     """
@@ -71,6 +72,8 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cp
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry').MODELS
     model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:  # as mmengine's Runner does
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     if not pretrained and isinstance(model_cfg.get('backbone'), dict):
         init = model_cfg.backbone.get('init_cfg')
         if isinstance(init, dict) and init.get('type') == 'Pretrained':
@@ -81,7 +84,7 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cp
     if checkpoint:
         from mmengine.runner import load_checkpoint
         load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
-    elif hasattr(model, 'init_weights'):
+    elif init and hasattr(model, 'init_weights'):
         model.init_weights()
     return model.to(device).eval()
 

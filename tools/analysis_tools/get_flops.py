@@ -41,7 +41,7 @@ def model_complexity(cfg, shape: Sequence[int], with_flops: bool = True,
     """Parameters (total/backbone) and, if asked, FLOPs (total/backbone) at (H, W)."""
     h, w = shape
     task = task_of(cfg)
-    model = build_model(cfg, device=device)
+    model = build_model(cfg, device=device, init=False)
     params = sum(p.numel() for p in model.parameters())
     bb_params = sum(p.numel() for p in model.backbone.parameters())
     res = dict(task=task, params=params, backbone_params=bb_params, flops=None,

@@ -145,7 +145,8 @@ def main():
         m = erf_map(model, x, args.stage)
         maps.append(m)
         rows.append((label.replace('\n', ' '), *area_ratios(m)))
-    src = (f'{len(files)} images from {osp.relpath(folder)}' if files
+    short = osp.join(*osp.normpath(folder).split(osp.sep)[-2:])  # e.g. imagenet/val
+    src = (f'{len(files)} images from {short}' if files
            else f'{args.num_images} noise inputs')
     save_figure(maps, labels, args.out, args.scale,
                 title=f'ERF, backbone output {args.stage}, {shape[0]}x{shape[1]}, {src}')
