@@ -88,4 +88,4 @@ def test_model_gets_the_configs_data_preprocessor():
     model = build_model(cfg, init=False)
     mean = torch.tensor(cfg.data_preprocessor.mean).view(-1)
     assert torch.allclose(model.data_preprocessor.mean.view(-1), mean)
-    assert model.data_preprocessor._channel_conversion == cfg.data_preprocessor.get('to_rgb')
+    assert model.data_preprocessor.to_rgb == cfg.data_preprocessor.get('to_rgb')
