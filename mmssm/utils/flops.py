@@ -38,9 +38,10 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import torch
 from mmengine.analysis.jit_handles import get_shape, norm_flop_counter
 
-SCAN_FUNCTIONS = ('_ChunkedScanFn', '_TritonScanFn')
+SCAN_FUNCTIONS = ('_ChunkedScanFn', '_TritonScanFn', 'SelectiveScanUntraced')
 SCAN_ORDER_FUNCTIONS = ('_CrossScan', '_CrossMerge', '_RotateAll', '_MergeAll',
                         '_LocalScan', '_LocalReverse')
 ELEMENTWISE_OPS = (
@@ -172,6 +173,50 @@ def scan_backend(name: Optional[str]) -> Iterator[None]:
             os.environ['MMSSM_SCAN_BACKEND'] = old
 
 
+class SelectiveScanUntraced(torch.autograd.Function):
+    """One traced node for a whole scan, with the real kernel run untraced.
+
+    The tracer records every op inside an autograd Function's forward into
+    a sub-graph; the chunked CPU scan is hundreds of small ops, which made
+    tracing ~7x slower than the forward pass. Here the real backend runs with
+    the tracing state switched off: same outputs, one ``prim::PythonOp`` node.
+    Only used while counting (no backward).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32, reverse, fn):
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return fn(u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32, reverse)
+        finally:
+            torch._C._set_tracing_state(state)
+
+
+@contextmanager
+def untraced_scan_kernels() -> Iterator[None]:
+    """Route the cpu / triton scan backends through :class:`SelectiveScanUntraced`."""
+    from mmssm.ops import selective_scan_cpu
+    targets = [(selective_scan_cpu, 'selective_scan_chunked')]
+    try:
+        from mmssm.ops import selective_scan_triton
+        targets.append((selective_scan_triton, 'selective_scan_triton'))
+    except ImportError:
+        pass
+    saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
+    for mod, name, real in saved:
+        def wrapped(u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32, reverse,
+                    _real=real):
+            return SelectiveScanUntraced.apply(u, delta, A, B, C, D, z, delta_bias, softplus,
+                                               out_fp32, reverse, _real)
+        setattr(mod, name, wrapped)
+    try:
+        yield
+    finally:
+        for mod, name, real in saved:
+            setattr(mod, name, real)
+
+
 def flop_analyzer(model, inputs):
     """A ``FlopAnalyzer`` with the mmssm handles registered (not yet run)."""
     from mmengine.analysis import FlopAnalyzer
@@ -199,6 +244,6 @@ def count_flops(model, inputs):
         except ImportError:
             pass
     analyzer = flop_analyzer(model, inputs)
-    with scan_backend(backend):
+    with scan_backend(backend), untraced_scan_kernels(), torch.no_grad():
         analyzer.total()  # runs the trace once; later queries reuse it
     return analyzer
