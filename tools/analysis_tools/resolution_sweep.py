@@ -115,7 +115,7 @@ def save_curve(sizes, values, ylabel: str, out: str, ref: Optional[int], title: 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.errorbar(sizes, values, yerr=err, marker='o', capsize=3)
     if ref is not None:
-        ax.axvline(ref, color='gray', linestyle='--', linewidth=1, label=f'train size {ref}')
+        ax.axvline(ref, color='gray', linestyle='--', linewidth=1, label=f'reference size {ref}')
         ax.legend(fontsize=8)
     ax.set_xlabel('test resolution (px)')
     ax.set_ylabel(ylabel)
