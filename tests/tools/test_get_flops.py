@@ -140,3 +140,28 @@ def test_model_complexity_counts_backbone_and_heads(config, task):
         'prim::PythonOp.NMSop', 'prim::PythonOp.RoIAlignFunction'}
     assert res['by_operator']['selective_scan'] > 0
     assert res['flops'] > res['backbone_flops'] > 0
+
+
+def test_untraced_scan_kernels_same_output():
+    from mmssm.utils.flops import untraced_scan_kernels
+    torch.manual_seed(0)
+    b, d, l, n = 1, 4, 9, 3
+    args = (torch.randn(b, d, l), torch.randn(b, d, l), -torch.rand(d, n), torch.randn(b, n, l),
+            torch.randn(b, n, l))
+    ref = selective_scan(*args, D=torch.ones(d), delta_softplus=True, backend='cpu')
+    with untraced_scan_kernels():
+        out = selective_scan(*args, D=torch.ones(d), delta_softplus=True, backend='cpu')
+    torch.testing.assert_close(out, ref)
+    from mmssm.ops import selective_scan_cpu
+    assert selective_scan_cpu.selective_scan_chunked.__name__ == 'selective_scan_chunked'
+
+
+@pytest.mark.slow
+def test_vmamba_tiny_matches_paper_flops():
+    """VMamba-T (s1l8) at 224: the paper reports 4.9G FLOPs and 30M parameters."""
+    from get_flops import model_complexity
+    from _model_utils import load_config
+    res = model_complexity(load_config(str(REPO / 'configs/vmamba/vmamba-tiny_8xb128_in1k.py')),
+                           (224, 224))
+    assert round(res['flops'] / 1e9, 1) == 4.9
+    assert res['params'] == 30249064  # official state dict: 30,249,064 (shared/research)
