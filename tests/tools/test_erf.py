@@ -58,3 +58,28 @@ def test_erf_cli_two_models(tmp_path):
     img = np.asarray(Image.open(out).convert('RGB'))
     assert img.ndim == 3 and img.shape[1] > img.shape[0] > 100  # two panels side by side
     assert img.std() > 10
+
+
+class ChannelNormed(nn.Module):
+    """conv then a per-position LayerNorm over channels (VMamba's out norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Permuted(nn.LayerNorm(8)))
+
+
+class Permuted(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_erf_of_layernormed_output_is_not_zero():
+    """sum_c of a LayerNorm-ed feature is constant: the map needs the ReLU."""
+    from erf import erf_map
+    torch.manual_seed(0)
+    m = erf_map(ChannelNormed(), torch.randn(2, 3, 9, 9))
+    assert (m > 1e-3).sum() == 9  # the 3x3 conv window around the centre

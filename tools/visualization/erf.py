@@ -8,8 +8,9 @@
     python tools/visualization/erf.py CFG_A CFG_B CFG_C --out erf.png
 
 For every model and image, the input x (normalised like the config's data
-preprocessor) gets a gradient: the channel-sum of the chosen backbone stage's
-feature at the CENTRE position (h//2, w//2) is back-propagated, and
+preprocessor) gets a gradient: sum_c ReLU(feature) of the chosen backbone stage
+at the CENTRE position (h//2, w//2) is back-propagated (ReLU as in RepLKNet /
+VMamba's ERF code: without it a LayerNorm-ed output sums to a constant), and
 |d out / d x| summed over the 3 input channels is the image's map. Maps are
 averaged over the images (a folder, by default the tiny ImageNet val set from
 tools/misc/make_tiny_datasets.py, else N(0, 1) noise), normalised by their max
@@ -31,6 +32,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'analysis_tools'))
 from _model_utils import (backbone_stage_outputs, build_model, default_image_dir,  # noqa: E402
@@ -57,7 +59,9 @@ def erf_map(model, images: torch.Tensor, stage: int = -1, batch: int = 4) -> np.
             raise ValueError(f'stage {stage} output has shape {tuple(f.shape)}; an ERF needs a '
                              '(b, c, h, w) feature map')
         h, w = f.shape[-2:]
-        f[:, :, h // 2, w // 2].sum().backward()
+        # ReLU first (as RepLKNet / VMamba): the plain channel sum of a
+        # LayerNorm-ed feature is a constant, whose gradient is zero
+        F.relu(f[:, :, h // 2, w // 2]).sum().backward()
         total += x.grad.detach().abs().sum(1).sum(0).double()
     return (total / len(images)).numpy()
 
@@ -65,8 +69,10 @@ def erf_map(model, images: torch.Tensor, stage: int = -1, batch: int = 4) -> np.
 def area_ratios(m: np.ndarray, fractions: Sequence[float] = (0.2, 0.5, 0.99)) -> List[float]:
     """Smallest share of pixels holding each fraction of the total mass."""
     v = np.sort(m.ravel())[::-1]
-    c = np.cumsum(v) / max(v.sum(), 1e-30)
-    return [float((np.searchsorted(c, t) + 1) / v.size) for t in fractions]
+    if not v.sum() > 0:
+        return [float('nan')] * len(fractions)
+    c = np.cumsum(v) / v.sum()
+    return [float(min(np.searchsorted(c, t) + 1, v.size) / v.size) for t in fractions]
 
 
 def display(m: np.ndarray, scale: str) -> np.ndarray:
