@@ -22,5 +22,6 @@ test:            ## the default test run (what CI runs)
 test-slow:       ## the slow end-to-end tier
 	$(PY) -m pytest -m slow
 
-bench:           ## CPU benchmarks (print ratios)
-	$(PY) benchmarks/bench_selective_scan.py
+bench:           ## CPU benchmarks (print ratios side by side)
+	PYTHONPATH=. $(PY) benchmarks/bench_selective_scan.py
+	PYTHONPATH=. $(PY) benchmarks/bench_s4nd.py

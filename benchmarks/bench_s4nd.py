@@ -3,7 +3,8 @@
 Times forward and forward+backward at the ConvNeXt-T stage shapes and prints the ratios
 S4ND / conv in one run. Not a test. Usage:
 
-    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 5]
+    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 7]
+        [--conv-mode auto|toeplitz|axes|outer]
 """
 import argparse
 import time
@@ -16,20 +17,23 @@ from mmssm.models.layers.s4nd import S4ND
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-T (C, H=W) at 224
 
 
-def block_layer(C: int, L: int) -> S4ND:
+def block_layer(C: int, L: int, conv_mode: str = 'auto') -> S4ND:
     """The ConvNeXt-S4ND-T block layer (ImageNet config): DPLR, fourier, global kernel."""
     return S4ND(C, d_state=64, l_max=[L, L], dim=2, bidirectional=True, channels=1,
                 activation=None, final_act='none', linear=True, init='fourier', rank=1,
-                trank=1, n_ssm=1, dt_min=0.1, dt_max=1.0, lr=0.001)
+                trank=1, n_ssm=1, dt_min=0.1, dt_max=1.0, lr=0.001, conv_mode=conv_mode)
 
 
-def bench(fn, repeat: int) -> float:
-    fn()  # warm-up (plans, lazy C~ setup)
-    best = float('inf')
+def bench_pair(fns, repeat: int):
+    """Best-of-``repeat`` seconds of each fn, calls interleaved so load spikes hit both alike."""
+    for fn in fns:
+        fn()  # warm-up (FFT plans, lazy C~ set-up, kernel cache)
+    best = [float('inf')] * len(fns)
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -37,32 +41,45 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--batch', type=int, nargs='+', default=[1, 8])
-    p.add_argument('--repeat', type=int, default=5)
+    p.add_argument('--repeat', type=int, default=7)
+    p.add_argument('--conv-mode', default='auto', choices=['auto', 'toeplitz', 'axes', 'outer'],
+                   help="S4ND evaluation: 'outer' is the official N-D FFT algorithm")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f'torch {torch.__version__}, CPU threads {torch.get_num_threads()}, '
-          f'best of {args.repeat}; times in ms')
+          f'best of {args.repeat}, S4ND conv_mode={args.conv_mode!r}, times in ms.')
+    print('fwd: inference (no_grad; S4ND reuses its cached kernel spectrum); '
+          'fwd+kgen: forward with autograd on, kernel regenerated as in training; '
+          'f+b: forward + backward (training step).')
     print(f'{"B":>2} {"C":>4} {"HxW":>6} | {"conv fwd":>8} {"s4nd fwd":>8} {"ratio":>6} | '
-          f'{"conv f+b":>8} {"s4nd f+b":>8} {"ratio":>6}')
+          f'{"s4nd fwd+kgen":>13} {"ratio":>6} | {"conv f+b":>8} {"s4nd f+b":>8} {"ratio":>6}')
     for B in args.batch:
         for C, L in STAGES:
-            s4 = block_layer(C, L)
+            s4 = block_layer(C, L, args.conv_mode)
             conv = nn.Conv2d(C, C, 7, padding=3, groups=C)
             x = torch.randn(B, C, L, L)
             xg = x.clone().requires_grad_()
-            res = []
-            for m in (conv, s4):
-                def fwd():
+
+            def fwd(m):
+                def f():
                     with torch.no_grad():
                         m(x)
+                return f
 
-                def fwd_bwd():
+            def fwd_graph(m):
+                return lambda: m(x)
+
+            def fwd_bwd(m):
+                def f():
                     m(xg).sum().backward()
-                res.append((bench(fwd, args.repeat), bench(fwd_bwd, args.repeat)))
-            (cf, cb), (sf, sb) = res
+                return f
+            cf, sf = bench_pair([fwd(conv), fwd(s4)], args.repeat)
+            cg, sg = bench_pair([fwd_graph(conv), fwd_graph(s4)], args.repeat)
+            cb, sb = bench_pair([fwd_bwd(conv), fwd_bwd(s4)], args.repeat)
             print(f'{B:>2} {C:>4} {L:>3}x{L:<3}| {1e3 * cf:8.2f} {1e3 * sf:8.2f} {sf / cf:6.2f} | '
-                  f'{1e3 * cb:8.2f} {1e3 * sb:8.2f} {sb / cb:6.2f}')
+                  f'{1e3 * sg:13.2f} {sg / cg:6.2f} | '
+                  f'{1e3 * cb:8.2f} {1e3 * sb:8.2f} {sb / cb:6.2f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,15 +1,4 @@
 #!/usr/bin/env bash
 # Usage: bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [test.py args...]
-CONFIG=$1
-CHECKPOINT=$2
-NPROC=$3
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
-PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
-exec $PYTHON -m torch.distributed.run \
-    --nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
-    --nproc_per_node=$NPROC --master_port=$PORT \
-    "$(dirname "$0")/test.py" "$CONFIG" "$CHECKPOINT" --launcher pytorch "${@:4}"
+# (NNODES, NODE_RANK, MASTER_ADDR, PORT and PYTHON are read from the environment.)
+exec bash "$(dirname "$0")/dist_launch.sh" "$3" "$(dirname "$0")/test.py" "$1" "$2" "${@:4}"

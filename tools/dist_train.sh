@@ -1,15 +1,4 @@
 #!/usr/bin/env bash
 # Usage: bash tools/dist_train.sh CONFIG NUM_PROCS [train.py args...]
-# On GPUs one process per GPU (nccl); without CUDA it runs CPU processes over gloo.
-CONFIG=$1
-NPROC=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
-PYTHONPATH="$(dirname "$0")/..":$PYTHONPATH \
-exec $PYTHON -m torch.distributed.run \
-    --nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
-    --nproc_per_node=$NPROC --master_port=$PORT \
-    "$(dirname "$0")/train.py" "$CONFIG" --launcher pytorch "${@:3}"
+# (NNODES, NODE_RANK, MASTER_ADDR, PORT and PYTHON are read from the environment.)
+exec bash "$(dirname "$0")/dist_launch.sh" "$2" "$(dirname "$0")/train.py" "$1" "${@:3}"

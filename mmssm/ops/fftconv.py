@@ -1,21 +1,25 @@
-"""N-D linear convolution by FFT with separable (per-axis) long kernels, and its reference.
+"""N-D linear convolution with separable (per-axis) long kernels, and its reference.
 
 This is the convolution core of S4ND (and of any 1-D/2-D/3-D "global" SSM conv):
 
-* every convolved axis is zero padded to an FFT size ``F >= L_in + L_k`` (no wrap-around),
-  picked with prime factors 2, 3, 5, 7 only (fast pocketfft/cuFFT radices; the result of a
-  linear convolution does not depend on F once it is large enough);
+* every convolved axis is zero padded to an FFT size ``F >= L_in + reach`` (no
+  wrap-around), picked with prime factors 2, 3, 5, 7 only (fast pocketfft/cuFFT radices;
+  a linear convolution does not depend on F once it is large enough);
 * real FFT on the last axis, complex FFT on the others;
-* kernels are separable: one 1-D kernel per axis. Their spectra are combined as an outer
-  product in frequency space, so the N-D kernel is never built in space;
+* kernels are separable: one 1-D kernel per axis. :func:`fftconv_nd` combines their
+  spectra as an outer product in frequency space (the official S4ND algorithm), so the
+  N-D kernel is never built in space; :func:`separable_conv` instead applies one 1-D
+  operator per axis: an FFT convolution, or a dense Toeplitz matmul for short axes
+  (:func:`axis_operators`), which is much faster on CPU for L up to a few hundred;
 * a kernel is causal (taps at offsets 0..L_k-1) or bidirectional: a causal half ``k_fwd``
   plus an anti-causal half ``k_bwd`` whose tap m sits at offset -(m+1) (this is how the
   official S4ND builds ``pad(k0, (0, L)) + pad(k1.flip(-1), (L, 0))``);
-* the kernel spectrum is computed once per call and broadcast over the batch;
+* the kernel operators are computed once per call and broadcast over the batch;
 * fp16/bf16 inputs are computed in fp32 (torch.fft has no bf16, and fp16 only for powers
   of two on CUDA) and cast back.
 
 Conventions: true convolution, ``y[t] = sum_s k[s] * u[t - s]`` per axis.
+:func:`conv_reference_nd` is the plain ``F.conv{1,2,3}d`` reference used by the tests.
 """
 from functools import lru_cache
 from typing import List, Optional, Sequence
@@ -23,8 +27,6 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _work(x: Tensor) -> Tensor:
@@ -89,7 +91,7 @@ def axis_spectra(kernels: Sequence[Tensor], sizes: Sequence[int],
 
 
 def outer_spectrum(spectra: Sequence[Tensor]) -> Tensor:
-    """Outer product of per-axis spectra: (..., F_0), ..., (..., F_{d-1}) -> (..., F_0, ..., F_{d-1})."""
+    """Outer product of per-axis factors: (.., F_0), .., (.., F_{d-1}) -> (.., F_0, .., F_{d-1})."""
     d = len(spectra)
     k_f = spectra[0]
     for i in range(1, d):
@@ -181,48 +183,101 @@ def fftconv_nd(u: Tensor, kernels: Sequence[Tensor],
 def fftconv_separable(u: Tensor, kernels: Sequence[Tensor],
                       backward_kernels: Optional[Sequence[Tensor]] = None,
                       D: Optional[Tensor] = None) -> Tensor:
-    """Same contract and result as :func:`fftconv_nd`, computed axis by axis.
+    """Same contract and result as :func:`fftconv_nd`, computed axis by axis with 1-D FFTs.
 
     A separable kernel is a product of per-axis factors in frequency space, so the N-D
     convolution factorises into d 1-D FFT convolutions (last axis first). Each 1-D pass
     pads only its own axis, which roughly halves the FFT work in 2-D and avoids the padded
-    N-D spectrum; this is the fast path of S4ND when ``trank == 1``.
+    N-D spectrum.
     """
     _check(u, len(kernels))
-    l_in = list(u.shape[2:])
+    ops = axis_operators(list(u.shape[2:]), kernels, backward_kernels, toeplitz_max=0)
+    return separable_conv(u, ops, D)
+
+
+def toeplitz_conv_separable(u: Tensor, kernels: Sequence[Tensor],
+                            backward_kernels: Optional[Sequence[Tensor]] = None,
+                            D: Optional[Tensor] = None) -> Tensor:
+    """Same contract and result as :func:`fftconv_nd`, axis by axis with dense Toeplitz
+    matrices (one batched matmul per axis; fastest on CPU for axes up to a few hundred)."""
+    _check(u, len(kernels))
+    ops = axis_operators(list(u.shape[2:]), kernels, backward_kernels, toeplitz_max=1 << 30)
+    return separable_conv(u, ops, D)
+
+
+def toeplitz_matrix(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
+    """Dense convolution matrix T (..., L, L) with ``(T u)_i = sum_j k(i - j) u_j``.
+
+    k_fwd: causal taps (offset s >= 0); k_bwd: anti-causal taps (offset -(m+1)).
+    Built by one gather from the two-sided kernel; only taps with |offset| < L are used.
+    """
+    k2 = two_sided_kernel(k_fwd, k_bwd, length - 1)  # (..., 2L-1), index = offset + L-1
+    i = torch.arange(length, device=k2.device)
+    return k2[..., i[:, None] - i[None, :] + length - 1]
+
+
+def axis_operators(l_in: Sequence[int], kernels: Sequence[Tensor],
+                   backward_kernels: Optional[Sequence[Tensor]] = None,
+                   toeplitz_max: int = 256) -> list:
+    """Per-axis linear operators of a separable convolution.
+
+    Axis i becomes ``('toeplitz', T_i)`` (a dense (.., L_i, L_i) matrix) if
+    ``L_i <= toeplitz_max``, else ``('fft', spectrum_i, F_i)`` (an ``rfft`` kernel
+    spectrum). Kernels are (H, L_k) or (C, H, L_k); the operators are batch independent.
+    """
     kernels, backward_kernels, sizes = prepare_kernels(l_in, kernels, backward_kernels)
-    spectra = axis_spectra(kernels, sizes, backward_kernels, real=True)  # (.., H, F_i//2+1)
-    return separable_conv(u, spectra, sizes, D)
+    ops = []
+    for i, (k, n, length) in enumerate(zip(kernels, sizes, l_in)):
+        kb = None if backward_kernels is None else backward_kernels[i]
+        k, kb = _work(k), None if kb is None else _work(kb)
+        if length <= toeplitz_max:
+            ops.append(('toeplitz', toeplitz_matrix(k, kb, length)))
+        else:
+            ops.append(('fft', torch.fft.rfft(_place_kernel(k, kb, n), n=n), n))
+    return ops
 
 
-def separable_conv(u: Tensor, spectra: Sequence[Tensor], sizes: Sequence[int],
-                   D: Optional[Tensor] = None) -> Tensor:
-    """Axis-by-axis FFT convolution with precomputed per-axis ``rfft`` kernel spectra.
+_AXES = 'xyz'
+
+
+def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) -> Tensor:
+    """Apply per-axis operators from :func:`axis_operators` (last axis first), plus ``D * u``.
 
     Args:
         u: (B, H, *L).
-        spectra: d tensors (H, F_i // 2 + 1) or (C, H, F_i // 2 + 1).
-        sizes: the d FFT sizes.
+        ops: d operators; kernels with a head axis C give a (B, C, H, *L) output.
         D: optional skip (H,) or (C, H).
-    Returns:
-        (B, H, *L) or (B, C, H, *L).
     """
-    d = len(spectra)
+    d = len(ops)
     _check(u, d)
     dtype = u.dtype
     x = _work(u)
     l_in = list(x.shape[2:])
-    heads = spectra[0].dim() == 3
-    y = x.unsqueeze(1) if heads else x  # (B, [1,] H, *L)
+    heads = ops[0][1].dim() == (4 if ops[0][0] == 'toeplitz' else 3)
+    y = x.unsqueeze(1)  # (B, 1, H, *L); becomes (B, C, H, *L) with kernel heads
+    axes = _AXES[:d]
     for i in reversed(range(d)):  # last (contiguous) axis first
-        n, sp = sizes[i], spectra[i]
+        kind, op = ops[i][0], ops[i][1]
         if x.dtype == torch.float64:
-            sp = sp.to(torch.complex128)
-        # (.., H, F_i') -> (.., H, 1.., F_i', 1..) aligned with axis i
-        k_i = sp.reshape(*sp.shape[:-1], *([1] * i), sp.shape[-1], *([1] * (d - 1 - i)))
-        dim = i - d
-        y = torch.fft.irfft(torch.fft.rfft(y, n=n, dim=dim) * k_i, n=n, dim=dim)
-        y = y.narrow(dim, 0, l_in[i])
+            op = op.to(torch.complex128 if op.is_complex() else torch.float64)
+        if kind == 'toeplitz':
+            # one batched matmul over (C, H): T (C|1, H, L_i, L_i) applied along axis i
+            T = op if heads else op.unsqueeze(0)
+            if y.shape[1] != T.shape[0]:  # first pass with heads: broadcast u over C
+                y = y.expand(-1, T.shape[0], *y.shape[2:])
+            out_axes = axes[:i] + 'I' + axes[i + 1:]
+            y = torch.einsum(f'chI{axes[i]},bch{axes}->bch{out_axes}', T, y)
+        else:
+            n = ops[i][2]
+            # (.., H, F_i') -> (.., H, 1.., F_i', 1..) aligned with axis i
+            k_i = op.reshape(*op.shape[:-1], *([1] * i), op.shape[-1], *([1] * (d - 1 - i)))
+            if not heads:
+                k_i = k_i.unsqueeze(0)
+            dim = i - d
+            y = torch.fft.irfft(torch.fft.rfft(y, n=n, dim=dim) * k_i, n=n, dim=dim)
+            y = y.narrow(dim, 0, l_in[i])
+    if not heads:
+        y = y.squeeze(1)
     return _skip(y, x, D, heads, d).to(dtype)
 
 

@@ -17,14 +17,39 @@ Round trips (asserted in tests/ops/test_scan_order.py):
     corner_merge_all(corner_rotate_all(x, cs), cs)  == len(cs) * x
     local_reverse(local_scan(x, k, ...), k, h, w, ...) == x
 """
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _cross_scan(x: Tensor) -> Tensor:
+def _use_triton(x: Tensor, backend: Optional[str]) -> bool:
+    """'triton' on CUDA unless told otherwise (arg > $MMSSM_SCAN_BACKEND > auto)."""
+    name = backend or os.environ.get('MMSSM_SCAN_BACKEND') or None
+    if name not in (None, 'torch', 'triton', 'ref', 'cpu'):
+        raise ValueError(f"backend must be one of (None, 'torch', 'triton'), got {name!r}")
+    if name == 'triton':
+        if not (x.is_cuda or os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')):
+            raise RuntimeError('backend "triton" needs CUDA tensors (or TRITON_INTERPRET=1 '
+                               f'set before importing triton); got a tensor on {x.device}')
+        return True
+    if name is not None:  # 'torch' (or the scan's 'ref' / 'cpu'): plain PyTorch
+        return False
+    if not x.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _cross_scan(x: Tensor, triton: bool = False) -> Tensor:
+    if triton:
+        from .scan_order_triton import cross_scan_triton
+        return cross_scan_triton(x)
     b, c, h, w = x.shape
     out = x.new_empty(b, 4, c, h * w)
     out[:, 0] = x.flatten(2)
@@ -33,7 +58,10 @@ def _cross_scan(x: Tensor) -> Tensor:
     return out
 
 
-def _cross_merge(y: Tensor, h: int, w: int) -> Tensor:
+def _cross_merge(y: Tensor, h: int, w: int, triton: bool = False) -> Tensor:
+    if triton:
+        from .scan_order_triton import cross_merge_triton
+        return cross_merge_triton(y, h, w)
     b, k, c, l = y.shape
     row = y[:, 0] + y[:, 2].flip(-1)
     col = y[:, 1] + y[:, 3].flip(-1)
@@ -43,27 +71,28 @@ def _cross_merge(y: Tensor, h: int, w: int) -> Tensor:
 class _CrossScan(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.hw = x.shape[-2:]
-        return _cross_scan(x)
+    def forward(ctx, x, triton):
+        ctx.hw, ctx.triton = x.shape[-2:], triton
+        return _cross_scan(x, triton)
 
     @staticmethod
     def backward(ctx, g):
         h, w = ctx.hw
-        return _cross_merge(g, h, w).view(g.shape[0], g.shape[2], h, w)
+        return _cross_merge(g, h, w, ctx.triton).view(g.shape[0], g.shape[2], h, w), None
 
 
 class _CrossMerge(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, y, h, w):
-        ctx.hw = (h, w)
-        return _cross_merge(y, h, w)
+    def forward(ctx, y, h, w, triton):
+        ctx.hw, ctx.triton = (h, w), triton
+        return _cross_merge(y, h, w, triton)
 
     @staticmethod
     def backward(ctx, g):
         h, w = ctx.hw
-        return _cross_scan(g.reshape(g.shape[0], g.shape[1], h, w)), None, None
+        return (_cross_scan(g.reshape(g.shape[0], g.shape[1], h, w), ctx.triton),
+                None, None, None)
 
 
 def _check_grid(x: Tensor, name: str = 'x') -> None:
@@ -71,22 +100,24 @@ def _check_grid(x: Tensor, name: str = 'x') -> None:
         raise ValueError(f'{name} must be (b, c, h, w), got shape {tuple(x.shape)}')
 
 
-def cross_scan(x: Tensor) -> Tensor:
+def cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
     """(b, c, h, w) -> (b, 4, c, h*w): row, column, reversed row, reversed column.
 
     Direction 0 visits token ids 0, 1, 2, ... (row-major), direction 1 visits
     0, w, 2w, ... (column-major), directions 2 and 3 are their reverses.
+    ``backend``: None (Triton kernel for CUDA tensors, else PyTorch), 'torch'
+    or 'triton'; $MMSSM_SCAN_BACKEND=ref|cpu also selects PyTorch.
     """
     _check_grid(x)
-    return _CrossScan.apply(x)
+    return _CrossScan.apply(x, _use_triton(x, backend))
 
 
-def cross_merge(y: Tensor, h: int, w: int) -> Tensor:
+def cross_merge(y: Tensor, h: int, w: int, backend: Optional[str] = None) -> Tensor:
     """(b, 4, c, h*w) -> (b, c, h*w): undo each direction and sum onto the grid."""
     if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != h * w:
         raise ValueError(f'y must be (b, 4, c, h*w={h * w}), got shape {tuple(y.shape)}')
     # int(): shapes read while jit-tracing are traced ints, which a PythonOp rejects
-    return _CrossMerge.apply(y, int(h), int(w))
+    return _CrossMerge.apply(y, int(h), int(w), _use_triton(y, backend))
 
 
 # Corner k views the grid so that a row-major scan starts at that corner.

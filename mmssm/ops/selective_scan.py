@@ -12,8 +12,9 @@ Shapes: u, delta, z (b, d, l); A (d, n); B, C either constant (d, n) or
 input-dependent (b, g, n, l) with g groups dividing d (channel c uses group
 c // (d // g)); a (b, n, l) tensor is read as g = 1. B and C may use different
 group counts (e.g. V2M: constant B, input-dependent C). D, delta_bias (d,).
-The state and all accumulation are fp32 (fp64 for fp64 inputs) whatever the
-input dtype; the output takes u's dtype unless ``out_fp32`` (VMamba "oflex").
+The state and all accumulation are fp32 (fp64 for fp64 u) whatever the input
+dtypes (which may differ, e.g. under autocast); the output takes u's dtype
+unless ``out_fp32`` (VMamba "oflex").
 ``reverse=True`` scans from t = l-1 down to 0 (same result as flipping every
 time axis, scanning and flipping the output back, without the copies): Vim's
 backward direction.
@@ -55,18 +56,19 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             continue
         if tuple(x.shape) != (b, d, l):
             raise ValueError(f'{name} must have the shape of u {(b, d, l)}, got {tuple(x.shape)}')
-        if x.dtype != u.dtype:
-            raise TypeError(f'{name} must have the dtype of u ({u.dtype}), got {x.dtype}')
+        if x.dtype not in _IO_DTYPES:  # mixed float dtypes (autocast) are fine: math is fp32
+            raise TypeError(f'{name} must be float32/float16/bfloat16/float64, got {x.dtype}')
     if A.dim() != 2 or A.shape[0] != d or A.shape[1] < 1:
         raise ValueError(f'A must be (d={d}, n>=1), got {tuple(A.shape)}')
-    if A.is_complex() or not A.is_floating_point():
-        raise TypeError(f'A must be a real floating tensor, got {A.dtype}')
+    if A.dtype not in _IO_DTYPES:
+        raise TypeError(f'A must be a real floating tensor (float32/float16/bfloat16/float64), '
+                        f'got {A.dtype}')
     n = A.shape[1]
     for name, X in (('B', B), ('C', C)):
         if X is None:
             raise ValueError(f'{name} is required')
-        if X.dtype not in (u.dtype, torch.float32, torch.float64):
-            raise TypeError(f'{name} must be float32 or the dtype of u ({u.dtype}), got {X.dtype}')
+        if X.dtype not in _IO_DTYPES:
+            raise TypeError(f'{name} must be float32/float16/bfloat16/float64, got {X.dtype}')
         if X.dim() == 2:
             if tuple(X.shape) != (d, n):
                 raise ValueError(f'{name} constant must be (d={d}, n={n}), got {tuple(X.shape)}')
@@ -84,8 +86,8 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             continue
         if tuple(x.shape) != (d,):
             raise ValueError(f'{name} must be (d={d},), got {tuple(x.shape)}')
-        if not x.is_floating_point():
-            raise TypeError(f'{name} must be floating point, got {x.dtype}')
+        if x.dtype not in _IO_DTYPES:
+            raise TypeError(f'{name} must be float32/float16/bfloat16/float64, got {x.dtype}')
     for name, x in (('delta', delta), ('A', A), ('B', B), ('C', C), ('D', D),
                     ('z', z), ('delta_bias', delta_bias)):
         if x is not None and x.device != u.device:

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _tm(x: Tensor, wd: torch.dtype, reverse: bool, lp: int) -> Tensor:
@@ -32,8 +33,9 @@ def _tm(x: Tensor, wd: torch.dtype, reverse: bool, lp: int) -> Tensor:
     (flipped first if reverse, so padding always comes after the last step)."""
     x = x.permute(2, 0, 1)
     x = x.flip(0) if reverse else x
-    out = x.new_zeros((lp,) + x.shape[1:], dtype=wd)
+    out = x.new_empty((lp,) + x.shape[1:], dtype=wd)
     out[:x.shape[0]] = x
+    out[x.shape[0]:] = 0
     return out
 
 
@@ -79,66 +81,71 @@ def _contract_bc(H: Tensor, X: Tensor) -> Tensor:
     return torch.einsum('lbgkn,lbgn->lbgk', H.view(l, b, g, -1, n), X).reshape(l, b, d)
 
 
-def _reduce_bc(G: Tensor, w: Tensor, X: Tensor) -> Tensor:
-    """Gradient of B/C from G (l, b, d, n) and weights w (l, b, d): shape of X."""
+def _reduce_bc_(G: Tensor, w: Tensor, X: Tensor) -> Tensor:
+    """Gradient of B/C from G (l, b, d, n) and weights w (l, b, d): shape of X.
+
+    May overwrite G (constant B/C: in-place product, then a sum).
+    """
     l, b, d, n = G.shape
     if X.dim() == 2:
-        return (G * w[..., None]).sum((0, 1))
+        return G.mul_(w[..., None]).sum((0, 1))
     g = X.shape[2]
     return (w.view(l, b, g, 1, -1) @ G.view(l, b, g, -1, n)).view(l, b, g, n)
 
 
-def _chunk_scan(a: Tensor, bu: Tensor, T: int, h_chunk: Optional[Tensor] = None,
-                adjoint: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """Exact linear recurrence along dim 0 in chunks of T (len(a) % T == 0).
+def _chunk_scan_(a: Tensor, bu: Tensor, T: int, h_chunk: Optional[Tensor] = None,
+                 adjoint: bool = False, a_scratch: bool = False) -> Optional[Tensor]:
+    """Exact linear recurrence along dim 0 in chunks of T, IN PLACE (bu -> states).
 
     forward:  h_t = a_t * h_{t-1} + bu_t             (h_{-1} = 0)
     adjoint:  h_t = a_{t+1} * h_{t+1} + bu_t         (h_{len} = 0), the
               reverse scan of the backward pass, without flipping copies.
 
+    In-place because fresh multi-MB tensors are expensive on CPU (page
+    faults): the scan overwrites ``bu`` with the states.
+
     Args:
-        a, bu: (nc*T, ...) decays and inputs.
+        a, bu: (nc*T, ...) decays and inputs (len(a) % T == 0).
         T: chunk length.
         h_chunk: forward only: known (nc, ...) state entering each chunk (the
-            backward's recompute). If None it is computed by a chunk carry.
+            backward's recompute); if None it is computed by a chunk carry.
+        adjoint: run the adjoint recurrence instead.
+        a_scratch: ``a`` may be overwritten (it then holds chunk products).
 
     Returns:
-        H (nc*T, ...) all states and, when computed, hs (nc+1, ...) the state
-        entering each chunk (hs[0] = 0, hs[nc] = final state), else None.
+        For a forward scan without ``h_chunk``: hs (nc+1, ...), the state
+        entering each chunk (hs[0] = 0, hs[nc] = final state); else None.
     """
     lp, rest = a.shape[0], a.shape[1:]
     nc = lp // T
-    a, bu = a.view(nc, T, *rest), bu.view(nc, T, *rest)
-    H = torch.empty_like(bu)
+    a, H = a.view(nc, T, *rest), bu.view(nc, T, *rest)
     # P[c, t]: product of the chunk-local decays between t and the chunk edge
     # the carry enters from; built by multiplication, never by division.
     carry = nc > 1 and h_chunk is None
-    P = torch.empty_like(bu) if carry else None
     if not adjoint:
-        if h_chunk is None:
-            H[:, 0] = bu[:, 0]
-        else:
-            torch.addcmul(bu[:, 0], a[:, 0], h_chunk, out=H[:, 0])
-        if carry:
+        P = a if a_scratch else (torch.empty_like(a) if carry else None)
+        if carry and P is not a:
             P[:, 0] = a[:, 0]
+        if h_chunk is not None:
+            H[:, 0].addcmul_(a[:, 0], h_chunk)
         for t in range(1, T):  # all chunks advance together
-            torch.addcmul(bu[:, t], a[:, t], H[:, t - 1], out=H[:, t])
+            H[:, t].addcmul_(a[:, t], H[:, t - 1])
             if carry:
                 torch.mul(a[:, t], P[:, t - 1], out=P[:, t])
         if h_chunk is not None:
-            return H.view(lp, *rest), None
+            return None
         hs = bu.new_zeros(nc + 1, *rest)
         hs[1] = H[0, -1]
         for c in range(1, nc):
             torch.addcmul(H[c, -1], P[c, -1], hs[c], out=hs[c + 1])
         if carry:
             H[1:].addcmul_(P[1:], hs[1:nc, None])
-        return H.view(lp, *rest), hs
-    H[:, -1] = bu[:, -1]
+        return hs
+    P = torch.empty_like(a) if carry else None
     if carry:
         P[:, -1] = 1
     for t in range(T - 2, -1, -1):
-        torch.addcmul(bu[:, t], a[:, t + 1], H[:, t + 1], out=H[:, t])
+        H[:, t].addcmul_(a[:, t + 1], H[:, t + 1])
         if carry:
             torch.mul(a[:, t + 1], P[:, t + 1], out=P[:, t])
     if carry:
@@ -148,7 +155,7 @@ def _chunk_scan(a: Tensor, bu: Tensor, T: int, h_chunk: Optional[Tensor] = None,
             Hn = torch.addcmul(H[c + 1, 0], P[c + 1, 0], K[c + 1])
             torch.mul(a[c + 1, 0], Hn, out=K[c])
         H[:-1].addcmul_(P[:-1], K[:-1, None])
-    return H.view(lp, *rest), None
+    return None
 
 
 def default_chunk(l: int, rows: int) -> int:
@@ -170,11 +177,13 @@ class _ChunkedScanFn(torch.autograd.Function):
         l = u.shape[-1]
         T = min(chunk or default_chunk(l, u.shape[0] * u.shape[1] * A.shape[1]), l)
         lp = -(-l // T) * T
-        with torch.no_grad():
-            dt, uu, A_, Bt, Ct, dtu = _prep(u, delta, A, B, C, delta_bias, softplus,
-                                            reverse, wd, lp)
-            a = torch.exp(dt[..., None] * A_)  # (lp, b, d, n); padding: a = 1, bu = 0
-            H, hs = _chunk_scan(a, _mul_bc(dtu, Bt), T)
+        # autocast would run the contractions (bmm) in bf16/fp16: the state is fp32
+        with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
+            dt, uu, A_, Bt, Ct, dtu, _ = _prep(u, delta, A, B, C, delta_bias, softplus,
+                                               reverse, wd, lp)
+            a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n); padding: a = 1, bu = 0
+            H = _mul_bc(dtu, Bt)
+            hs = _chunk_scan_(a, H, T, a_scratch=True)  # H: bu -> states
             del a
             y = _contract_bc(H, Ct)
             del H
@@ -189,16 +198,24 @@ class _ChunkedScanFn(torch.autograd.Function):
         return out, hs[-1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlast):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _ChunkedScanFn._backward(ctx, dout, dlast)
+
+    @staticmethod
+    def _backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
         softplus, reverse, T, wd = ctx.cfg
         need = ctx.needs_input_grad
         l = u.shape[-1]
         nc = hs.shape[0] - 1
         lp = nc * T
-        dt, uu, A_, Bt, Ct, dtu = _prep(u, delta, A, B, C, delta_bias, softplus, reverse, wd, lp)
-        a = torch.exp(dt[..., None] * A_)  # (lp, b, d, n)
-        H, _ = _chunk_scan(a, _mul_bc(dtu, Bt), T, h_chunk=hs[:nc])  # recompute states
+        dt, uu, A_, Bt, Ct, dtu, raw = _prep(u, delta, A, B, C, delta_bias, softplus, reverse,
+                                             wd, lp)
+        a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n)
+        H = _mul_bc(dtu, Bt)
+        _chunk_scan_(a, H, T, h_chunk=hs[:nc])  # recompute the states in place
         dy = _tm(dout, wd, reverse, lp)
         dz = None
         if z is not None:
@@ -211,31 +228,29 @@ class _ChunkedScanFn(torch.autograd.Function):
             dy = dy * zt * sz
         # Adjoint: G_t = dL/dh_t = a_{t+1} G_{t+1} + C_t dy_t (+ dlast at the end;
         # padded steps have a = 1 and dy = 0, so dlast reaches step l-1 intact).
-        q = _mul_bc(dy, Ct)
-        q[-1] += dlast.to(wd)
-        G, _ = _chunk_scan(a, q, T, adjoint=True)
-        del q
+        G = _mul_bc(dy, Ct)
+        G[-1] += dlast.to(wd)
+        _chunk_scan_(a, G, T, adjoint=True)  # G: C dy -> dL/dh
         # dL/d(dt*A)_t = G_t * a_t * h_{t-1}
         X = a.mul_(G)
         X[1:] *= H[:-1]
         X[0] = 0
         ddt = _contract_bc(X, A_)
-        dA = (X * dt[..., None]).sum((0, 1)).to(A.dtype) if need[2] else None
+        dA = X.mul_(dt[..., None]).sum((0, 1)).to(A.dtype) if need[2] else None
         del X, a
         ddtu = _contract_bc(G, Bt)
-        dB = _bc_from_tm(_reduce_bc(G, dtu, Bt), B, reverse, l) if need[3] else None
-        dC = _bc_from_tm(_reduce_bc(H, dy, Ct), C, reverse, l) if need[4] else None
+        # G and H are dead after these reductions: they may be used as scratch
+        dB = _bc_from_tm(_reduce_bc_(G, dtu, Bt), B, reverse, l) if need[3] else None
+        dC = _bc_from_tm(_reduce_bc_(H, dy, Ct), C, reverse, l) if need[4] else None
         du = ddtu * dt
         if D is not None:
             du.addcmul_(dy, D.to(wd))
         dD = (dy * uu).sum((0, 1)).to(D.dtype) if D is not None and need[5] else None
         ddt.addcmul_(ddtu, uu)
         if softplus:
-            raw = _tm(delta, wd, reverse, lp)
-            if delta_bias is not None:
-                raw[:l] += delta_bias.to(wd)
             ddt.mul_(torch.sigmoid(raw))
-        ddb = ddt[:l].sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None and need[7] else None
+        ddb = (ddt[:l].sum((0, 1)).to(delta_bias.dtype)
+               if delta_bias is not None and need[7] else None)
         return (_from_tm(du, reverse, l).to(u.dtype), _from_tm(ddt, reverse, l).to(delta.dtype),
                 dA, dB, dC, dD,
                 _from_tm(dz, reverse, l).to(z.dtype) if dz is not None else None, ddb,
@@ -243,19 +258,22 @@ class _ChunkedScanFn(torch.autograd.Function):
 
 
 def _prep(u, delta, A, B, C, delta_bias, softplus, reverse, wd, lp):
-    """Time-major padded operands: dt, u (lp, b, d), A, B, C and dt*u.
+    """Time-major padded operands: dt, u (lp, b, d), A, B, C, dt*u and the
+    pre-softplus delta + bias (for the softplus derivative).
 
     Padded steps get dt = 0 (after softplus), hence a = 1 and dt*u = 0.
     """
     l = u.shape[-1]
-    dt = _tm(delta, wd, reverse, lp)
+    raw = _tm(delta, wd, reverse, lp)
     if delta_bias is not None:
-        dt[:l] += delta_bias.to(wd)
+        raw[:l] += delta_bias.to(wd)
+    dt = raw
     if softplus:
-        dt[:l] = F.softplus(dt[:l])
+        dt = raw.clone()
+        dt[:l] = F.softplus(raw[:l])
     uu = _tm(u, wd, reverse, lp)
     return (dt, uu, A.to(wd), _bc_tm(B, wd, reverse, lp), _bc_tm(C, wd, reverse, lp),
-            dt * uu)
+            dt * uu, raw)
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

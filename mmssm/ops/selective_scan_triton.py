@@ -33,15 +33,18 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _INTERPRET = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
-TILE_BUDGET = 2048  # fp32 elements per (BLOCK_D, BLOCK_L, BLOCK_N) tile
+# fp32 elements per (BLOCK_D, BLOCK_L, BLOCK_N) tile; the backward keeps ~8 such
+# tiles live, so it uses half the channels (ptxas: no spills at 8 warps on sm_90)
+TILE_BUDGET = 2048
+TILE_BUDGET_BWD = 1024
 MAX_BLOCK_L = 256  # tests lower it to force several chunks on tiny inputs
 
 
-def _configs():
-    warps = [4] if _INTERPRET else [2, 4, 8]
-    return [triton.Config({}, num_warps=w) for w in warps]
+def _configs(warps=(2, 4, 8)):
+    return [triton.Config({}, num_warps=w) for w in ([4] if _INTERPRET else warps)]
 
 
 @triton.jit
@@ -75,13 +78,16 @@ def _load_dt(dt_ptr, base, p, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 def _load_bc(ptr, pid_b, grp, G, d_offs, p, mask_l, offs_n, mask_n, L, N,
              CONST: tl.constexpr):
     """B or C as a tile broadcastable to (BLOCK_D, BLOCK_L, BLOCK_N)."""
+    # (one return: the code generator checks every return statement's type)
     if CONST:  # (d, N)
         x = tl.load(ptr + d_offs[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-        return x.to(tl.float32)[:, None, :]
-    row = (pid_b * G + grp).to(tl.int64) * N
-    x = tl.load(ptr + (row + offs_n[None, :]) * L + p[:, None],
-                mask=mask_l[:, None] & mask_n[None, :], other=0.0)
-    return x.to(tl.float32)[None, :, :]
+        x = x.to(tl.float32)[:, None, :]
+    else:
+        row = (pid_b * G + grp).to(tl.int64) * N
+        x = tl.load(ptr + (row + offs_n[None, :]) * L + p[:, None],
+                    mask=mask_l[:, None] & mask_n[None, :], other=0.0)
+        x = x.to(tl.float32)[None, :, :]
+    return x
 
 
 @triton.autotune(configs=_configs(), key=['L', 'N', 'BLOCK_D', 'BLOCK_L'])
@@ -135,7 +141,7 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_
                  mask=mask_n[None, :])
 
 
-@triton.autotune(configs=_configs(), key=['L', 'N', 'BLOCK_D', 'BLOCK_L'],
+@triton.autotune(configs=_configs((4, 8)), key=['L', 'N', 'BLOCK_D', 'BLOCK_L'],
                  reset_to_zero=['dB_ptr', 'dC_ptr'])
 @triton.jit
 def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, x_ptr, dout_ptr,
@@ -260,12 +266,14 @@ def _pow2_divisor(x: int) -> int:
     return x & -x
 
 
-def tile_sizes(d: int, l: int, n: int, dgB: int, dgC: int) -> Tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_L, BLOCK_N): a ~TILE_BUDGET-element tile; BLOCK_D divides
-    the channels of every B/C group, so one program reads one group."""
+def tile_sizes(d: int, l: int, n: int, dgB: int, dgC: int,
+               budget: int = TILE_BUDGET) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_L, BLOCK_N) for a ~``budget``-element tile; BLOCK_D
+    divides the channels of every B/C group, so one program reads one group.
+    BLOCK_L (the chunk of the saved states) does not depend on ``budget``."""
     bn = triton.next_power_of_2(n)
     bl = min(triton.next_power_of_2(max(l, 1)), max(16, TILE_BUDGET // bn), MAX_BLOCK_L)
-    bd = min(_pow2_divisor(math.gcd(dgB, dgC)), max(1, TILE_BUDGET // (bl * bn)), 64)
+    bd = min(_pow2_divisor(math.gcd(dgB, dgC)), max(1, budget // (bl * bn)), 64)
     return bd, bl, bn
 
 
@@ -311,6 +319,7 @@ class _TritonScanFn(torch.autograd.Function):
         return out, x[:, :, -1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlast):
         u, delta, A32, Bc, Cc, D32, z, bias32, x = ctx.saved_tensors
         (softplus, reverse, (bd, bl, bn), (b_const, gB, dgB), (c_const, gC, dgC),
@@ -329,6 +338,7 @@ class _TritonScanFn(torch.autograd.Function):
         dbias = torch.empty(b, d, **f32)
         dB = torch.empty(b, d, n, **f32) if b_const else torch.zeros(Bc.shape, **f32)
         dC = torch.empty(b, d, n, **f32) if c_const else torch.zeros(Cc.shape, **f32)
+        bd = tile_sizes(d, l, n, dgB, dgC, TILE_BUDGET_BWD)[0]
         grid = (d // bd, b)
         _bwd_kernel[grid](u, delta, A32, Bc, Cc, D32 if D32 is not None else A32,
                           z if z is not None else u, bias32 if bias32 is not None else A32,

@@ -200,10 +200,121 @@ def vandermonde(v: Tensor, log_x: Tensor, L: int) -> Tensor:
     return 2 * torch.einsum('...hn,hnl->...hl', v, V).real
 
 
+def _cauchy_matrices(z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """``1 / (z - w)`` and ``1 / (z - conj(w))``, (H, N, Lf), by real arithmetic (complex
+    reciprocal is slow on CPU)."""
+    a = z.real - w.real[..., None]
+    b1 = z.imag - w.imag[..., None]
+    b2 = z.imag + w.imag[..., None]
+    a2 = a * a
+    d1, d2 = 1.0 / (a2 + b1 * b1), 1.0 / (a2 + b2 * b2)
+    return torch.complex(a * d1, -b1 * d1), torch.complex(a * d2, -b2 * d2)
+
+
+def _cauchy_fwd(v: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
+    return (torch.einsum('...hn,hnl->...hl', v, r1)
+            + torch.einsum('...hn,hnl->...hl', v.conj(), r2))
+
+
+class _Cauchy(torch.autograd.Function):
+    """Cauchy product with a hand-written backward (a few einsums instead of the ~40-node
+    autograd graph of the elementwise ops; this dominates S4 kernel generation on CPU).
+
+    Gradients follow PyTorch's convention for complex tensors (conjugate Wirtinger):
+    ``r = sum_n v R1 + conj(v) R2`` with R1 = 1/(z-w), R2 = 1/(z-conj w), so
+    ``gv = g R1^* + g^* R2`` and ``gw = sum_batch v^* (g R1^{*2} + g^* R2^2)``.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        r1, r2 = _cauchy_matrices(z, w)
+        ctx.save_for_backward(v, r1, r2)
+        return _cauchy_fwd(v, r1, r2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        v, r1, r2 = ctx.saved_tensors
+        gv = gw = None
+        gc = g.conj()
+        if ctx.needs_input_grad[0]:
+            gv = (torch.einsum('...hl,hnl->...hn', g, r1.conj())
+                  + torch.einsum('...hl,hnl->...hn', gc, r2))
+        if ctx.needs_input_grad[2]:
+            H, N = v.shape[-2:]
+            vc = v.conj().reshape(-1, H, N)
+            g1 = torch.einsum('bhn,bhl->hnl', vc, g.reshape(-1, H, g.shape[-1]))
+            g2 = torch.einsum('bhn,bhl->hnl', vc, gc.reshape(-1, H, g.shape[-1]))
+            gw = (g1 * (r1 * r1).conj() + g2 * (r2 * r2)).sum(-1)
+        return gv, None, gw
+
+
 def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
-    """``sum_n v_n / (z_l - w_n)`` over n and its conjugate pairs. v (..., H, N), z (Lf,), w (H, N)."""
-    r = 1.0 / (z[None, None, :] - _conj(w)[..., None])  # (H, 2N, Lf)
-    return torch.einsum('...hn,hnl->...hl', _conj(v), r)
+    """``sum_n v_n / (z_l - w_n) + conj(v_n) / (z_l - conj(w_n))``.
+
+    v (..., H, N), z (Lf,) (constant), w (H, N) -> (..., H, Lf).
+    """
+    if torch.is_grad_enabled() and (v.requires_grad or w.requires_grad):
+        return _Cauchy.apply(v, z, w)
+    return _cauchy_fwd(v, *_cauchy_matrices(z, w))
+
+
+def _cauchy_lr_fwd(Bs: Tensor, Cs: Tensor, r1: Tensor, r2: Tensor) -> Tuple[Tensor, Tensor]:
+    V = Bs.unsqueeze(-2) * Cs.unsqueeze(-3)  # (H, A, Bc, N)
+    H, A, Bc, N = V.shape
+    Vf = V.reshape(H, A * Bc, N)
+    r = torch.bmm(Vf, r1) + torch.bmm(Vf.conj(), r2)  # (H, A*Bc, Lf)
+    return r.view(H, A, Bc, -1), V
+
+
+class _CauchyOuter(torch.autograd.Function):
+    """:func:`cauchy_outer` with a hand-written backward, H-major contiguous layouts and
+    batched matmuls only (PyTorch's complex convention: conjugate Wirtinger gradients).
+
+    With ``V = Bs Cs`` and ``Q = g R1^* + g^* R2`` (summed over l): ``gBs = sum V-partner
+    Q Cs^*``, ``gCs = sum Q Bs^*``, ``gw = sum_{a,b} V^* (g R1^{*2} + g^* R2^2)``.
+    """
+
+    @staticmethod
+    def forward(ctx, Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        r1, r2 = _cauchy_matrices(z, w)
+        r, V = _cauchy_lr_fwd(Bs, Cs, r1, r2)
+        ctx.save_for_backward(Bs, Cs, V, r1, r2)
+        return r
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        Bs, Cs, V, r1, r2 = ctx.saved_tensors
+        H, A, Bc, N = V.shape
+        gf = g.reshape(H, A * Bc, -1)
+        gc = gf.conj()
+        gB = gC = gw = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            Q = (torch.bmm(gf, r1.conj().transpose(1, 2))
+                 + torch.bmm(gc, r2.transpose(1, 2))).view(H, A, Bc, N)  # grad wrt V
+            if ctx.needs_input_grad[0]:
+                gB = (Q * Cs.conj().unsqueeze(1)).sum(2)  # (H, A, N)
+                if Bs.dim() == 2:  # shared across H
+                    gB = gB.sum(0)
+            if ctx.needs_input_grad[1]:
+                gC = (Q * Bs.conj().unsqueeze(-2)).sum(1)  # (H, Bc, N)
+        if ctx.needs_input_grad[3]:
+            G = (torch.bmm(gf, (r1 * r1).conj().transpose(1, 2))
+                 + torch.bmm(gc, (r2 * r2).transpose(1, 2)))  # (H, A*Bc, N)
+            gw = (V.conj().reshape(H, A * Bc, N) * G).sum(1)
+        return gB, gC, None, gw
+
+
+def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    """Cauchy products of all pairs ``v = Bs[a] * Cs[b]`` (the S4 DPLR batch):
+    ``r[h, a, b, l] = sum_n v / (z_l - w_hn) + conj(v) / (z_l - conj(w_hn))``.
+
+    Bs (A, N) (shared over H) or (H, A, N); Cs (H, Bc, N); z (Lf,) constant; w (H, N).
+    Returns (H, A, Bc, Lf).
+    """
+    Bs, Cs, w = Bs.contiguous(), Cs.contiguous(), w.contiguous()
+    if torch.is_grad_enabled() and (Bs.requires_grad or Cs.requires_grad or w.requires_grad):
+        return _CauchyOuter.apply(Bs, Cs, z, w)
+    return _cauchy_lr_fwd(Bs, Cs, *_cauchy_matrices(z, w))[0]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -291,14 +402,23 @@ class SSMKernelDiag(nn.Module):
         self.register_parameter(name, p)
 
     # -- parameters -------------------------------------------------------------------
-    def _repeat(self, x: Tensor, dim: int) -> Tensor:
-        """Tile n_ssm copies up to H along ``dim`` ('(v t)' order, as official)."""
+    def _repeat(self, x: Tensor, dim: int, expand: bool = True) -> Tensor:
+        """Tile n_ssm copies up to H along ``dim`` ('(v t)' order, as official).
+
+        With ``expand=False`` a single copy (n_ssm == 1) is left to broadcast.
+        """
+        if not expand and x.shape[dim] == 1:
+            return x
         reps = [1] * x.dim()
         reps[dim] = self.H // x.shape[dim]
         return x.repeat(*reps)
 
-    def get_params(self, rate: float = 1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Continuous parameters: dt (H, 1|N), A (H, N), B (1, H, N), C (channels, H, N)."""
+    def get_params(self, rate: float = 1.0,
+                   expand: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Continuous parameters: dt (H, 1|N), A (H, N), B (1, H, N), C (channels, H, N).
+
+        ``expand=False`` keeps A/B (and P) with a size-1 SSM axis when n_ssm == 1.
+        """
         A = (-_param_transform(self.A_real, self.real_transform)
              - 1j * _param_transform(self.A_imag, self.imag_transform))
         B = torch.view_as_complex(self.B)
@@ -307,7 +427,7 @@ class SSMKernelDiag(nn.Module):
         if self.bandlimit is not None:
             freqs = dt / rate * A.imag.abs() / (2 * math.pi)  # cycles/sample at rate 1
             C = C * (freqs < self.bandlimit * 0.5).to(C.real.dtype)
-        return dt, self._repeat(A, 0), self._repeat(B, 1), C
+        return dt, self._repeat(A, 0, expand), self._repeat(B, 1, expand), C
 
     # -- convolution view --------------------------------------------------------------
     def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
@@ -316,7 +436,7 @@ class SSMKernelDiag(nn.Module):
             if self.l_max is None:
                 raise ValueError('L must be given when the kernel was built with l_max=None')
             L = round(self.l_max / rate)
-        dt, A, B, C = self.get_params(rate)
+        dt, A, B, C = self.get_params(rate, expand=False)
         dtA = dt * A  # (H, N)
         BC = B * C  # (channels, H, N)
         if self.disc == 'zoh':
@@ -360,9 +480,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         self._register('P', torch.view_as_real(P.to(torch.cfloat)).contiguous(), 'A')
         self.register_buffer('l_kernel', torch.tensor(0))
 
-    def get_params(self, rate: float = 1.0):
-        dt, A, B, C = super().get_params(rate)
-        P = self._repeat(torch.view_as_complex(self.P), 1)  # (R, H, N)
+    def get_params(self, rate: float = 1.0, expand: bool = True):
+        dt, A, B, C = super().get_params(rate, expand)
+        P = self._repeat(torch.view_as_complex(self.P), 1, expand)  # (R, H, N)
         return dt, A, B, C, P
 
     @torch.no_grad()
@@ -373,9 +493,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         Pc = _conj(P)  # (R, H, 2N)
         Af = torch.diag_embed(_conj(A)) - torch.einsum('rhn,rhm->hnm', Pc, Pc.conj())
         eye = torch.eye(2 * self.N, dtype=dtype, device=A.device)
-        h = (dt[..., :1] if dt.shape[-1] == 1 else dt)  # dt tied: (H, 1)
-        if h.shape[-1] != 1:
-            raise ValueError('the DPLR kernel needs dt_tie=True')
+        if dt.shape[-1] != 1:
+            raise ValueError('the dense DPLR recurrence needs dt_tie=True')
+        h = dt  # (H, 1)
         back = eye - h[:, :, None] / 2 * Af
         dA = torch.linalg.solve(back, eye + h[:, :, None] / 2 * Af)
         dB = torch.linalg.solve(back, h * _conj(B[0]))
@@ -444,25 +564,28 @@ class SSMKernelDPLR(SSMKernelDiag):
             self._setup_C(round(rate * L))
         n = round(int(self.l_kernel.item()) / rate)  # number of FFT nodes
 
-        dt, A, B, C, P = self.get_params(rate)
+        dt, A, B, C, P = self.get_params(rate, expand=False)  # A/B/P broadcast if n_ssm == 1
         # roots of unity omega^k, k <= n/2, as powers of a complex64 base (the official
         # arithmetic; keeps checkpoints' outputs within ~1e-6 relative of the official ones)
         base = torch.tensor(np.exp(-2j * np.pi / n), dtype=A.dtype, device=A.device)
         omega = base ** torch.arange(n // 2 + 1, device=A.device).to(A.dtype)
         z = 2 * (1 - omega) / (1 + omega)  # bilinear pre-image of the nodes
-        Bs = torch.cat([B, P], 0)  # (1+R, H, N)
-        Cs = torch.cat([C, P.conj()], 0)  # (ch+R, H, N)
-        v = Bs[:, None] * Cs[None] * dt.unsqueeze(0)  # (1+R, ch+R, H, N)
-        r = cauchy(v, z, A * dt)  # (1+R, ch+R, H, Lf)
+        Bs = torch.cat([B, P], 0)  # (1+R, S, N), S = 1 (shared) or H
+        Cs = torch.cat([C, P.conj().expand(-1, C.shape[1], -1)], 0)  # (ch+R, H, N)
+        Bs = Bs[:, 0] if Bs.shape[1] == 1 else self._repeat(Bs, 1).transpose(0, 1)
+        # all (B|P) x (C|Q) Cauchy products, H-major: (H, 1+R, ch+R, Lf)
+        r = cauchy_outer(Bs, (Cs * dt).transpose(0, 1), z, A * dt)
         R = self.rank
-        if R == 1:
-            k_f = r[:-1, :-1] - r[:-1, -1:] * r[-1:, :-1] / (1 + r[-1:, -1:])
+        if R == 1:  # Woodbury: k = r00 - r01 r10 / (1 + r11)
+            k_f = r[:, :1, :-1] - r[:, :1, -1:] * r[:, 1:, :-1] / (1 + r[:, 1:, -1:])
         else:
-            r11 = r[-R:, -R:].permute(2, 3, 0, 1)  # (H, Lf, R, R)
+            r11 = r[:, -R:, -R:].permute(0, 3, 1, 2)  # (H, Lf, R, R)
             eye = torch.eye(R, dtype=r.dtype, device=r.device)
-            inv = torch.linalg.inv(eye + r11).permute(2, 3, 0, 1)
-            k_f = r[:-R, :-R] - torch.einsum('ijhl,jkhl,kmhl->imhl', r[:-R, -R:], inv, r[-R:, :-R])
-        k_f = k_f[0] * 2 / (1 + omega)  # (ch, H, Lf)
+            inv = torch.linalg.inv(eye + r11).permute(0, 2, 3, 1)  # (H, R, R, Lf)
+            k_f = r[:, :-R, :-R] - torch.einsum('hijl,hjkl,hkml->himl', r[:, :-R, -R:], inv,
+                                                r[:, -R:, :-R])
+        k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
+        k_f = k_f * 2 / (1 + omega)  # bilinear-transform correction
         K = torch.fft.irfft(k_f, n=n)[..., :L]
         if K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
             K = F.pad(K, (0, L - K.shape[-1]))

@@ -90,3 +90,51 @@ def _warn_transformers() -> None:
             warnings.warn(f'transformers {t} breaks `import mmpretrain.models` (mmpretrain 1.2.0 '
                           'multimodal imports). Fix: pip uninstall transformers, or '
                           "pip install 'transformers<4.56'.")
+
+
+class _MissingDRNFinder:
+    """Provide ``mmaction.models.localizers.drn`` where the mmaction2 wheel lacks it.
+
+    mmaction2 1.2.0's PyPI wheel and sdist omit the ``localizers/drn`` package
+    that ``mmaction/models/localizers/__init__.py`` imports, so
+    ``import mmaction.models`` fails for everyone. The modules given here hold
+    a ``DRN`` whose construction raises, naming the packaging bug; nothing
+    else in mmaction is touched.
+    """
+    NAMES = ('mmaction.models.localizers.drn', 'mmaction.models.localizers.drn.drn')
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.NAMES:
+            return None
+        import importlib.machinery
+        return importlib.machinery.ModuleSpec(name, self, is_package=name == self.NAMES[0])
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        class DRN:  # noqa: D401 - placeholder for the missing upstream model
+            def __init__(self, *args, **kwargs):
+                raise ImportError('mmaction2 1.2.0 from PyPI ships without its DRN localizer '
+                                  '(mmaction/models/localizers/drn); install mmaction2 from '
+                                  'source to use DRN.')
+        module.DRN = DRN
+        if module.__name__ == self.NAMES[0]:
+            module.__path__ = []
+
+
+def install_mmaction_drn_fix() -> None:
+    """Let ``import mmaction.models`` work with the incomplete mmaction2 1.2.0 wheel."""
+    import importlib.util
+    import sys
+    try:
+        spec = importlib.util.find_spec('mmaction')
+    except (ImportError, ValueError):
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    root = list(spec.submodule_search_locations)[0]
+    if osp.isdir(osp.join(root, 'models', 'localizers', 'drn')):
+        return
+    if not any(isinstance(f, _MissingDRNFinder) for f in sys.meta_path):
+        sys.meta_path.append(_MissingDRNFinder())

@@ -21,7 +21,7 @@ def tiny_root(tmp_path_factory):
     sys.path.insert(0, str(REPO / 'tools' / 'misc'))
     from make_tiny_datasets import make_all
     root = tmp_path_factory.mktemp('tiny')
-    make_all(str(root), ('coco', 'ade', 'imagenet'))
+    make_all(str(root), ('coco', 'ade', 'imagenet', 'video'))
     return root
 
 
@@ -41,6 +41,10 @@ def point_at_tiny(cfg, root):
         elif scope == 'mmseg':
             ds.data_root = f'{root}/ade/'
             ds.img_suffix, ds.seg_map_suffix = '.jpg', '.png'
+        elif scope == 'mmaction':
+            ds.ann_file = f'{root}/video/' + ('train_list.txt' if name == 'train_dataloader'
+                                             else 'val_list.txt')
+            ds.data_prefix = dict(img=f'{root}/video/rawframes')
         elif scope == 'mmpretrain':
             split = ds.pop('split', 'train' if name == 'train_dataloader' else 'val')
             ds.type, ds.data_root, ds.data_prefix, ds.ann_file = (

@@ -69,3 +69,23 @@ def test_backbone_without_depth_is_an_error():
             self.backbone = nn.Linear(2, 2)
     with pytest.raises(NotImplementedError, match='get_layer_depth'):
         build(NoDepth(), layer_decay_rate=0.9)
+
+
+def test_real_vim_detector_layers_get_their_own_lr():
+    """Vim's parameters are `layers.i.*`: every layer must land in its own lr group."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    import mmdet.models  # noqa: F401
+    from mmdet.registry import MODELS
+    cfg = Config.fromfile('configs/mask_rcnn/vim_t_1x_tiny.py')
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    opt = build(model, layer_decay_rate=0.5)
+    lrs = {g['param_name']: g['lr'] for g in opt.param_groups}
+    depth = model.backbone.num_layers  # 4 layers: ids 0 (embeddings) .. 5 (top)
+    assert lrs['backbone.pos_embed'] == pytest.approx(0.5 ** (depth + 1))
+    assert lrs['backbone.patch_embed.proj.weight'] == pytest.approx(0.5 ** (depth + 1))
+    for i in range(depth):
+        assert lrs[f'backbone.layers.{i}.mixer.in_proj.weight'] == pytest.approx(0.5 ** (depth - i))
+    assert lrs['neck.1.lateral_convs.0.conv.weight'] == pytest.approx(1.0)
+    assert lrs['roi_head.bbox_head.fc_cls.weight'] == pytest.approx(1.0)

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from mmssm.ops.fftconv import (axis_spectra, conv_reference_nd, conv_sizes, fft_size,
-                               fftconv_nd, fftconv_separable, outer_spectrum)
+from mmssm.ops.fftconv import (axis_operators, axis_spectra, conv_reference_nd, conv_sizes,
+                               fft_size, fftconv_nd, fftconv_separable, outer_spectrum,
+                               separable_conv, toeplitz_conv_separable, toeplitz_matrix)
 
-IMPLS = [fftconv_nd, fftconv_separable]
+IMPLS = [fftconv_nd, fftconv_separable, toeplitz_conv_separable]
 
 CASES = [((7,), (5,)), ((9,), (9,)), ((5, 7), (3, 7)), ((6, 5), (6, 2)),
          ((3, 5, 7), (2, 5, 4))]
@@ -104,3 +105,18 @@ def test_half_inputs_computed_in_fp32(dtype, impl):
 def test_bad_input(impl):
     with pytest.raises(ValueError, match='spatial axes'):
         impl(torch.randn(1, 2, 5), [torch.randn(2, 3), torch.randn(2, 3)])
+
+
+def test_toeplitz_matrix_and_mixed_axes():
+    k = torch.tensor([1.0, 2.0, 3.0])
+    kb = torch.tensor([10.0, 20.0])
+    T = toeplitz_matrix(k, kb, 4)  # T[i, j] = k(i - j)
+    want = torch.tensor([[1, 10, 20, 0], [2, 1, 10, 20], [3, 2, 1, 10], [0, 3, 2, 1.0]])
+    torch.testing.assert_close(T, want)
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 3, 6, 300, generator=g, dtype=torch.float64)
+    ks = [torch.randn(3, 6, generator=g, dtype=torch.float64),
+          torch.randn(3, 40, generator=g, dtype=torch.float64)]
+    ops = axis_operators([6, 300], ks, ks, toeplitz_max=256)  # axis 0 matmul, axis 1 FFT
+    assert [o[0] for o in ops] == ['toeplitz', 'fft']
+    torch.testing.assert_close(separable_conv(u, ops), conv_reference_nd(u, ks, ks))

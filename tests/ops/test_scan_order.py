@@ -114,9 +114,11 @@ def test_adjoint_pairs():
     """<scan(x), y> == <x, merge(y)>: each backward is the partner op."""
     x = torch.randn(2, 3, 3, 5, dtype=torch.float64)
     y = torch.randn(2, 4, 3, 15, dtype=torch.float64)
-    torch.testing.assert_close((cross_scan(x) * y).sum(), (x.flatten(2) * cross_merge(y, 3, 5)).sum())
+    torch.testing.assert_close((cross_scan(x) * y).sum(),
+                               (x.flatten(2) * cross_merge(y, 3, 5)).sum())
     yl = torch.randn(2, 3, 24, dtype=torch.float64)
-    torch.testing.assert_close((local_scan(x, 2) * yl).sum(), (x * local_reverse(yl, 2, 3, 5)).sum())
+    torch.testing.assert_close((local_scan(x, 2) * yl).sum(),
+                               (x * local_reverse(yl, 2, 3, 5)).sum())
 
 
 def test_bad_inputs():

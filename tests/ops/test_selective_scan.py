@@ -96,6 +96,36 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(selective_scan(**nc, delta_softplus=True), want)
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+def test_mixed_input_dtypes(backend):
+    """Under autocast u may be bf16 while delta/B/C/z stay fp32 (or vice versa):
+    everything is computed in fp32; grads come back in each input's dtype."""
+    inp = make_inputs(b=2, d=4, l=9, n=4, gB=2, gC=2)
+    mixed = dict(inp, u=inp['u'].bfloat16(), C=inp['C'].half())
+    got = run_with_grads(selective_scan, mixed, backend=backend, delta_softplus=True)
+    assert got[0].dtype == torch.bfloat16
+    assert got[2]['u'].dtype == torch.bfloat16 and got[2]['C'].dtype == torch.float16
+    assert got[2]['delta'].dtype == torch.float32
+    compare(got, ref64(mixed, delta_softplus=True), 3e-2, f'mixed {backend}')
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+def test_autocast_keeps_fp32_math(backend):
+    """Under CPU bf16 autocast the contractions must not drop to bf16."""
+    inp = make_inputs(b=2, d=8, l=30, n=16, gB=1, gC=None)
+    x = {k: (None if v is None else v.clone().requires_grad_()) for k, v in inp.items()}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = selective_scan(**x, delta_softplus=True, backend=backend)
+        out.sum().backward()
+    assert out.dtype == torch.float32
+    x64 = {k: (None if v is None else v.double().requires_grad_()) for k, v in inp.items()}
+    want = selective_scan_ref(**x64, delta_softplus=True)
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias'):
+        torch.testing.assert_close(x[k].grad.double(), x64[k].grad, rtol=1e-4, atol=1e-4)
+
+
 def test_large_decay_is_exact():
     """dt*|A| up to ~1e3: a cumsum-of-exp ('ratio') scan would overflow to NaN."""
     inp = make_inputs(b=1, d=4, l=40, n=16, gB=1, gC=1, bias=False)
@@ -156,7 +186,8 @@ def _bad(**over):
 @pytest.mark.parametrize('over,err,msg', [
     (dict(u=torch.zeros(2, 4)), ValueError, r'u must be a \(b, d, l\)'),
     (dict(delta=torch.zeros(2, 4, 6)), ValueError, 'delta must have the shape of u'),
-    (dict(delta=torch.zeros(2, 4, 5, dtype=torch.float64)), TypeError, 'delta must have the dtype'),
+    (dict(delta=torch.zeros(2, 4, 5, dtype=torch.int32)), TypeError, 'delta must be float32/'),
+    (dict(z=torch.zeros(2, 4, 5, dtype=torch.bool)), TypeError, 'z must be float32/'),
     (dict(z=torch.zeros(2, 3, 5)), ValueError, 'z must have the shape of u'),
     (dict(A=torch.zeros(3, 3)), ValueError, r'A must be \(d=4'),
     (dict(A=torch.zeros(4, 3, dtype=torch.complex64)), TypeError, 'A must be a real'),
@@ -165,7 +196,8 @@ def _bad(**over):
     (dict(C=torch.zeros(4, 2)), ValueError, r'C constant must be \(d=4, n=3\)'),
     (dict(B=torch.zeros(3, 5)), ValueError, r'B constant must be'),
     (dict(B=torch.zeros(5)), ValueError, 'B must be'),
-    (dict(B=torch.zeros(2, 2, 3, 5, dtype=torch.float16)), TypeError, 'B must be float32 or'),
+    (dict(B=torch.zeros(2, 2, 3, 5, dtype=torch.int64)), TypeError, 'B must be float32/'),
+    (dict(D=torch.zeros(4, dtype=torch.int64)), TypeError, 'D must be float32/'),
     (dict(D=torch.zeros(3)), ValueError, r'D must be \(d=4,\)'),
     (dict(delta_bias=torch.zeros(4, 1)), ValueError, r'delta_bias must be \(d=4,\)'),
     (dict(u=torch.zeros(2, 4, 5, dtype=torch.int64)), TypeError, 'u must be float32'),
@@ -186,3 +218,18 @@ def test_forward_only_matches_across_flag_grid():
                                             for k, v in inp.items()}, **kw)
         torch.testing.assert_close(out.double(), rout, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(last.double(), rlast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [
+    (1, 8, 197, 16, 1),  # Vim-T length, S4D-real A: default chunking (several chunks)
+    (1, 8, 3136, 1, 4),  # VMamba-T stage-1 length (N = 1, g = 4)
+])
+def test_realistic_lengths_default_chunking(shape):
+    """Trained-model magnitudes: A = -(1..N), dt = softplus(~-4.6 + noise)."""
+    b, d, l, n, g = shape
+    inp = make_inputs(b=b, d=d, l=l, n=n, gB=g, gC=g, dt_scale=1.0)
+    inp['A'] = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)
+    inp['delta'] = inp['delta'] - 3.6
+    compare(run_with_grads(selective_scan, inp, backend='cpu', delta_softplus=True,
+                           return_last_state=True),
+            ref64(inp, delta_softplus=True, return_last_state=True), 2e-5, f'{shape}')

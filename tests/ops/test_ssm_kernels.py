@@ -167,3 +167,45 @@ def test_bad_arguments():
         SSMKernelDiag(d_model=4, d_state=8, n_ssm=3)
     with pytest.raises(ValueError, match='dt_transform'):
         SSMKernelDiag(d_model=2, d_state=8, dt_transform='cube')
+
+
+def test_cauchy_custom_backward_gradcheck():
+    from mmssm.ops.ssm_kernels import cauchy
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.complex128, requires_grad=True)
+    w = torch.complex(-torch.rand(4, 5, generator=g, dtype=torch.float64) - 0.1,
+                      torch.randn(4, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    z = 1j * torch.linspace(0, 3, 6, dtype=torch.float64).to(torch.complex128)
+    assert torch.autograd.gradcheck(lambda v, w: cauchy(v, z, w), (v, w))
+    # same values as the direct definition
+    ref = (v[..., None] / (z - w[..., None]) + v.conj()[..., None] / (z - w.conj()[..., None])
+           ).sum(-2)
+    torch.testing.assert_close(cauchy(v, z, w), ref)
+
+
+@pytest.mark.parametrize('shared', [True, False])
+def test_cauchy_outer_gradcheck(shared):
+    from mmssm.ops.ssm_kernels import cauchy, cauchy_outer
+    g = torch.Generator().manual_seed(1)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    H, N = 3, 4
+    Bs = torch.randn(*(() if shared else (H,)), 2, N, **cplx).requires_grad_()
+    Cs = torch.randn(H, 3, N, **cplx).requires_grad_()
+    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) - 0.1,
+                      torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    z = 1j * torch.linspace(0, 3, 5, dtype=torch.float64).to(torch.complex128)
+    assert torch.autograd.gradcheck(lambda b, c, w: cauchy_outer(b, c, z, w), (Bs, Cs, w))
+    # equals the plain Cauchy product of every (Bs[a], Cs[b]) pair
+    B_ = Bs if not shared else Bs.expand(H, -1, -1)
+    v = (B_[:, :, None] * Cs[:, None]).permute(1, 2, 0, 3)  # (A, Bc, H, N)
+    torch.testing.assert_close(cauchy_outer(Bs, Cs, z, w), cauchy(v, z, w).permute(2, 0, 1, 3))
+
+
+def test_dplr_rank2_equals_recurrence():
+    torch.manual_seed(0)
+    k = SSMKernelDPLR(d_model=3, d_state=16, l_max=12, channels=2, init='dplr-lin', rank=2,
+                      n_ssm=3, dt_min=0.01, dt_max=0.1)
+    with torch.no_grad():
+        K = k(L=12)
+        scale = K.abs().max().item()
+        torch.testing.assert_close(K, _impulse_response(k, 12), atol=1e-4 * scale, rtol=0)

@@ -66,6 +66,40 @@ def check_nan():
     assert torch.isfinite(out[0, 1]).all()
 
 
+def check_mixed_dtypes():
+    """Autocast-style mixed inputs: bf16 u, fp32 delta/B, fp16 C."""
+    inp = make_inputs(b=1, d=4, l=10, n=4, gB=2, gC=2)
+    inp = dict(inp, u=inp['u'].bfloat16(), C=inp['C'].half())
+    got = run_with_grads(selective_scan, inp, backend='triton', delta_softplus=True)
+    assert got[0].dtype == torch.bfloat16
+    for k, g in got[2].items():
+        assert g.dtype == inp[k].dtype, (k, g.dtype)
+    compare(got, ref64(inp, delta_softplus=True), 3e-2, 'mixed')
+
+
+def check_cross_scan_merge():
+    """Triton cross-scan/merge == the torch versions, values and gradients."""
+    from mmssm.ops import cross_merge, cross_scan
+    for (h, w), dtype in [((3, 5), F32), ((6, 1), F32), ((33, 35), F32),
+                          ((4, 7), torch.bfloat16)]:
+        x = torch.randn(2, 3, h, w).to(dtype)
+        x_nc = x.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous view
+        outs, grads = [], []
+        for backend in ('triton', 'torch'):
+            xi = x_nc.clone().requires_grad_()
+            y = cross_scan(xi, backend=backend)
+            yi = (y.detach().float() * 0.5).to(dtype).requires_grad_()
+            m = cross_merge(yi, h, w, backend=backend)
+            (y.float() * torch.arange(y.numel()).view(y.shape).float().sin()).sum().backward()
+            (m.float() * torch.arange(m.numel()).view(m.shape).float().cos()).sum().backward()
+            outs.append((y.detach(), m.detach()))
+            grads.append((xi.grad, yi.grad))
+        assert torch.equal(outs[0][0], outs[1][0]), (h, w, dtype)
+        tol = 1e-6 if dtype == F32 else 1e-2
+        for a, b in zip(outs[0][1:] + grads[0], outs[1][1:] + grads[1]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
 def check_noncontiguous():
     inp = make_inputs(b=2, d=4, l=9, n=4, gB=2, gC=2)
     nc = {k: (None if v is None else v.transpose(0, -1).contiguous().transpose(0, -1))
@@ -76,7 +110,8 @@ def check_noncontiguous():
 
 def main(ids):
     res = {}
-    extra = {'nan_propagates': check_nan, 'noncontiguous': check_noncontiguous}
+    extra = {'nan_propagates': check_nan, 'noncontiguous': check_noncontiguous,
+             'mixed_dtypes': check_mixed_dtypes, 'cross_scan_merge': check_cross_scan_merge}
     for cid in ids:
         try:
             extra[cid]() if cid in extra else check(cid)
@@ -87,4 +122,5 @@ def main(ids):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:] or list(TRITON_CASES) + ['nan_propagates', 'noncontiguous'])
+    main(sys.argv[1:] or list(TRITON_CASES) + ['nan_propagates', 'noncontiguous',
+                                               'mixed_dtypes', 'cross_scan_merge'])

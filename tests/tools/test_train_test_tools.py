@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_env(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny')
     subprocess.run([sys.executable, str(REPO / 'tools/misc/make_tiny_datasets.py'), '--out',
-                    str(root), '--tasks', 'coco', 'ade', 'imagenet'], check=True)
+                    str(root), '--tasks', 'coco', 'ade', 'imagenet', 'video'], check=True)
     env = dict(os.environ, MMSSM_TINY_DATA=str(root), PYTHON=sys.executable)
     env['PYTHONPATH'] = f'{REPO}{os.pathsep}{env.get("PYTHONPATH", "")}'
     return env
@@ -36,10 +36,14 @@ def train(config, work_dir, env, iters, *extra):
 
 @pytest.mark.parametrize('config,metric', [
     ('configs/mask_rcnn/v2m_s_1x_tiny.py', r'coco/bbox_mAP: [\d.]+ .*coco/segm_mAP: [\d.]+'),
+    ('configs/mask_rcnn/vim_t_1x_tiny.py', r'coco/bbox_mAP: [\d.]+ .*coco/segm_mAP: [\d.]+'),
     ('configs/upernet/v2m_s_tiny.py', r'mIoU: [\d.]+'),
     ('configs/vim/vim_in1k_tiny.py', r'accuracy/top1: [\d.]+'),
+    ('configs/video/convnext_s4nd_3d_hmdb51_tiny.py', r'acc/top1: [\d.]+'),
 ])
 def test_train_then_test(config, metric, tiny_env, tmp_path):
+    if 'video' in config:
+        pytest.importorskip('mmaction', reason='video configs need WITH_VIDEO=1 make setup')
     log = train(config, tmp_path, tiny_env, 2)
     assert re.search(r'Iter\(train\) \[2/2\]', log)
     assert (tmp_path / 'iter_2.pth').exists()
@@ -70,3 +74,6 @@ def test_dist_train_two_gloo_processes(tiny_env, tmp_path):
     assert re.search(r'Iter\(train\) \[2/2\]', log)
     assert re.search(r'accuracy/top1: [\d.]+', log)
     assert (tmp_path / 'iter_2.pth').exists()
+    log = run(['bash', 'tools/dist_test.sh', 'configs/vim/vim_in1k_tiny.py',
+               str(tmp_path / 'iter_2.pth'), '2', '--work-dir', str(tmp_path)], env)
+    assert re.search(r'Iter\(test\).*accuracy/top1: [\d.]+', log)

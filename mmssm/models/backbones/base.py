@@ -24,8 +24,10 @@ class SSMBackbone(BaseModule):
     covers less than ``min_coverage`` of the keys is an error.
     """
     arch_zoo: Dict[str, dict] = {}
-    # keys a subclass expects in a custom arch dict
+    # keys a subclass expects in a custom arch dict, and the optional ones
+    # (None: any extra key is accepted)
     arch_keys: Tuple[str, ...] = ()
+    arch_optional: Optional[Tuple[str, ...]] = None
     # substrings of keys that official classification checkpoints lack
     # (e.g. per-output norms) and that must not count as missing
     checkpoint_ignore_missing: Tuple[str, ...] = ()
@@ -48,6 +50,11 @@ class SSMBackbone(BaseModule):
             if missing:
                 raise ValueError(f'{cls.__name__}: custom arch dict lacks {missing}; '
                                  f'it needs {list(cls.arch_keys)}')
+            if cls.arch_optional is not None:
+                unknown = sorted(set(arch) - set(cls.arch_keys) - set(cls.arch_optional))
+                if unknown:
+                    raise ValueError(f'{cls.__name__}: unknown arch key(s) {unknown}; valid: '
+                                     f'{list(cls.arch_keys) + list(cls.arch_optional)}')
             return copy.deepcopy(arch)
         raise TypeError(f'{cls.__name__}: arch must be a str or dict, got {type(arch).__name__}')
 

@@ -75,10 +75,6 @@ class V2MPyramid(VMamba):
     def _settings(cls, arch: Union[str, dict]) -> dict:
         cfg = cls.parse_arch(arch)
         if isinstance(arch, dict):
-            unknown = sorted(set(cfg) - set(cls.arch_keys) - set(cls.arch_optional))
-            if unknown:
-                raise ValueError(f'V2MPyramid: unknown arch key(s) {unknown}; valid: '
-                                 f'{list(cls.arch_keys) + list(cls.arch_optional)}')
             cfg = {**_PYRAMID, **cfg}
         if cfg['norm_layer'] != 'ln':
             raise ValueError("V2MPyramid: norm_layer must be 'ln' (the 2-D SSM mixer is channel-last)")

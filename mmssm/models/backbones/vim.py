@@ -90,7 +90,7 @@ class Vim(SSMBackbone):
         **dict.fromkeys(['b', 'base'], dict(embed_dims=768, num_layers=24)),
     }
     arch_keys = ('embed_dims', 'num_layers')
-    ARCH_OPTIONAL = ('d_state', 'expand', 'd_conv', 'dt_rank')
+    arch_optional = ('d_state', 'expand', 'd_conv', 'dt_rank')
     OUT_TYPES = ('cls_token', 'featmap', 'avg_featmap', 'raw')
     checkpoint_ignore_missing = ('out_norms.', )
 
@@ -104,10 +104,6 @@ class Vim(SSMBackbone):
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         s = self.arch_settings = self.parse_arch(arch)
-        unknown = set(s) - set(self.ARCH_OPTIONAL + self.arch_keys)
-        if unknown:
-            raise ValueError(f'{type(self).__name__}: unknown arch keys {sorted(unknown)}; '
-                             f'valid: {list(self.arch_keys + self.ARCH_OPTIONAL)}')
         self.embed_dims = D = s['embed_dims']
         self.num_layers = s['num_layers']
         self.mixer_cfg = dict(d_state=s.get('d_state', 16), expand=s.get('expand', 2),

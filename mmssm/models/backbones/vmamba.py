@@ -205,10 +205,6 @@ class VMamba(SSMBackbone):
     def _settings(cls, arch: Union[str, dict]) -> dict:
         cfg = cls.parse_arch(arch)
         if isinstance(arch, dict):
-            unknown = sorted(set(cfg) - set(cls.arch_keys) - set(cls.arch_optional))
-            if unknown:
-                raise ValueError(f'VMamba: unknown arch key(s) {unknown}; valid: '
-                                 f'{list(cls.arch_keys) + list(cls.arch_optional)}')
             cfg = {**_V2, 'ssm_ratio': 1.0, **cfg}
         if cfg['norm_layer'] not in ('ln', 'ln2d'):
             raise ValueError(f"arch norm_layer={cfg['norm_layer']!r}: valid 'ln' (channel-last) "

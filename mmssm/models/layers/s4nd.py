@@ -1,9 +1,13 @@
 """S4ND: multi-axis global convolution with separable SSM kernels (Nguyen et al., 2022).
 
 One 1-D SSM kernel module per axis (``kernel.{axis}``); the N-D kernel is their outer
-product, formed in frequency space (``mmssm.ops.fftconv``). State-dict keys and shapes are
-those of state-spaces/s4 ``src/models/sequence/modules/s4nd.py``, so official weights load
-as they are, including DPLR ``C~``/``l_kernel`` pairs.
+product. It is never built in space: the official algorithm multiplies the per-axis spectra
+in frequency space (``conv_mode='outer'``); since the kernel is separable, the default
+applies one 1-D operator per axis instead (a Toeplitz matmul for short axes, an FFT
+convolution for long ones), which gives the same result several times faster on CPU
+(``mmssm.ops.fftconv``). State-dict keys and shapes are those of state-spaces/s4
+``src/models/sequence/modules/s4nd.py``, so official weights load as they are, including
+DPLR ``C~``/``l_kernel`` pairs.
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -11,7 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mmssm.ops.fftconv import axis_spectra, outer_spectrum, prepare_kernels, separable_conv
+from mmssm.ops.fftconv import (axis_operators, axis_spectra, outer_spectrum, prepare_kernels,
+                               separable_conv)
 from mmssm.ops.ssm_kernels import KERNELS
 
 _ACTS = {None: nn.Identity, 'id': nn.Identity, 'identity': nn.Identity, 'linear': nn.Identity,
@@ -24,7 +29,8 @@ def _activation(name: Optional[str], dim: int = 1) -> nn.Module:
     if name == 'glu':
         return nn.GLU(dim=dim)
     if name not in _ACTS:
-        raise ValueError(f"activation must be one of {sorted(map(str, _ACTS))} or 'glu', got {name!r}")
+        raise ValueError(f"activation must be one of {sorted(map(str, _ACTS))} or 'glu', "
+                         f'got {name!r}')
     return _ACTS[name]()
 
 
@@ -68,10 +74,14 @@ class S4ND(nn.Module):
         linear: if True, return the convolution output (channels*H) directly.
         return_state: return ``(y, None)`` like the official module.
         contract_version: accepted for config compatibility; 0 and 1 compute the same.
-        conv_mode: 'outer' = one N-D FFT with the outer-product spectrum (the official
-            algorithm); 'axes' = one 1-D FFT convolution per axis (same result for a
-            separable kernel, ~2x less FFT work in 2-D); 'auto' = 'axes' when
-            ``trank == 1`` and depthwise, else 'outer'.
+        conv_mode: how the separable convolution is evaluated (same result up to float
+            round-off): 'outer' = one N-D FFT with the outer-product spectrum (the
+            official algorithm); 'axes' = one 1-D FFT convolution per axis; 'toeplitz' =
+            one dense Toeplitz matmul per axis (O(L) per output, but BLAS: several times
+            faster than FFTs on CPU for L up to a few hundred); 'auto' = per axis
+            'toeplitz' if L <= ``toeplitz_max`` else 'axes', when ``trank == 1`` and
+            depthwise; otherwise 'outer'.
+        toeplitz_max: longest axis evaluated by matmul in 'auto' mode.
         mode / kernel: 'dplr' (S4, official default) or 'diag' (S4D).
         **kernel_args: passed to the kernel modules (init, rank, n_ssm, dt_min, dt_max,
             dt_tie, dt_transform, lr, wd, bandlimit, disc, real_transform, imag_transform).
@@ -85,15 +95,16 @@ class S4ND(nn.Module):
                  transposed: bool = True, trank: int = 1, linear: bool = True,
                  return_state: bool = False, contract_version: int = 0,
                  kernel: Optional[str] = None, mode: str = 'dplr', conv_mode: str = 'auto',
-                 **kernel_args):
+                 toeplitz_max: int = 256, **kernel_args):
         super().__init__()
         kernel = kernel or mode
         if kernel not in KERNELS:
             raise ValueError(f'kernel/mode must be one of {sorted(KERNELS)}, got {kernel!r}')
-        if conv_mode not in ('auto', 'axes', 'outer'):
-            raise ValueError(f"conv_mode must be 'auto', 'axes' or 'outer', got {conv_mode!r}")
-        if conv_mode == 'axes' and (trank != 1 or out_channels is not None):
-            raise ValueError("conv_mode='axes' needs trank=1 and out_channels=None")
+        if conv_mode not in ('auto', 'axes', 'toeplitz', 'outer'):
+            raise ValueError(f"conv_mode must be 'auto', 'axes', 'toeplitz' or 'outer', "
+                             f'got {conv_mode!r}')
+        if conv_mode in ('axes', 'toeplitz') and (trank != 1 or out_channels is not None):
+            raise ValueError(f"conv_mode={conv_mode!r} needs trank=1 and out_channels=None")
         if contract_version not in (0, 1):
             raise ValueError(f'contract_version must be 0 or 1, got {contract_version}')
         if isinstance(l_max, (list, tuple)):
@@ -112,7 +123,7 @@ class S4ND(nn.Module):
         self.channels, self.out_channels, self.trank = channels, out_channels, trank
         self.bidirectional, self.transposed = bidirectional, transposed
         self.linear, self.return_state = linear, return_state
-        self.conv_mode = conv_mode
+        self.conv_mode, self.toeplitz_max = conv_mode, toeplitz_max
 
         self.D = nn.Parameter(torch.randn(channels, d_model))
         k_channels = channels * (out_channels or 1) * trank * (2 if bidirectional else 1)
@@ -134,22 +145,24 @@ class S4ND(nn.Module):
         return [l if lm is None else min(l, int(round(lm / rate)))
                 for l, lm in zip(l_in, self.l_max)]
 
-    def kernel_spectrum(self, l_in: Sequence[int], rate: float = 1.0) -> Tuple[list, list]:
-        """Per-axis kernel spectra for an input of size ``l_in`` and the FFT sizes.
+    def kernel_operators(self, l_in: Sequence[int], rate: float = 1.0) -> Tuple[list, list]:
+        """Batch-independent convolution operators for an input of size ``l_in``.
 
-        Separable path (``trank == 1``, depthwise): d ``rfft`` spectra (c, H, F_i//2+1).
+        Separable path (``trank == 1``, depthwise): per-axis operators (dense Toeplitz
+        matrices or rfft spectra, see :func:`mmssm.ops.fftconv.axis_operators`).
         Otherwise: one N-D spectrum (c', H, F_0, .., F_last//2+1) in a 1-list, the outer
         product of the per-axis spectra averaged over the ``trank`` rank-1 terms
-        (c' = out_channels*channels).
+        (c' = out_channels*channels), and the FFT sizes.
         """
         l_k = self.kernel_lengths(l_in, rate)
         ks = [kern(L=l, rate=rate) for kern, l in zip(self.kernel, l_k)]  # (k_ch, H, l)
         fwd, bwd = ks, None
         if self.bidirectional:  # first half causal, second half anti-causal
             fwd, bwd = zip(*[k.chunk(2, dim=0) for k in ks])
-        fwd, bwd, sizes = prepare_kernels(l_in, fwd, bwd)
         if self._separable:
-            return axis_spectra(fwd, sizes, bwd, real=True), sizes
+            limit = {'toeplitz': 1 << 30, 'axes': 0}.get(self.conv_mode, self.toeplitz_max)
+            return axis_operators(l_in, fwd, bwd, toeplitz_max=limit), []
+        fwd, bwd, sizes = prepare_kernels(l_in, fwd, bwd)
         k_f = outer_spectrum(axis_spectra(fwd, sizes, bwd))  # (r*c', H, *F')
         if self.trank > 1:  # mean over the rank-1 terms ('(r c)' with r outermost)
             k_f = k_f.reshape(self.trank, -1, *k_f.shape[1:]).mean(0)
@@ -157,28 +170,50 @@ class S4ND(nn.Module):
 
     @property
     def _separable(self) -> bool:
-        return self.conv_mode == 'axes' or (
+        return self.conv_mode in ('axes', 'toeplitz') or (
             self.conv_mode == 'auto' and self.trank == 1 and self.out_channels is None)
 
-    def _cached_spectrum(self, l_in: Sequence[int], rate: float):
-        """Kernel spectra, cached while no autograd graph is needed (inference).
+    def _cached_operators(self, l_in: Sequence[int], rate: float):
+        """Kernel operators, cached while no autograd graph is needed (inference).
 
         The key holds every parameter's storage and in-place version counter, so loading
         weights, optimizer steps, ``.to()`` or the lazy C~ conversion invalidate it.
         """
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             self._spec_cache = None
-            return self.kernel_spectrum(l_in, rate)
+            return self.kernel_operators(l_in, rate)
         key = (tuple(l_in), float(rate), self._separable,
                tuple((t.data_ptr(), t._version) for t in self.kernel.state_dict(
                    keep_vars=True).values()))
         cache = getattr(self, '_spec_cache', None)
         if cache is None or cache[0] != key:
-            spec = self.kernel_spectrum(l_in, rate)
+            spec = self.kernel_operators(l_in, rate)
             key = key[:3] + (tuple((t.data_ptr(), t._version) for t in self.kernel.state_dict(
                 keep_vars=True).values()),)  # after a possible lazy C~ conversion
             self._spec_cache = cache = (key, spec)
         return cache[1]
+
+    def _conv(self, x: Tensor, rate: float) -> Tensor:
+        """Separable SSM convolution (+ D skip) of fp32/fp64 x (B, H, *L) -> (B, c, H|M, *L)."""
+        l_in = list(x.shape[2:])
+        ops, sizes = self._cached_operators(l_in, rate)
+        if self._separable:
+            return separable_conv(x, ops, self.D)  # D skip included
+        k_f = ops[0]
+        if x.dtype == torch.float64:
+            k_f = k_f.to(torch.complex128)
+        u_f = torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + self.dim)))  # (B, H, *F')
+        if self.out_channels is None:
+            y_f = u_f.unsqueeze(1) * k_f  # (B, c, H, *F')
+        else:  # dense: sum over input channels; '(i c)' with i = out_channels outermost
+            k_f = k_f.reshape(self.out_channels, self.channels, self.h, *k_f.shape[2:])
+            y_f = torch.einsum('bh...,ich...->bci...', u_f, k_f)  # (B, c, M, *F')
+        y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-self.dim, 0)))
+        y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
+        if self.out_channels is None:
+            y = y + x.unsqueeze(1) * self.D.to(y.dtype).reshape(
+                self.channels, self.h, *([1] * self.dim))
+        return y
 
     def forward(self, u: Tensor, rate: float = 1.0, state=None):
         """u: (B, H, *L) (or (B, *L, H) if not transposed). ``rate`` = training res / input res."""
@@ -190,26 +225,11 @@ class S4ND(nn.Module):
             raise ValueError(f'expected input (B, {self.h}, *L) with {self.dim} axes, '
                              f'got {tuple(u.shape)}')
         dtype = u.dtype
-        x = u if dtype == torch.float64 else u.float()  # fp16/bf16: the FFT runs in fp32
-        l_in = list(x.shape[2:])
-        spectra, sizes = self._cached_spectrum(l_in, rate)
-        if self._separable and self.out_channels is None:
-            y = separable_conv(x, spectra, sizes, self.D)  # (B, c, H, *L), D skip included
-        else:
-            k_f = spectra[0] if len(spectra) == 1 else outer_spectrum(spectra)
-            if x.dtype == torch.float64:
-                k_f = k_f.to(torch.complex128)
-            u_f = torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + self.dim)))  # (B, H, *F')
-            if self.out_channels is None:
-                y_f = u_f.unsqueeze(1) * k_f  # (B, c, H, *F')
-            else:  # dense: sum over input channels; '(i c)' with i = out_channels outermost
-                k_f = k_f.reshape(self.out_channels, self.channels, self.h, *k_f.shape[2:])
-                y_f = torch.einsum('bh...,ich...->bci...', u_f, k_f)  # (B, c, M, *F')
-            y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-self.dim, 0)))
-            y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
-            if self.out_channels is None:
-                y = y + x.unsqueeze(1) * self.D.to(y.dtype).reshape(
-                    self.channels, self.h, *([1] * self.dim))
+        x = u if dtype == torch.float64 else u.float()  # fp16/bf16: computed in fp32
+        # the convolution stays in fp32 under autocast too (FFTs have no bf16; long
+        # kernels summed in half precision lose accuracy)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = self._conv(x, rate)  # (B, c, H|M, *L)
         y = y.flatten(1, 2).to(dtype)  # (B, c*H or c*M, *L)
         if not self.linear:
             y = self.output_linear(self.dropout(self.activation(y)))

@@ -303,7 +303,7 @@ def test_bad_arguments():
         Vim('huge')
     with pytest.raises(ValueError, match='embed_dims'):
         Vim(dict(num_layers=2))
-    with pytest.raises(ValueError, match="unknown arch keys \\['d_stat'\\]"):
+    with pytest.raises(ValueError, match=r"unknown arch key\(s\) \['d_stat'\]"):
         Vim(dict(SMALL, d_stat=8))
     with pytest.raises(ValueError, match='out_indices'):
         Vim(SMALL, out_indices=(0, 2))

@@ -44,7 +44,7 @@ def _close(y, ref, rel=1e-4):
 
 @pytest.mark.parametrize('key', ['2d', '1d', '3d'])
 @pytest.mark.parametrize('sd', ['state_dict', 'state_dict_before_first_forward'])
-@pytest.mark.parametrize('conv_mode', ['axes', 'outer'])
+@pytest.mark.parametrize('conv_mode', ['auto', 'axes', 'outer'])
 def test_official_parity(key, sd, conv_mode):
     fx = _fixture(key)
     m = build_from_official(dict(fx['constructor'], conv_mode=conv_mode)).eval()
@@ -223,11 +223,40 @@ def test_bad_arguments():
         S4ND(4, mode='ssm')
     with pytest.raises(ValueError, match='conv_mode'):
         S4ND(4, l_max=3, conv_mode='fast')
-    with pytest.raises(ValueError, match="conv_mode='axes' needs trank=1"):
-        S4ND(4, l_max=3, trank=2, conv_mode='axes')
+    with pytest.raises(ValueError, match="conv_mode='toeplitz' needs trank=1"):
+        S4ND(4, l_max=3, trank=2, conv_mode='toeplitz')
     with pytest.raises(ValueError, match='l_max has 2 entries'):
         S4ND(4, l_max=[3, 3], dim=3)
     with pytest.raises(ValueError, match='dim 1, 2 or 3'):
         S4ND(4, l_max=3, dim=4)
     with pytest.raises(ValueError, match='expected input'):
         S4ND(4, l_max=3, dim=2)(torch.randn(1, 4, 3))
+
+
+def test_autocast_keeps_fp32_convolution():
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[7, 7], dim=2, dt_min=0.1, dt_max=1.0)
+    u = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        ref = m(u)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = m(u)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize('mode', ['dplr', 'diag'])
+def test_unbounded_l_max_uses_input_length(mode):
+    torch.manual_seed(0)
+    m = S4ND(3, d_state=8, l_max=None, dim=2, mode=mode, dt_min=0.1, dt_max=1.0)
+    u = torch.randn(1, 3, 5, 9)
+    with torch.no_grad():
+        y = m(u)
+        fwd, bwd = _axis_kernels(m, (5, 9))
+        assert [k.shape[-1] for k in fwd] == [5, 9]
+        ref = conv_reference_nd(u.double(), [k.double() for k in fwd],
+                                [k.double() for k in bwd])[:, 0] + u.double() * m.D.double(
+                                )[0, :, None, None]
+    _close(y, ref.float(), rel=1e-5)
+    if mode == 'dplr':
+        assert [int(k.l_kernel) for k in m.kernel] == [5, 9]
