@@ -56,7 +56,8 @@ ELEMENTWISE_OPS = (
     'where', 'lt', 'le', 'ne', 'min', 'minimum', 'maximum', 'logical_and', 'all', 'any',
     'linspace', 'meshgrid', 'scatter', 'scatter_', 'index_select', 'masked_select',
     'embedding', 'dim', 'numel', 'size', 'view_as', 'expand_as', 'log2', 'feature_dropout',
-    'dropout_', 'alpha_dropout')
+    'dropout_', 'alpha_dropout', '_conj', 'conj', 'complex', 'eye', 'fill_', 'zero_', 'movedim',
+    'glu')
 # positions of the scan operands in the autograd Functions' apply(...) call:
 # (u, delta, A, B, C, D, z, delta_bias, ...)
 _SCAN_ARGS = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')

@@ -124,6 +124,13 @@ def architecture(cfg, task):
     return parts
 
 
+def model_key(cfg):
+    """Identity of the built model (schedules differ, the model may not)."""
+    import hashlib
+    text = json.dumps(cfg.model.to_dict(), sort_keys=True, default=str)
+    return hashlib.md5(text.encode()).hexdigest()
+
+
 def compute(cfg_path, task, with_flops):
     from _model_utils import load_config
     from get_flops import model_complexity
@@ -231,11 +238,19 @@ def main():
         models, collections = [], []
         for cfg_path in list_configs(family):
             stem = osp.splitext(osp.basename(cfg_path))[0]
-            task = task_of(load_config(cfg_path))
+            cfg = load_config(cfg_path)
+            task = task_of(cfg)
+            mkey = model_key(cfg)
             want_flops = (not args.no_flops and task in args.tasks
                           and (args.only is None or stem in args.only))
             over = args.budget_min is not None and time.time() - t0 > 60 * args.budget_min
             have = cache.get(stem)
+            if have is not None:
+                have.setdefault('model_key', mkey)
+            twin = next((v for v in cache.values() if v.get('model_key') == mkey
+                         and v.get('flops') is not None), None)
+            if twin is not None and (have is None or have.get('flops') is None):
+                have = cache[stem] = dict(twin)  # e.g. the 1x and 3x configs: same model
             if have is None or (want_flops and have.get('flops') is None and not over):
                 t1 = time.time()
                 try:
@@ -244,6 +259,7 @@ def main():
                     traceback.print_exc()
                     print(f'FAILED {stem}', flush=True)
                     continue
+                have['model_key'] = mkey
                 cache[stem] = have
                 with open(args.cache, 'w') as f:
                     json.dump(cache, f, indent=1)
