@@ -31,7 +31,7 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
 
 SHAPES = {'cls': (224, 224), 'det': (1280, 800), 'seg': (512, 512)}
-FAMILIES = ('vim', 'v2m', 'vmamba', 'mask_rcnn', 'upernet')
+FAMILIES = ('vim', 'v2m', 'vmamba', 'convnext_s4nd', 'mask_rcnn', 'upernet')
 
 PAPERS = {
     'Vim': dict(URL='https://arxiv.org/abs/2401.09417',
@@ -40,12 +40,15 @@ PAPERS = {
     'VMamba': dict(URL='https://arxiv.org/abs/2401.10166', Title='VMamba: Visual State Space Model'),
     'V2M': dict(URL='https://arxiv.org/abs/2410.10382',
                 Title='V2M: Visual 2-Dimensional Mamba for Image Representation Learning'),
+    'S4ND': dict(URL='https://arxiv.org/abs/2210.06583',
+                 Title='S4ND: Modeling Images and Videos as Multidimensional Signals Using '
+                       'State Spaces'),
     'Mask R-CNN': dict(URL='https://arxiv.org/abs/1703.06870', Title='Mask R-CNN'),
     'UPerNet': dict(URL='https://arxiv.org/abs/1807.10221',
                     Title='Unified Perceptual Parsing for Scene Understanding'),
 }
 CODE = {'Vim': 'https://github.com/hustvl/Vim', 'VMamba': 'https://github.com/MzeroMiko/VMamba',
-        'V2M': 'https://github.com/wangck20/V2M'}
+        'V2M': 'https://github.com/wangck20/V2M', 'S4ND': 'https://github.com/state-spaces/s4'}
 
 # Paper results, from shared/research/vmamba_s4nd.md sec. 4 (VMamba README /
 # assets/performance.md), shared/research/vim_v2m_localmamba.md sec. 1.9 (Vim
@@ -107,7 +110,8 @@ def list_configs(family):
 
 def backbone_family(cfg):
     t = cfg.model.backbone.type.split('.')[-1]
-    return {'Vim': 'Vim', 'VMamba': 'VMamba', 'V2M': 'V2M', 'V2MPyramid': 'V2M'}.get(t, t)
+    return {'Vim': 'Vim', 'VMamba': 'VMamba', 'V2M': 'V2M', 'V2MPyramid': 'V2M',
+            'ConvNeXtS4ND': 'S4ND'}.get(t, t)
 
 
 def architecture(cfg, task):
@@ -188,7 +192,8 @@ def collection_entry(name, families_used):
     if name in CODE:
         c['Code'] = {'URL': CODE[name]}
         c['Metadata']['Training Data'] = 'ImageNet-1k'
-        c['Metadata']['Architecture'] = ['State Space Model', 'Selective Scan']
+        c['Metadata']['Architecture'] = (['State Space Model', 'S4ND convolution'] if name == 'S4ND'
+                                         else ['State Space Model', 'Selective Scan'])
     elif name == 'Mask R-CNN':
         c['Metadata'] = {'Training Data': 'COCO', 'Architecture': ['Mask R-CNN', 'FPN', 'RPN']}
     else:
