@@ -170,6 +170,10 @@ def model_entry(cfg_path, numbers):
     entry = {'Name': stem, 'In Collection': collection,
              'Config': osp.relpath(cfg_path, REPO).replace(os.sep, '/'), 'Metadata': meta}
     notes = []
+    if bfam == 'S4ND' and numbers.get('flops') is not None:
+        notes.append("FLOPs count the S4ND convolution the layer runs by default (conv_mode="
+                     "'auto': dense Toeplitz operators on short axes, rfft elsewhere), more "
+                     "than an FFT-only count.")
     if numbers.get('flops') is None:
         notes.append('FLOPs not computed (CPU time budget of make_metafiles.py); run '
                      f'tools/analysis_tools/get_flops.py {entry["Config"]} --shape {h} {w}.')
