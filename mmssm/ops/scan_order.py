@@ -116,7 +116,8 @@ def cross_merge(y: Tensor, h: int, w: int, backend: Optional[str] = None) -> Ten
     """(b, 4, c, h*w) -> (b, c, h*w): undo each direction and sum onto the grid."""
     if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != h * w:
         raise ValueError(f'y must be (b, 4, c, h*w={h * w}), got shape {tuple(y.shape)}')
-    return _CrossMerge.apply(y, h, w, _use_triton(y, backend))
+    # int(): shapes read while jit-tracing are traced ints, which a PythonOp rejects
+    return _CrossMerge.apply(y, int(h), int(w), _use_triton(y, backend))
 
 
 # Corner k views the grid so that a row-major scan starts at that corner.
@@ -284,4 +285,4 @@ def local_reverse(y: Tensor, window: int, h: int, w: int, flip: bool = False,
     if y.dim() != 3 or y.shape[-1] != L:
         raise ValueError(f'y must be (b, c, L={L}) for window={window}, h={h}, w={w}, '
                          f'got shape {tuple(y.shape)}')
-    return _LocalReverse.apply(y, window, h, w, flip, column_first)
+    return _LocalReverse.apply(y, window, int(h), int(w), flip, column_first)  # int(): jit trace

@@ -199,7 +199,7 @@ class S4ND(nn.Module):
 
     def _conv(self, x: Tensor, rate: float) -> Tensor:
         """Separable SSM convolution (+ D skip) of fp32/fp64 x (B, H, *L) -> (B, c, H|M, *L)."""
-        l_in = list(x.shape[2:])
+        l_in = [int(s) for s in x.shape[2:]]  # int(): jit tracing (get_flops) sees tensors
         ops, sizes = self._cached_operators(l_in, rate)
         if self._separable:
             return separable_conv(x, ops, self.D)  # D skip included

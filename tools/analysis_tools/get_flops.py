@@ -1,0 +1,116 @@
+"""FLOPs and parameters of a model from its config, without a dataset.
+
+    python tools/analysis_tools/get_flops.py configs/vmamba/vmamba-tiny_8xb128_in1k.py --shape 224 224
+    python tools/analysis_tools/get_flops.py configs/mask_rcnn/vmamba_t_1x.py --shape 1280 800
+
+The model is built in the task library of ``default_scope`` (mmpretrain,
+mmdet, mmseg) and traced by mmengine's ``FlopAnalyzer`` on one dummy
+(1, 3, H, W) input through its ``mode='tensor'`` path (classifier: backbone,
+neck and head; detector: ``_forward`` = backbone, neck, RPN head, proposal
+post-processing and RoI heads on fake image metas; segmentor: ``_forward`` =
+backbone, neck and decode head, no auxiliary head). The data preprocessor
+(normalisation, padding) is not counted. Counting convention (see
+:mod:`mmssm.utils.flops`): 1 multiply-add = 1 flop, element-wise ops not
+counted, selective scan = 9*B*L*D*N (+B*D*L for D, +B*D*L for the z gate),
+scan-order permutations 0, FFTs 2.5 N log2 N (real) / 5 N log2 N (complex).
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+import warnings
+from typing import Dict, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from _model_utils import build_model, load_config, task_of, tensor_forward  # noqa: E402
+
+from mmssm.utils.flops import count_flops  # noqa: E402
+
+
+def human(x: float, unit: str = '') -> str:
+    for scale, suffix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'K')):
+        if abs(x) >= scale:
+            return f'{x / scale:.3f}{suffix}{unit}'
+    return f'{x:.0f}{unit}'
+
+
+def model_complexity(cfg, shape: Sequence[int], with_flops: bool = True,
+                     device: str = 'cpu') -> Dict[str, Optional[float]]:
+    """Parameters (total/backbone) and, if asked, FLOPs (total/backbone) at (H, W)."""
+    h, w = shape
+    task = task_of(cfg)
+    model = build_model(cfg, device=device, init=False)
+    params = sum(p.numel() for p in model.parameters())
+    bb_params = sum(p.numel() for p in model.backbone.parameters())
+    res = dict(task=task, params=params, backbone_params=bb_params, flops=None,
+               backbone_flops=None, height=h, width=w, unsupported={})
+    if not with_flops:
+        return res
+    x = torch.randn(1, 3, h, w, device=device)
+    model.forward = tensor_forward(model, task, 1, h, w)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')
+        analyzer = count_flops(model, (x, ))
+        by_module = analyzer.by_module()
+        res.update(flops=int(analyzer.total()), backbone_flops=int(by_module.get("backbone", 0)),
+                   unsupported=dict(analyzer.unsupported_ops()),
+                   by_operator=dict(analyzer.by_operator()))
+    res['analyzer'] = analyzer
+    return res
+
+
+def parse_args():
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description='FLOPs and parameters of a model (mmssm)')
+    parser.add_argument('config', help='config file (or mmpretrain::path style)')
+    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224],
+                        help='input size: H W, or one value for a square')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings in the config, key=value pairs')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--table', type=int, default=0, metavar='DEPTH',
+                        help='also print the per-module table down to this depth')
+    parser.add_argument('--json', help='also write the numbers to this JSON file')
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    if len(args.shape) == 1:
+        shape = (args.shape[0], args.shape[0])
+    elif len(args.shape) == 2:
+        shape = tuple(args.shape)
+    else:
+        raise ValueError(f'--shape takes H W or one size, got {args.shape}')
+    cfg = load_config(args.config, args.cfg_options)
+    res = model_complexity(cfg, shape, device=args.device)
+    analyzer = res.pop('analyzer')
+    line = '=' * 60
+    print(line)
+    print(f'Config:          {args.config}')
+    print(f'Task:            {res["task"]}')
+    print(f'Input shape:     (1, 3, {shape[0]}, {shape[1]})')
+    print(f'FLOPs:           {human(res["flops"])}  ({res["flops"]})')
+    print(f'Backbone FLOPs:  {human(res["backbone_flops"])}  ({res["backbone_flops"]})')
+    print(f'Params:          {human(res["params"])}  ({res["params"]})')
+    print(f'Backbone params: {human(res["backbone_params"])}  ({res["backbone_params"]})')
+    print('FLOPs by operator: ' + ', '.join(
+        f'{k}={human(v)}' for k, v in sorted(res['by_operator'].items(), key=lambda kv: -kv[1])))
+    if res['unsupported']:
+        print('Not counted (no handle): ' + ', '.join(
+            f'{k} x{v}' for k, v in sorted(res['unsupported'].items())))
+    print(line)
+    print('1 multiply-add = 1 FLOP (fvcore convention); element-wise ops and the data '
+          'preprocessor are not counted.')
+    if args.table:
+        from mmengine.analysis import flop_count_table
+        print(flop_count_table(analyzer, max_depth=args.table))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
