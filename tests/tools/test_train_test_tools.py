@@ -47,7 +47,10 @@ def test_train_then_test(config, metric, tiny_env, tmp_path):
     log = train(config, tmp_path, tiny_env, 2)
     assert re.search(r'Iter\(train\) \[2/2\]', log)
     assert (tmp_path / 'iter_2.pth').exists()
-    log = run([sys.executable, 'tools/test.py', config, str(tmp_path / 'iter_2.pth'),
+    # save, resume, evaluate: one more iteration from the saved one
+    log = train(config, tmp_path, tiny_env, 3, '--resume')
+    assert 'resumed epoch: 0, iter: 2' in log and re.search(r'Iter\(train\) \[3/3\]', log)
+    log = run([sys.executable, 'tools/test.py', config, str(tmp_path / 'iter_3.pth'),
                '--work-dir', str(tmp_path), '--out', str(tmp_path / 'preds.pkl')], tiny_env)
     assert re.search(metric, log), log[-3000:]
     assert (tmp_path / 'preds.pkl').stat().st_size > 0
