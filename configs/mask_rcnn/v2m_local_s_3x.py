@@ -1,23 +1,8 @@
-# Mask R-CNN + FPN, 3x schedule, COCO, plain backbone V2M-S + local window:
-# layers (4, 8, 12, 16) (stride 16) -> SimplePyramid (strides 4-32) -> FPN,
-# with layer-wise lr decay over the backbone's layers.
-_base_ = '../_base_/det/mask_rcnn_3x.py'
+# Mask R-CNN + FPN, 3x schedule (36 epochs, multi-scale + crop, AMP), COCO,
+# backbone V2M-S + local window: the 1x model with the 3x recipe pieces.
+_base_ = './v2m_local_s_1x.py'
 
-# ImageNet-1k weights of V2M-S + local window: an mmssm classification checkpoint
-# (tools/train.py with configs/v2m/), or an official file where one
-# exists (Vim / VMamba release files load directly: the 'model' entry is read).
-pretrained = 'checkpoints/v2m_local_s_in1k.pth'
-
-model = dict(
-    backbone=dict(
-        type='mmssm.V2M', arch='small', local_window=True, img_size=224, out_type='featmap',
-        out_indices=(4, 8, 12, 16), drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    neck=[
-        dict(type='mmssm.SimplePyramid', in_channels=384, in_index=(0, 1, 2, 3),
-             norm_cfg=dict(type='GN', num_groups=32)),
-        dict(type='FPN', in_channels=[384] * 4, out_channels=256, num_outs=5),
-    ])
-optim_wrapper = dict(
-    constructor='mmssm.LayerDecayOptimWrapperConstructor',
-    paramwise_cfg=dict(layer_decay_rate=0.9))
+train_dataloader = dict(dataset=dict(pipeline={{_base_.ms_crop_train_pipeline}}))
+train_cfg = dict(max_epochs=36)
+param_scheduler = {{_base_.param_scheduler_3x}}
+optim_wrapper = dict(type='AmpOptimWrapper')

@@ -1,13 +1,8 @@
-# Mask R-CNN + FPN, 3x schedule, COCO, backbone VMamba-T (s1l8).
-_base_ = '../_base_/det/mask_rcnn_3x.py'
+# Mask R-CNN + FPN, 3x schedule (36 epochs, multi-scale + crop, AMP), COCO,
+# backbone VMamba-T (s1l8): the 1x model with the 3x recipe pieces.
+_base_ = './vmamba_t_1x.py'
 
-# ImageNet-1k weights of VMamba-T (s1l8): an mmssm classification checkpoint
-# (tools/train.py with configs/vmamba/), or an official file where one
-# exists (Vim / VMamba release files load directly: the 'model' entry is read).
-pretrained = 'checkpoints/vmamba_t_in1k.pth'
-
-model = dict(
-    backbone=dict(
-        type='mmssm.VMamba', arch='tiny', out_indices=(0, 1, 2, 3), drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    neck=dict(in_channels=[96, 192, 384, 768]))
+train_dataloader = dict(dataset=dict(pipeline={{_base_.ms_crop_train_pipeline}}))
+train_cfg = dict(max_epochs=36)
+param_scheduler = {{_base_.param_scheduler_3x}}
+optim_wrapper = dict(type='AmpOptimWrapper')

@@ -1,11 +1,13 @@
 # Mask R-CNN + FPN, COCO, 1x (12 epochs, lr steps at 8 and 11), AdamW as in the
 # VMamba / LocalMamba detection recipes (Swin-T Mask R-CNN base). Batch 2 per
-# GPU x 8 GPUs. Leaf configs set `model.backbone` and `model.neck.in_channels`.
+# GPU x 8 GPUs. Leaf configs set `model.backbone` and `model.neck.in_channels`;
+# their `*_3x.py` twins swap in the pieces of ./ms_3x_parts.py.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     '../datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
+    './ms_3x_parts.py',
 ]
 model = dict(backbone=dict(_delete_=True))
 param_scheduler = [
