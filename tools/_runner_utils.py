@@ -1,13 +1,13 @@
 """Shared set-up for tools/train.py and tools/test.py (any MM task)."""
 import os
 import os.path as osp
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, DictAction
 
 import mmssm  # noqa: F401  (version checks, torch>=2.6 checkpoint loading)
+from mmssm.utils.config import replace_sync_bn
 
 TASK_SCOPES = ('mmdet', 'mmseg', 'mmpretrain', 'mmaction', 'mmssm')
 
@@ -43,18 +43,6 @@ def load_config(args) -> Config:
     return cfg
 
 
-def _replace_sync_bn(node: Any) -> None:
-    """SyncBN needs CUDA: use BN in configs that run distributed on CPU."""
-    if isinstance(node, dict):
-        if node.get('type') in ('SyncBN', 'MMSyncBN'):
-            node['type'] = 'BN'
-        for v in node.values():
-            _replace_sync_bn(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _replace_sync_bn(v)
-
-
 def setup_cpu_distributed(cfg: Config) -> None:
     """Make mmengine 0.10.7 train/test distributed on CPU with gloo.
 
@@ -70,7 +58,7 @@ def setup_cpu_distributed(cfg: Config) -> None:
     cfg.env_cfg = dict(cfg.get('env_cfg', {}) or {})
     cfg.env_cfg['dist_cfg'] = dict(backend='gloo')
     cfg.pop('sync_bn', None)
-    _replace_sync_bn(cfg.model)
+    replace_sync_bn(cfg.model)
 
 
 def build_runner(cfg: Config):

@@ -21,6 +21,7 @@ if REPO not in sys.path:  # run as a script from anywhere: import this checkout'
     sys.path.insert(0, REPO)
 
 import mmssm  # noqa: E402,F401  (registers mmssm modules, checkpoint loading)
+from mmssm.utils.config import replace_sync_bn  # noqa: E402
 
 SCOPE_TASKS = {'mmpretrain': 'cls', 'mmdet': 'det', 'mmseg': 'seg'}
 
@@ -45,16 +46,13 @@ def task_of(cfg: Config) -> str:
     return SCOPE_TASKS[scope]
 
 
-def _no_sync_bn(node: Any) -> None:
-    """SyncBN needs CUDA and a process group: use BN when building on CPU."""
-    if isinstance(node, dict):
-        if node.get('type') in ('SyncBN', 'MMSyncBN'):
-            node['type'] = 'BN'
-        for v in node.values():
-            _no_sync_bn(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _no_sync_bn(v)
+def parse_shape(values: Sequence[int]) -> tuple:
+    """``--shape H W`` or ``--shape S`` (square) -> (H, W)."""
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) == 2:
+        return tuple(values)
+    raise ValueError(f'--shape takes H W or one size, got {list(values)}')
 
 
 def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cpu',
@@ -79,7 +77,7 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cp
         if isinstance(init, dict) and init.get('type') == 'Pretrained':
             model_cfg.backbone.init_cfg = None
     if not str(device).startswith('cuda'):
-        _no_sync_bn(model_cfg)
+        replace_sync_bn(model_cfg)
     model = registry.build(model_cfg)
     if checkpoint:
         from mmengine.runner import load_checkpoint

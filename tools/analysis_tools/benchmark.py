@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from _model_utils import (build_model, load_config, loss_forward, num_classes_of,  # noqa: E402
+                          parse_shape,
                           task_of, tensor_forward)
 
 COLUMNS = ('config', 'task', 'mode', 'batch', 'shape', 'params_M', 'img_per_s', 'ms_per_iter',
@@ -170,9 +171,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    shape = args.shape * 2 if len(args.shape) == 1 else args.shape
-    if len(shape) != 2:
-        raise ValueError(f'--shape takes H W or one size, got {args.shape}')
+    shape = parse_shape(args.shape)
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         raise ValueError('--batch and --iters must be >= 1, --warmup >= 0')
     if args.device == 'cuda' and not torch.cuda.is_available():

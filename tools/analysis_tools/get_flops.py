@@ -24,7 +24,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _model_utils import build_model, load_config, task_of, tensor_forward  # noqa: E402
+from _model_utils import (build_model, load_config, parse_shape, task_of,  # noqa: E402
+                          tensor_forward)
 
 from mmssm.utils.flops import count_flops  # noqa: E402
 
@@ -78,12 +79,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if len(args.shape) == 1:
-        shape = (args.shape[0], args.shape[0])
-    elif len(args.shape) == 2:
-        shape = tuple(args.shape)
-    else:
-        raise ValueError(f'--shape takes H W or one size, got {args.shape}')
+    shape = parse_shape(args.shape)
     cfg = load_config(args.config, args.cfg_options)
     res = model_complexity(cfg, shape, device=args.device)
     analyzer = res.pop('analyzer')

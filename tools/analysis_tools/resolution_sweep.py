@@ -29,7 +29,6 @@ import os.path as osp
 import sys
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'analysis_tools'))
 from _model_utils import (backbone_stage_outputs, build_model, default_image_dir,  # noqa: E402
-                          find_images, load_config, load_images)
+                          find_images, load_config, load_images, parse_shape)
 
 
 def erf_map(model, images: torch.Tensor, stage: int = -1, batch: int = 4) -> np.ndarray:
@@ -121,9 +121,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    shape = args.shape * 2 if len(args.shape) == 1 else args.shape
-    if len(shape) != 2:
-        raise ValueError(f'--shape takes H W or one size, got {args.shape}')
+    shape = parse_shape(args.shape)
     configs, ckpts = list(args.configs), args.checkpoints or ['none'] * len(args.configs)
     if len(configs) == 1 and len(ckpts) > 1:
         configs = configs * len(ckpts)
