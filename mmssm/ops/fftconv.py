@@ -209,11 +209,12 @@ def toeplitz_matrix(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tens
     """Dense convolution matrix T (..., L, L) with ``(T u)_i = sum_j k(i - j) u_j``.
 
     k_fwd: causal taps (offset s >= 0); k_bwd: anti-causal taps (offset -(m+1)).
-    Built by one gather from the two-sided kernel; only taps with |offset| < L are used.
+    Row i is the two-sided kernel read backwards from offset i, so T is a sliding window
+    (``unfold``) of the reversed kernel: no gather, and a cheap backward.
     """
     k2 = two_sided_kernel(k_fwd, k_bwd, length - 1)  # (..., 2L-1), index = offset + L-1
-    i = torch.arange(length, device=k2.device)
-    return k2[..., i[:, None] - i[None, :] + length - 1]
+    # window s of the reversed kernel holds offsets L-1-s .. -s; row i = window L-1-i
+    return k2.flip(-1).unfold(-1, length, 1).flip(-2)
 
 
 def axis_operators(l_in: Sequence[int], kernels: Sequence[Tensor],
@@ -283,13 +284,15 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
 
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
     """Explicit 1-D kernel over offsets -length..length (index j <-> offset j - length)."""
-    lk = min(k_fwd.shape[-1], length + 1)
-    out = k_fwd.new_zeros(*k_fwd.shape[:-1], 2 * length + 1)
-    out[..., length:length + lk] = k_fwd[..., :lk]
+    k_fwd = k_fwd[..., :length + 1]
+    parts = [k_fwd]
     if k_bwd is not None:
-        lb = min(k_bwd.shape[-1], length)
-        out[..., length - lb:length] = k_bwd[..., :lb].flip(-1)
-    return out
+        parts.insert(0, k_bwd[..., :length].flip(-1))
+    k2 = torch.cat(parts, -1) if len(parts) > 1 else k_fwd
+    # zero taps beyond the given ones on either side
+    left = length - (0 if k_bwd is None else min(k_bwd.shape[-1], length))
+    right = length + 1 - k_fwd.shape[-1]
+    return F.pad(k2, (left, right)) if left or right else k2
 
 
 def conv_reference_nd(u: Tensor, kernels: Sequence[Tensor],

@@ -18,7 +18,8 @@ and returns the discretised convolution kernel ``K[l] = C dA^l dB``, shaped
   the modes whose frequency ``dt * |Im A| / 2 pi`` is above ``bandlimit / 2`` cycles/sample.
 """
 import math
-from typing import Dict, Optional, Tuple, Union
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -320,6 +321,20 @@ def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- kernels
 
 
+@lru_cache(maxsize=64)
+def _bilinear_nodes(n: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Roots of unity omega^k (k <= n/2) and their bilinear pre-images z = 2(1-w)/(1+w).
+
+    omega^k is the k-th power of a complex base in the kernel's complex dtype (the
+    official arithmetic; keeps checkpoints' outputs within ~1e-6 relative of the official
+    ones). Constants, so cached per (n, dtype, device).
+    """
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    base = torch.tensor(np.exp(-2j * np.pi / n), dtype=cdtype, device=device)
+    omega = base ** torch.arange(n // 2 + 1, device=device).to(cdtype)
+    return 2 * (1 - omega) / (1 + omega), omega
+
+
 class SSMKernelDiag(nn.Module):
     """S4D kernel: diagonal A, kernel by a Vandermonde product.
 
@@ -555,26 +570,28 @@ class SSMKernelDPLR(SSMKernelDiag):
         self.C.copy_(torch.view_as_real(C[..., :self.N]))
         self.l_kernel.fill_(2 * lk if double else lk + L)
 
-    def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
+    def _attune(self, L: Optional[int], rate: float) -> Tuple[int, int]:
+        """Attune C~ (lazily) to cover ``L`` at ``rate``; returns (L, n FFT nodes)."""
         if int(self.l_kernel.item()) == 0 and self.l_max is not None and self.l_max > 0:
             self._setup_C(self.l_max)
         if L is None:
             L = round(int(self.l_kernel.item()) / rate)
         while round(rate * L) > int(self.l_kernel.item()):  # grow the attuned length
             self._setup_C(round(rate * L))
-        n = round(int(self.l_kernel.item()) / rate)  # number of FFT nodes
+        return L, round(int(self.l_kernel.item()) / rate)
 
+    def _cauchy_args(self, rate: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """Operands of :func:`cauchy_outer`: Bs = [B; P] ((1+R, N) if shared, else
+        (H, 1+R, N)), Cs = dt [C; P^*] (H, ch+R, N) and the poles w = dt A (H, N)."""
         dt, A, B, C, P = self.get_params(rate, expand=False)  # A/B/P broadcast if n_ssm == 1
-        # roots of unity omega^k, k <= n/2, as powers of a complex64 base (the official
-        # arithmetic; keeps checkpoints' outputs within ~1e-6 relative of the official ones)
-        base = torch.tensor(np.exp(-2j * np.pi / n), dtype=A.dtype, device=A.device)
-        omega = base ** torch.arange(n // 2 + 1, device=A.device).to(A.dtype)
-        z = 2 * (1 - omega) / (1 + omega)  # bilinear pre-image of the nodes
         Bs = torch.cat([B, P], 0)  # (1+R, S, N), S = 1 (shared) or H
         Cs = torch.cat([C, P.conj().expand(-1, C.shape[1], -1)], 0)  # (ch+R, H, N)
         Bs = Bs[:, 0] if Bs.shape[1] == 1 else self._repeat(Bs, 1).transpose(0, 1)
-        # all (B|P) x (C|Q) Cauchy products, H-major: (H, 1+R, ch+R, Lf)
-        r = cauchy_outer(Bs, (Cs * dt).transpose(0, 1), z, A * dt)
+        return Bs, (Cs * dt).transpose(0, 1), (A * dt).expand(self.H, -1)
+
+    def _kernel_from_cauchy(self, r: Tensor, omega: Tensor, n: int, L: int) -> Tensor:
+        """Woodbury correction, bilinear factor and inverse FFT of the Cauchy products
+        r (H, 1+R, ch+R, Lf) -> kernel (ch, H, L)."""
         R = self.rank
         if R == 1:  # Woodbury: k = r00 - r01 r10 / (1 + r11)
             k_f = r[:, :1, :-1] - r[:, :1, -1:] * r[:, 1:, :-1] / (1 + r[:, 1:, -1:])
@@ -590,6 +607,41 @@ class SSMKernelDPLR(SSMKernelDiag):
         if K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
             K = F.pad(K, (0, L - K.shape[-1]))
         return K
+
+    def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
+        return self.batched([self], [L], rate)[0]
+
+    @staticmethod
+    def batched(kernels: Sequence['SSMKernelDPLR'], lengths: Sequence[Optional[int]],
+                rate: float = 1.0) -> List[Tensor]:
+        """``[k(L=l, rate=rate) for k, l in zip(kernels, lengths)]``, with one Cauchy
+        product per group of kernels that share (n, rank, channels, N).
+
+        S4ND uses it to compute the per-axis kernels of a layer stacked along H: on CPU
+        a small layer's kernel generation is largely per-op overhead (H=8 costs ~1/3 of
+        H=768 at L=7). Same values as separate calls.
+        """
+        out: List[Optional[Tensor]] = [None] * len(kernels)
+        groups: Dict[tuple, list] = {}
+        for i, (k, l) in enumerate(zip(kernels, lengths)):
+            L, n = k._attune(l, rate)
+            key = (n, k.rank, k.channels, k.N, k.C.dtype, k.C.device)
+            groups.setdefault(key, []).append((i, k, L))
+        for (n, *_, dtype, device), members in groups.items():
+            idx, ks, Ls = zip(*members)
+            z, omega = _bilinear_nodes(n, dtype, device)
+            args = [k._cauchy_args(rate) for k in ks]
+            if len(ks) == 1:
+                Bs, Cs, w = args[0]
+            else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
+                Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
+                Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
+            # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf)
+            r = cauchy_outer(Bs, Cs, z, w)
+            K = ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))  # (ch, sum H, max L)
+            for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
+                out[i] = K_i[..., :L]
+        return out
 
     @torch.no_grad()
     def setup_step(self) -> None:

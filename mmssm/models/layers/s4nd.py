@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mmssm.ops.fftconv import (axis_operators, axis_spectra, outer_spectrum, prepare_kernels,
                                separable_conv)
-from mmssm.ops.ssm_kernels import KERNELS
+from mmssm.ops.ssm_kernels import KERNELS, SSMKernelDPLR
 
 _ACTS = {None: nn.Identity, 'id': nn.Identity, 'identity': nn.Identity, 'linear': nn.Identity,
          'none': nn.Identity, 'gelu': nn.GELU, 'relu': nn.ReLU, 'tanh': nn.Tanh,
@@ -159,7 +159,10 @@ class S4ND(nn.Module):
         (c' = out_channels*channels), and the FFT sizes.
         """
         l_k = self.kernel_lengths(l_in, rate)
-        ks = [kern(L=l, rate=rate) for kern, l in zip(self.kernel, l_k)]  # (k_ch, H, l)
+        if all(isinstance(k, SSMKernelDPLR) for k in self.kernel):  # axes stacked along H
+            ks = SSMKernelDPLR.batched(self.kernel, l_k, rate)  # (k_ch, H, l) each
+        else:
+            ks = [kern(L=l, rate=rate) for kern, l in zip(self.kernel, l_k)]
         fwd, bwd = ks, None
         if self.bidirectional:  # first half causal, second half anti-causal
             fwd, bwd = zip(*[k.chunk(2, dim=0) for k in ks])
