@@ -666,4 +666,20 @@ class SSMKernelDPLR(SSMKernelDiag):
         return y.to(u.dtype), state
 
 
+
+@torch.no_grad()
+def attune_kernels(module: nn.Module) -> int:
+    """Run the lazy C -> C~ conversion of every fresh DPLR kernel in ``module`` now.
+
+    It otherwise happens inside the first forward (as in the official code), where a FLOP
+    counter or profiler would charge its one-time dense matrix powers to the model.
+    Returns the number of kernels converted.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, SSMKernelDPLR) and int(m.l_kernel.item()) == 0 and m.l_max:
+            m._setup_C(m.l_max)
+            n += 1
+    return n
+
 KERNELS = {'diag': SSMKernelDiag, 's4d': SSMKernelDiag, 'dplr': SSMKernelDPLR, 's4': SSMKernelDPLR}

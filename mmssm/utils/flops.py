@@ -57,7 +57,7 @@ ELEMENTWISE_OPS = (
     'linspace', 'meshgrid', 'scatter', 'scatter_', 'index_select', 'masked_select',
     'embedding', 'dim', 'numel', 'size', 'view_as', 'expand_as', 'log2', 'feature_dropout',
     'dropout_', 'alpha_dropout', '_conj', 'conj', 'complex', 'eye', 'fill_', 'zero_', 'movedim',
-    'glu')
+    'glu', 'unfold')
 # positions of the scan operands in the autograd Functions' apply(...) call:
 # (u, delta, A, B, C, D, z, delta_bias, ...)
 _SCAN_ARGS = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
@@ -234,7 +234,10 @@ def count_flops(model, inputs):
 
     The model is traced with a scan backend that is a single graph node
     (``triton`` on CUDA when available, else ``cpu``): the ``ref`` loop would be
-    counted op by op.
+    counted op by op. Fresh S4 (DPLR) kernels are attuned first, so their one-time
+    C -> C~ conversion is not counted as part of the forward; S4ND kernel caches are
+    dropped, so the count always includes one kernel generation (as a training step
+    or the first inference at a new input size runs it).
     """
     first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
     backend = 'cpu'
@@ -244,6 +247,11 @@ def count_flops(model, inputs):
             backend = 'triton'
         except ImportError:
             pass
+    from mmssm.ops.ssm_kernels import attune_kernels
+    attune_kernels(model)  # one-time C -> C~ conversion: not part of a forward's cost
+    for m in model.modules():  # count one S4ND kernel generation, cached or not
+        if hasattr(m, 'clear_kernel_cache'):
+            m.clear_kernel_cache()
     analyzer = flop_analyzer(model, inputs)
     with scan_backend(backend), untraced_scan_kernels(), torch.no_grad():
         analyzer.total()  # runs the trace once; later queries reuse it

@@ -58,3 +58,15 @@ def test_train_step_updates_gradients_detector():
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_benchmark_video_clips():
+    """A video recognizer (mmaction2) runs both modes on (T, H, W) clips."""
+    import pytest
+    pytest.importorskip('mmaction')
+    from benchmark import bench_one
+    config = str(REPO / 'configs/video/convnext_s4nd_3d_hmdb51_tiny.py')
+    for mode in ('inference', 'train'):
+        row = bench_one(config, mode, 2, (4, 32, 32), warmup=1, iters=1, device='cpu')
+        assert row['task'] == 'video' and row['shape'] == '4x32x32'
+        assert row['img_per_s'] > 0 and row['ms_per_iter'] > 0

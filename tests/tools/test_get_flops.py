@@ -165,3 +165,38 @@ def test_vmamba_tiny_matches_paper_flops():
                            (224, 224))
     assert round(res['flops'] / 1e9, 1) == 4.9
     assert res['params'] == 30249064  # official state dict: 30,249,064 (shared/research)
+
+
+def test_s4nd_count_excludes_the_lazy_c_conversion():
+    """A fresh S4 (DPLR) kernel converts C -> C~ in its first forward (dense matrix powers);
+    the count is that of a steady-state forward: fresh model == already-run model."""
+    from mmssm.models.layers.s4nd import S4ND
+    torch.manual_seed(0)
+    layer = S4ND(8, d_state=16, l_max=[6, 6], dim=2, init='fourier', activation=None,
+                 final_act=None)
+    x = torch.randn(1, 8, 6, 6)
+    fresh = count_flops(layer, (x, ))
+    assert int(layer.kernel[0].l_kernel) == 6  # attuned by count_flops, not by the trace
+    with torch.no_grad():
+        layer(x)
+    assert count_flops(layer, (x, )).total() == fresh.total()
+    assert 'aten::linalg_solve' not in fresh.unsupported_ops()
+    assert not {'aten::unfold', 'aten::index'} & set(fresh.unsupported_ops())
+
+
+def test_get_flops_cli_video():
+    pytest.importorskip('mmaction')
+    config = 'configs/video/convnext_s4nd_3d_hmdb51_tiny.py'
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=f'{REPO}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
+    cmd = [sys.executable, 'tools/analysis_tools/get_flops.py', config, '--shape']
+    out = subprocess.run(cmd + ['4', '32', '32'], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'Task:            video' in out.stdout
+    assert 'Input shape:     (1, 1, 3, 4, 32, 32)' in out.stdout
+    flops = int(re.search(r'^FLOPs:\s+\S+\s+\((\d+)\)', out.stdout, re.M).group(1))
+    assert flops > 0 and 'einsum=' in out.stdout  # the S4ND (Toeplitz) convolutions
+    bad = subprocess.run(cmd + ['32', '32'], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and 'needs --shape T H W' in bad.stderr

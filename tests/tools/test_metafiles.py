@@ -8,7 +8,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / 'tools' / 'analysis_tools'))
 sys.path.insert(0, str(REPO / 'tools' / 'misc'))
-FAMILIES = ('vim', 'v2m', 'vmamba', 'convnext_s4nd', 'mask_rcnn', 'upernet')
+FAMILIES = ('vim', 'v2m', 'vmamba', 'convnext_s4nd', 'mask_rcnn', 'upernet', 'video')
 METRICS = {'Top 1 Accuracy', 'box AP', 'mask AP', 'mIoU', 'mIoU(ms)'}
 
 

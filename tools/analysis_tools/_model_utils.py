@@ -23,7 +23,7 @@ if REPO not in sys.path:  # run as a script from anywhere: import this checkout'
 import mmssm  # noqa: E402,F401  (registers mmssm modules, checkpoint loading)
 from mmssm.utils.config import replace_sync_bn  # noqa: E402
 
-SCOPE_TASKS = {'mmpretrain': 'cls', 'mmdet': 'det', 'mmseg': 'seg'}
+SCOPE_TASKS = {'mmpretrain': 'cls', 'mmdet': 'det', 'mmseg': 'seg', 'mmaction': 'video'}
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
@@ -42,17 +42,30 @@ def task_of(cfg: Config) -> str:
     scope = cfg.get('default_scope', None)
     if scope not in SCOPE_TASKS:
         raise ValueError(f'default_scope={scope!r}: the analysis tools support '
-                         f'{sorted(SCOPE_TASKS)} (classification, detection, segmentation)')
+                         f'{sorted(SCOPE_TASKS)} (classification, detection, segmentation, '
+                         'video recognition)')
     return SCOPE_TASKS[scope]
 
 
 def parse_shape(values: Sequence[int]) -> tuple:
-    """``--shape H W`` or ``--shape S`` (square) -> (H, W)."""
+    """``--shape H W``, ``--shape S`` (square) or, for video, ``--shape T H W``."""
     if len(values) == 1:
         return (values[0], values[0])
-    if len(values) == 2:
+    if len(values) in (2, 3):
         return tuple(values)
-    raise ValueError(f'--shape takes H W or one size, got {list(values)}')
+    raise ValueError(f'--shape takes H W, one size, or T H W (video), got {list(values)}')
+
+
+def dummy_input(task: str, shape: Sequence[int], batch: int = 1, device: str = 'cpu') -> Tensor:
+    """Random preprocessed input: (b, 3, H, W) for images; for video (b, 1, 3, T, H, W),
+    one clip per sample as mmaction2's ``format_shape='NCTHW'`` gives it."""
+    if task == 'video':
+        if len(shape) != 3:
+            raise ValueError(f'a video model needs --shape T H W, got {list(shape)}')
+        return torch.randn(batch, 1, 3, *shape, device=device)
+    if len(shape) != 2:
+        raise ValueError(f'an image model needs --shape H W, got {list(shape)}')
+    return torch.randn(batch, 3, *shape, device=device)
 
 
 def build_model(cfg: Config, checkpoint: Optional[str] = None, device: str = 'cpu',
@@ -101,6 +114,11 @@ def fake_data_samples(task: str, batch: int, h: int, w: int, with_gt: bool = Fal
             s = DataSample(metainfo=meta)
             if with_gt:
                 s.set_gt_label(int(torch.randint(num_classes, (1, ), generator=g)))
+        elif task == 'video':
+            from mmaction.structures import ActionDataSample
+            s = ActionDataSample(metainfo=meta)
+            if with_gt:
+                s.set_gt_label(int(torch.randint(num_classes, (1, ), generator=g)))
         elif task == 'seg':
             from mmengine.structures import PixelData
             from mmseg.structures import SegDataSample
@@ -132,14 +150,17 @@ def fake_data_samples(task: str, batch: int, h: int, w: int, with_gt: bool = Fal
 def tensor_forward(model: nn.Module, task: str, batch: int, h: int, w: int) -> Callable:
     """``f(inputs) -> tensors``: the model's ``mode='tensor'`` path
     (classifier: backbone+neck+head scores; detector: ``_forward`` with RPN
-    proposals and RoI heads; segmentor: ``_forward``, the decode head logits)."""
+    proposals and RoI heads; segmentor: ``_forward``, the decode head logits;
+    video recognizer: backbone, neck and ``cls_head`` scores)."""
+    if task == 'video':
+        return partial(model.forward, mode='tensor', stage='head')
     samples = fake_data_samples(task, batch, h, w)
     return partial(model.forward, data_samples=samples, mode='tensor')
 
 
 def loss_forward(model: nn.Module, task: str, inputs: Tensor, num_classes: int = 3) -> Tensor:
     """One training forward pass on random ground truth; returns the summed loss."""
-    b, _, h, w = inputs.shape
+    b, (h, w) = inputs.shape[0], inputs.shape[-2:]
     samples = fake_data_samples(task, b, h, w, with_gt=True, num_classes=num_classes,
                                 device=str(inputs.device))
     losses = model(inputs, samples, mode='loss')
@@ -150,7 +171,7 @@ def loss_forward(model: nn.Module, task: str, inputs: Tensor, num_classes: int =
 def num_classes_of(cfg: Config) -> int:
     """Best guess of the class count (for random labels)."""
     m = cfg.model
-    for key in ('head', 'decode_head'):
+    for key in ('head', 'decode_head', 'cls_head'):
         if isinstance(m.get(key), dict) and 'num_classes' in m[key]:
             return int(m[key]['num_classes'])
     try:

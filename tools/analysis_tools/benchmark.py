@@ -35,9 +35,8 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _model_utils import (build_model, load_config, loss_forward, num_classes_of,  # noqa: E402
-                          parse_shape,
-                          task_of, tensor_forward)
+from _model_utils import (build_model, dummy_input, load_config, loss_forward,  # noqa: E402
+                          num_classes_of, parse_shape, task_of, tensor_forward)
 
 COLUMNS = ('config', 'task', 'mode', 'batch', 'shape', 'params_M', 'img_per_s', 'ms_per_iter',
            'peak_mem_MB')
@@ -93,10 +92,10 @@ def bench_one(config: str, mode: str, batch: int, shape, warmup: int, iters: int
               device: str, cfg_options=None) -> Dict:
     cfg = load_config(config, cfg_options)
     task = task_of(cfg)
-    h, w = shape
+    x = dummy_input(task, shape, batch, device)  # (b, 3, H, W); video (b, 1, 3, T, H, W)
+    h, w = shape[-2:]
     model = build_model(cfg, device=device)
     params = sum(p.numel() for p in model.parameters())
-    x = torch.randn(batch, 3, h, w, device=device)
     if mode == 'inference':
         fwd = tensor_forward(model, task, batch, h, w)
 
@@ -137,7 +136,7 @@ def bench_one(config: str, mode: str, batch: int, shape, warmup: int, iters: int
             mem.__exit__(None, None, None)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else mem.peak_delta_mb
     del model, x
-    return dict(config=config, task=task, mode=mode, batch=batch, shape=f'{h}x{w}',
+    return dict(config=config, task=task, mode=mode, batch=batch, shape='x'.join(map(str, shape)),
                 params_M=round(params / 1e6, 3), img_per_s=round(batch * iters / dt, 2),
                 ms_per_iter=round(1000 * dt / iters, 2), peak_mem_MB=round(peak, 1))
 
@@ -157,7 +156,7 @@ def parse_args():
     parser.add_argument('--compare', nargs='+', default=[], metavar='CONFIG',
                         help='more configs benchmarked in the same run, side by side')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224], help='H W or one size')
+    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224], help='H W, one size, or T H W (video clips)')
     parser.add_argument('--mode', choices=['inference', 'train', 'both'], default='inference')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--iters', type=int, default=5)

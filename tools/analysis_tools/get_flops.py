@@ -2,10 +2,12 @@
 
     python tools/analysis_tools/get_flops.py configs/vmamba/vmamba-tiny_8xb128_in1k.py --shape 224 224
     python tools/analysis_tools/get_flops.py configs/mask_rcnn/vmamba_t_1x.py --shape 1280 800
+    python tools/analysis_tools/get_flops.py configs/video/convnext_s4nd_3d_hmdb51.py --shape 30 224 224
 
 The model is built in the task library of ``default_scope`` (mmpretrain,
-mmdet, mmseg) and traced by mmengine's ``FlopAnalyzer`` on one dummy
-(1, 3, H, W) input through its ``mode='tensor'`` path (classifier: backbone,
+mmdet, mmseg, mmaction) and traced by mmengine's ``FlopAnalyzer`` on one dummy
+(1, 3, H, W) input (video: one (3, T, H, W) clip) through its ``mode='tensor'``
+path (video recognizer: backbone, neck and cls_head; classifier: backbone,
 neck and head; detector: ``_forward`` = backbone, neck, RPN head, proposal
 post-processing and RoI heads on fake image metas; segmentor: ``_forward`` =
 backbone, neck and decode head, no auxiliary head). The data preprocessor
@@ -24,8 +26,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from _model_utils import (build_model, load_config, parse_shape, task_of,  # noqa: E402
-                          tensor_forward)
+from _model_utils import (build_model, dummy_input, load_config, parse_shape,  # noqa: E402
+                          task_of, tensor_forward)
 
 from mmssm.utils.flops import count_flops  # noqa: E402
 
@@ -39,17 +41,19 @@ def human(x: float, unit: str = '') -> str:
 
 def model_complexity(cfg, shape: Sequence[int], with_flops: bool = True,
                      device: str = 'cpu') -> Dict[str, Optional[float]]:
-    """Parameters (total/backbone) and, if asked, FLOPs (total/backbone) at (H, W)."""
-    h, w = shape
+    """Parameters (total/backbone) and, if asked, FLOPs (total/backbone) at (H, W)
+    (video: (T, H, W))."""
     task = task_of(cfg)
+    x = dummy_input(task, shape, device=device)  # checks the shape before the build
+    h, w = shape[-2:]
     model = build_model(cfg, device=device, init=False)
     params = sum(p.numel() for p in model.parameters())
     bb_params = sum(p.numel() for p in model.backbone.parameters())
     res = dict(task=task, params=params, backbone_params=bb_params, flops=None,
-               backbone_flops=None, height=h, width=w, unsupported={})
+               backbone_flops=None, height=h, width=w, input_shape=list(x.shape),
+               unsupported={})
     if not with_flops:
         return res
-    x = torch.randn(1, 3, h, w, device=device)
     model.forward = tensor_forward(model, task, 1, h, w)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter('ignore')
@@ -67,7 +71,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description='FLOPs and parameters of a model (mmssm)')
     parser.add_argument('config', help='config file (or mmpretrain::path style)')
     parser.add_argument('--shape', type=int, nargs='+', default=[224, 224],
-                        help='input size: H W, or one value for a square')
+                        help='input size: H W, one value for a square, or T H W (video)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings in the config, key=value pairs')
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
@@ -87,7 +91,7 @@ def main():
     print(line)
     print(f'Config:          {args.config}')
     print(f'Task:            {res["task"]}')
-    print(f'Input shape:     (1, 3, {shape[0]}, {shape[1]})')
+    print(f'Input shape:     {tuple(res["input_shape"])}')
     print(f'FLOPs:           {human(res["flops"])}  ({res["flops"]})')
     print(f'Backbone FLOPs:  {human(res["backbone_flops"])}  ({res["backbone_flops"]})')
     print(f'Params:          {human(res["params"])}  ({res["params"]})')

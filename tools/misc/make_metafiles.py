@@ -8,7 +8,8 @@ Every number in ``Metadata`` is COMPUTED here: ``Parameters`` by building the
 model (exact, all configs) and ``FLOPs`` by tools/analysis_tools/get_flops.py's
 ``model_complexity`` (mmengine FlopAnalyzer + mmssm handles, 1 multiply-add = 1
 FLOP, selective scan 9*B*L*D*N + D skip + z gate) at 224x224 (classification),
-1280x800 (detection, the size VMamba reports) and 512x512 (segmentation).
+1280x800 (detection, the size VMamba reports), 512x512 (segmentation) and one
+clip_len x 224 x 224 clip (video, clip_len from the config's test pipeline).
 Results are the PAPERS' numbers (copied from shared/research, each with its
 source); they are not reproduced by mmssm. mmssm hosts no weights, so no
 entry has a ``Weights`` field.
@@ -30,8 +31,9 @@ import traceback
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
 
-SHAPES = {'cls': (224, 224), 'det': (1280, 800), 'seg': (512, 512)}
-FAMILIES = ('vim', 'v2m', 'vmamba', 'convnext_s4nd', 'mask_rcnn', 'upernet')
+SHAPES = {'cls': (224, 224), 'det': (1280, 800), 'seg': (512, 512),
+          'video': None}  # video: from the config, see input_shape()
+FAMILIES = ('vim', 'v2m', 'vmamba', 'convnext_s4nd', 'mask_rcnn', 'upernet', 'video')
 
 PAPERS = {
     'Vim': dict(URL='https://arxiv.org/abs/2401.09417',
@@ -100,7 +102,17 @@ TASK_INFO = {
     'cls': ('Image Classification', 'ImageNet-1k'),
     'det': ('Instance Segmentation', 'COCO'),  # box AP and mask AP
     'seg': ('Semantic Segmentation', 'ADE20K'),
+    'video': ('Action Recognition', 'HMDB51'),
 }
+
+
+def input_shape(cfg, task):
+    """(H, W) per task; video: (T, 224, 224) with T = the test pipeline's ``clip_len``."""
+    if task != 'video':
+        return SHAPES[task]
+    steps = cfg.test_dataloader.dataset.pipeline
+    clip_len = next(t['clip_len'] for t in steps if t['type'] == 'SampleFrames')
+    return (int(clip_len), 224, 224)
 
 
 def list_configs(family):
@@ -111,7 +123,7 @@ def list_configs(family):
 def backbone_family(cfg):
     t = cfg.model.backbone.type.split('.')[-1]
     return {'Vim': 'Vim', 'VMamba': 'VMamba', 'V2M': 'V2M', 'V2MPyramid': 'V2M',
-            'ConvNeXtS4ND': 'S4ND'}.get(t, t)
+            'ConvNeXtS4ND': 'S4ND', 'ConvNeXtS4ND3D': 'S4ND'}.get(t, t)
 
 
 def architecture(cfg, task):
@@ -119,6 +131,9 @@ def architecture(cfg, task):
     bb = m.backbone.type.split('.')[-1]
     if task == 'cls':
         parts = [bb] + ([m.neck.type.split('.')[-1]] if m.get('neck') else []) + [m.head.type]
+    elif task == 'video':
+        parts = [m.type, bb] + ([m.neck.type.split('.')[-1]] if m.get('neck') else []) + [
+            m.cls_head.type]
     elif task == 'det':
         necks = m.neck if isinstance(m.neck, (list, tuple)) else [m.neck]
         parts = [m.type, bb] + [n.type.split('.')[-1] for n in necks] + ['RPN']
@@ -139,7 +154,7 @@ def compute(cfg_path, task, with_flops):
     from _model_utils import load_config
     from get_flops import model_complexity
     cfg = load_config(cfg_path)
-    res = model_complexity(cfg, SHAPES[task], with_flops=with_flops)
+    res = model_complexity(cfg, input_shape(cfg, task), with_flops=with_flops)
     res.pop('analyzer', None)
     return dict(params=res['params'], backbone_params=res['backbone_params'],
                 flops=res['flops'], backbone_flops=res['backbone_flops'],
@@ -154,14 +169,14 @@ def model_entry(cfg_path, numbers):
     family = osp.basename(osp.dirname(cfg_path))
     bfam = backbone_family(cfg)
     collection = {'mask_rcnn': 'Mask R-CNN', 'upernet': 'UPerNet'}.get(family, bfam)
-    h, w = SHAPES[task]
+    shape = input_shape(cfg, task)
     meta = {'Training Data': TASK_INFO[task][1], 'Architecture': architecture(cfg, task)}
     if numbers.get('flops') is not None:
         meta['FLOPs'] = int(numbers['flops'])
         meta['Backbone FLOPs'] = int(numbers['backbone_flops'])
     meta['Parameters'] = int(numbers['params'])
     meta['Backbone Parameters'] = int(numbers['backbone_params'])
-    meta['Input Size'] = f'{h}x{w}'
+    meta['Input Size'] = 'x'.join(map(str, shape))
     tc = cfg.get('train_cfg') or {}
     if tc.get('max_epochs'):
         meta['Epochs'] = int(tc['max_epochs'])
@@ -173,10 +188,11 @@ def model_entry(cfg_path, numbers):
     if bfam == 'S4ND' and numbers.get('flops') is not None:
         notes.append("FLOPs count the S4ND convolution the layer runs by default (conv_mode="
                      "'auto': dense Toeplitz operators on short axes, rfft elsewhere), more "
-                     "than an FFT-only count.")
+                     "than an FFT-only count, and one SSM kernel generation per layer.")
     if numbers.get('flops') is None:
         notes.append('FLOPs not computed (CPU time budget of make_metafiles.py); run '
-                     f'tools/analysis_tools/get_flops.py {entry["Config"]} --shape {h} {w}.')
+                     f'tools/analysis_tools/get_flops.py {entry["Config"]} --shape '
+                     f'{" ".join(map(str, shape))}.')
     if stem in PAPER_RESULTS:
         paper, metrics = PAPER_RESULTS[stem]
         entry['Results'] = [{'Task': TASK_INFO[task][0], 'Dataset': TASK_INFO[task][1],
@@ -191,11 +207,11 @@ def model_entry(cfg_path, numbers):
     return entry, collection
 
 
-def collection_entry(name, families_used):
+def collection_entry(name, family):
     c = {'Name': name, 'Metadata': {}, 'Paper': dict(PAPERS[name])}
     if name in CODE:
         c['Code'] = {'URL': CODE[name]}
-        c['Metadata']['Training Data'] = 'ImageNet-1k'
+        c['Metadata']['Training Data'] = 'HMDB51' if family == 'video' else 'ImageNet-1k'
         c['Metadata']['Architecture'] = (['State Space Model', 'S4ND convolution'] if name == 'S4ND'
                                          else ['State Space Model', 'Selective Scan'])
     elif name == 'Mask R-CNN':
@@ -209,9 +225,10 @@ HEADER = """# Generated by tools/misc/make_metafiles.py -- do not edit by hand.
 # Parameters and FLOPs are computed by tools/analysis_tools/get_flops.py
 # (mmengine FlopAnalyzer + mmssm handles; 1 multiply-add = 1 FLOP; selective scan
 # 9*B*L*D*N + B*D*L (D) + B*D*L (z gate); element-wise ops and the data preprocessor
-# not counted) at 224x224 (classification), 1280x800 (detection) and 512x512
-# (segmentation). Results are the papers' numbers (see each entry's Paper), not
-# reproduced here. mmssm hosts no weights: entries have no 'Weights' field.
+# not counted) at 224x224 (classification), 1280x800 (detection), 512x512
+# (segmentation) and one clip of the test pipeline's clip_len x 224x224 (video).
+# Results are the papers' numbers (see each entry's Paper), not reproduced here.
+# mmssm hosts no weights: entries have no 'Weights' field.
 """
 
 

@@ -187,7 +187,7 @@ class S4ND(nn.Module):
         weights, optimizer steps, ``.to()`` or the lazy C~ conversion invalidate it.
         """
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            self._spec_cache = None
+            self.clear_kernel_cache()
             return self.kernel_operators(l_in, rate)
         key = (tuple(l_in), float(rate), self._separable,
                tuple((t.data_ptr(), t._version) for t in self.kernel.state_dict(
@@ -199,6 +199,10 @@ class S4ND(nn.Module):
                 keep_vars=True).values()),)  # after a possible lazy C~ conversion
             self._spec_cache = cache = (key, spec)
         return cache[1]
+
+    def clear_kernel_cache(self) -> None:
+        """Drop the inference cache of kernel operators (rebuilt on the next forward)."""
+        self._spec_cache = None
 
     def _conv(self, x: Tensor, rate: float) -> Tensor:
         """Separable SSM convolution (+ D skip) of fp32/fp64 x (B, H, *L) -> (B, c, H|M, *L)."""
