@@ -17,7 +17,8 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
     (an identity) and checkpoints stay compatible with ``AmpOptimWrapper``'s
     (``loss_scaler`` state is empty). ``tools/train.py --amp`` selects it
     when no CUDA device is available. Building it also makes mmcv's CPU
-    ``nms``/``RoIAlign`` (fp32-only kernels) accept bf16 inputs.
+    ``nms``/``RoIAlign`` (fp32-only kernels) accept bf16 inputs, and mmaction2's
+    recognizer heads accept bf16 scores.
     """
 
     def __init__(self, loss_scale: Union[str, float, dict] = 'dynamic',
@@ -33,6 +34,7 @@ class CPUAmpOptimWrapper(AmpOptimWrapper):
             _install_cpu_bf16_mmcv_ops()
         except ImportError:  # no compiled mmcv: no detection ops to fix
             pass
+        _install_bf16_mmaction_heads()
 
 
 def _install_cpu_bf16_mmcv_ops() -> None:
@@ -63,3 +65,24 @@ def _install_cpu_bf16_mmcv_ops() -> None:
     nms_fp32._mmssm_fp32 = True
     nms_mod.nms = nms_fp32  # batched_nms looks its nms_type up in this module
     roi_mod.RoIAlign.forward = roi_align_fp32
+
+
+def _install_bf16_mmaction_heads() -> None:
+    """mmaction2 1.2.0's ``BaseHead.loss_by_feat`` computes the top-k accuracy it logs from
+    ``cls_scores.detach().cpu().numpy()``, which fails for bfloat16 (numpy has no bf16), so
+    every bf16 training step of a video recognizer died there. Upcast bf16 scores first
+    (under autocast the cross-entropy runs in fp32 anyway). Idempotent; only when mmaction's
+    heads are already imported (the Runner builds the model before the optimizer wrapper)."""
+    import sys
+    base = sys.modules.get('mmaction.models.heads.base')
+    if base is None or getattr(base.BaseHead.loss_by_feat, '_mmssm_bf16', False):
+        return
+    loss_by_feat = base.BaseHead.loss_by_feat
+
+    def loss_by_feat_fp32(self, cls_scores, data_samples):
+        if isinstance(cls_scores, torch.Tensor) and cls_scores.dtype == torch.bfloat16:
+            cls_scores = cls_scores.float()
+        return loss_by_feat(self, cls_scores, data_samples)
+
+    loss_by_feat_fp32._mmssm_bf16 = True
+    base.BaseHead.loss_by_feat = loss_by_feat_fp32

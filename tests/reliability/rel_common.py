@@ -57,7 +57,7 @@ def tiny_env(root: Path) -> dict:
     """Environment for tools/*.py on the tiny datasets in ``root`` (made if missing)."""
     if not (root / 'imagenet').is_dir():
         subprocess.run([sys.executable, str(REPO / 'tools/misc/make_tiny_datasets.py'), '--out',
-                        str(root), '--tasks', 'coco', 'ade', 'imagenet'], check=True,
+                        str(root), '--tasks', 'coco', 'ade', 'imagenet', 'video'], check=True,
                        capture_output=True)
     env = dict(os.environ, MMSSM_TINY_DATA=str(root), OMP_NUM_THREADS='1')
     env['PYTHONPATH'] = f'{REPO}{os.pathsep}{env.get("PYTHONPATH", "")}'
