@@ -145,3 +145,24 @@ def test_amp_tool_run_200_iterations(task, tiny_data_env, tmp_path):
     first = sum(float(got[i]) for i in range(1, 11)) / 10
     last = sum(float(got[i]) for i in range(191, 201)) / 10
     assert last < first, (first, last)  # it also learns something
+
+
+def test_bf16_autocast_forward_backward_s4nd_3d(s4nd_spy):
+    """The video backbone (T x H x W S4ND in every block) under CPU bf16 autocast: the
+    convolutions run in fp32, outputs and gradients are finite and close to fp32."""
+    from mmssm.models.backbones import ConvNeXtS4ND3D
+    torch.manual_seed(0)
+    m = ConvNeXtS4ND3D(arch=dict(depths=[1, 1, 1, 1], dims=[8, 16, 16, 16]),
+                       img_size=(4, 32, 32), stem_channels=8, layer_cfg=dict(d_state=8),
+                       out_indices=(0, 1, 2, 3)).train()
+    x = torch.randn(2, 3, 4, 32, 32)
+    ref = _run(m, x, amp=False)
+    m.zero_grad(set_to_none=True)
+    s4nd_spy.clear()
+    xa = x.clone().requires_grad_(True)
+    outs = _run(m, xa, amp=True)
+    assert s4nd_spy and all(d == (torch.float32, torch.float32) for d in s4nd_spy)
+    for o, r in zip(outs, ref):
+        assert torch.isfinite(o).all() and (o - r).norm() <= 0.05 * r.norm() + 1e-3
+    assert torch.isfinite(xa.grad).all() and xa.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
