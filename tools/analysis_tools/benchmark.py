@@ -156,7 +156,8 @@ def parse_args():
     parser.add_argument('--compare', nargs='+', default=[], metavar='CONFIG',
                         help='more configs benchmarked in the same run, side by side')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224], help='H W, one size, or T H W (video clips)')
+    parser.add_argument('--shape', type=int, nargs='+', default=[224, 224],
+                        help='H W, one size, or T H W (video clips)')
     parser.add_argument('--mode', choices=['inference', 'train', 'both'], default='inference')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--iters', type=int, default=5)
