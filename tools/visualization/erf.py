@@ -122,6 +122,9 @@ def parse_args():
 def main():
     args = parse_args()
     shape = parse_shape(args.shape)
+    if len(shape) != 2:
+        raise SystemExit(f'erf.py: --shape takes H W or one size (image backbones), '
+                         f'got {args.shape}')
     configs, ckpts = list(args.configs), args.checkpoints or ['none'] * len(args.configs)
     if len(configs) == 1 and len(ckpts) > 1:
         configs = configs * len(ckpts)
