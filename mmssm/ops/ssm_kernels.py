@@ -668,18 +668,14 @@ class SSMKernelDPLR(SSMKernelDiag):
 
 
 @torch.no_grad()
-def attune_kernels(module: nn.Module) -> int:
+def attune_kernels(module: nn.Module) -> None:
     """Run the lazy C -> C~ conversion of every fresh DPLR kernel in ``module`` now.
 
     It otherwise happens inside the first forward (as in the official code), where a FLOP
     counter or profiler would charge its one-time dense matrix powers to the model.
-    Returns the number of kernels converted.
     """
-    n = 0
     for m in module.modules():
-        if isinstance(m, SSMKernelDPLR) and int(m.l_kernel.item()) == 0 and m.l_max:
-            m._setup_C(m.l_max)
-            n += 1
-    return n
+        if isinstance(m, SSMKernelDPLR):
+            m._attune(None, 1.0)  # no-op once attuned (or without l_max)
 
 KERNELS = {'diag': SSMKernelDiag, 's4d': SSMKernelDiag, 'dplr': SSMKernelDPLR, 's4': SSMKernelDPLR}

@@ -66,7 +66,13 @@ def test_benchmark_video_clips():
     pytest.importorskip('mmaction')
     from benchmark import bench_one
     config = str(REPO / 'configs/video/convnext_s4nd_3d_hmdb51_tiny.py')
+    from _model_utils import build_model, load_config
+    params = sum(p.numel() for p in build_model(load_config(config)).parameters())
     for mode in ('inference', 'train'):
         row = bench_one(config, mode, 2, (4, 32, 32), warmup=1, iters=1, device='cpu')
         assert row['task'] == 'video' and row['shape'] == '4x32x32'
+        assert row['params_M'] == round(params / 1e6, 3)
         assert row['img_per_s'] > 0 and row['ms_per_iter'] > 0
+        # clips/s and ms/iter describe the same timing (batch 2)
+        assert abs(2 * 1000 / row['ms_per_iter'] - row['img_per_s']) \
+            < 0.02 * row['img_per_s'] + 0.02

@@ -197,6 +197,11 @@ def test_get_flops_cli_video():
     assert 'Input shape:     (1, 1, 3, 4, 32, 32)' in out.stdout
     flops = int(re.search(r'^FLOPs:\s+\S+\s+\((\d+)\)', out.stdout, re.M).group(1))
     assert flops > 0 and 'einsum=' in out.stdout  # the S4ND (Toeplitz) convolutions
+    params = int(re.search(r'^Params:\s+\S+\s+\((\d+)\)', out.stdout, re.M).group(1))
+    from _model_utils import build_model, load_config
+    model = build_model(load_config(str(REPO / config)))  # the mmaction2 recognizer
+    assert type(model).__name__ == 'Recognizer3D'
+    assert params == sum(p.numel() for p in model.parameters())
     bad = subprocess.run(cmd + ['32', '32'], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and 'needs --shape T H W' in bad.stderr
