@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One-command set-up of a CPU development environment in .venv (Python 3.11).
 #
-#   bash tools/setup_env.sh            # runtime + tests
-#   WITH_VIDEO=1 bash tools/setup_env.sh   # also mmaction2 (video configs)
+#   bash tools/setup_env.sh                # runtime + tests + mmaction2 (video configs)
+#   WITH_VIDEO=0 bash tools/setup_env.sh   # without mmaction2 (the video tests then skip)
+#   VENV=/tmp/venv bash tools/setup_env.sh # another venv location
 #
 # Re-running is quick and idempotent.  mmcv 2.1.0 has no wheel on PyPI; a wheel is
-# taken from pip's standard PIP_FIND_LINKS when one there fits this torch, otherwise
-# it is built from the sdist (about an hour on 2 cores).
+# taken from pip's standard PIP_FIND_LINKS (or .wheelhouse/) when one there fits this
+# torch, otherwise tools/build_mmcv.sh builds it from the sdist (about 25 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -23,31 +24,28 @@ echo "[setup] torch / torchvision / mmengine"
 $PIP install -q torch==2.14.1 torchvision==0.29.1 mmengine==0.10.7 \
   numpy pycocotools ftfy regex ninja psutil
 
-if ! $VENV/bin/python -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
-  echo "[setup] mmcv 2.1.0: looking for a prebuilt wheel in PIP_FIND_LINKS=${PIP_FIND_LINKS:-<unset>}"
-  if ! $PIP install -q --no-deps --only-binary=mmcv mmcv==2.1.0 2>/dev/null; then
+# mmcv's own dependencies (addict, yapf, ...), without letting pip touch mmcv itself.
+$PIP install -q addict packaging Pillow pyyaml yapf opencv-python
+have_mmcv_ops() {
+  $VENV/bin/python -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null
+}
+if ! have_mmcv_ops; then
+  echo "[setup] mmcv 2.1.0: looking for a prebuilt wheel in PIP_FIND_LINKS=${PIP_FIND_LINKS:-<unset>} and .wheelhouse/"
+  $PIP install -q --no-deps --only-binary=mmcv --find-links .wheelhouse mmcv==2.1.0 2>/dev/null || true
+  if ! have_mmcv_ops; then  # none found, or one built for another torch
     echo "[setup] NOTE: no prebuilt mmcv 2.1.0 wheel fits; building it from the sdist with ops."
-    echo "[setup] NOTE: a first build takes about an hour on 2 cores. Put the wheel it leaves in"
-    echo "[setup]       .wheelhouse/ into a folder and point PIP_FIND_LINKS at it to reuse it."
-    tmp=$(mktemp -d)
-    $PIP download -q --no-deps --no-binary=:all: mmcv==2.1.0 -d "$tmp"
-    tar -xzf "$tmp"/mmcv-2.1.0.tar.gz -C "$tmp"
-    # torch >= 2.6 headers need C++20, mmcv 2.1.0's setup.py forces -std=c++17.
-    sed -i 's/-std=c++17/-std=c++20/g' "$tmp/mmcv-2.1.0/setup.py"
-    mkdir -p .wheelhouse
-    (cd "$tmp/mmcv-2.1.0" && MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
-      "$OLDPWD/$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps . -w "$OLDPWD/.wheelhouse")
-    $PIP install -q --no-deps .wheelhouse/mmcv-2.1.0-*.whl
-    rm -rf "$tmp"
+    echo "[setup] NOTE: a first build takes about 25 minutes on 2 cores. The wheel it leaves in"
+    echo "[setup]       .wheelhouse/ is reused by later set-ups (or point PIP_FIND_LINKS at it)."
+    whl=$(MMCV_WITH_OPS=1 bash tools/build_mmcv.sh "$VENV/bin/python" .wheelhouse | tail -1)
+    $PIP install -q --no-deps --force-reinstall "$whl"
+    have_mmcv_ops || { echo "[setup] ERROR: the mmcv wheel built from source does not import its ops" >&2; exit 1; }
   fi
-  # mmcv's own dependencies (addict, yapf, ...), without letting pip touch mmcv itself.
-  $PIP install -q addict packaging Pillow pyyaml yapf opencv-python
 fi
 
 echo "[setup] mmdet / mmseg / mmpretrain"
 $PIP install -q mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 \
   -r requirements/tests.txt
-if [ "${WITH_VIDEO:-0}" = "1" ]; then
+if [ "${WITH_VIDEO:-1}" = "1" ]; then
   $PIP install -q -r requirements/video.txt
 fi
 # transformers breaks `import mmpretrain.models` with this torch; never keep it.
