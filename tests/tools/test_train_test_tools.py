@@ -43,7 +43,7 @@ def train(config, work_dir, env, iters, *extra):
 ])
 def test_train_then_test(config, metric, tiny_env, tmp_path):
     if 'video' in config:
-        pytest.importorskip('mmaction', reason='video configs need WITH_VIDEO=1 make setup')
+        pytest.importorskip('mmaction', reason='video configs need mmaction2 (WITH_VIDEO=0 set-up)')
     log = train(config, tmp_path, tiny_env, 2)
     assert re.search(r'Iter\(train\) \[2/2\]', log)
     assert (tmp_path / 'iter_2.pth').exists()
