@@ -51,6 +51,9 @@ def setup_cpu_distributed(cfg: Config) -> None:
     init, and the CPU-friendly wrapper drops ``device_ids``.
     """
     if not dist.is_initialized():
+        if cfg.launcher == 'slurm':  # srun sets SLURM_*, not the env:// variables gloo reads
+            from _slurm import export_torch_env_from_slurm
+            export_torch_env_from_slurm()
         dist.init_process_group(backend='gloo')
     cfg.model_wrapper_cfg = dict(type='mmssm.CPUFriendlyDistributedDataParallel',
                                  **cfg.get('model_wrapper_cfg', None) or {})
