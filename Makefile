@@ -4,9 +4,9 @@ DATA ?= data/tiny
 WORK ?= work_dirs/demo_mask_rcnn
 DEMO_CONFIG ?= configs/mask_rcnn/v2m_s_1x_tiny.py
 
-.PHONY: setup data demo test test-slow bench
+.PHONY: setup data demo test test-slow bench gpu-check
 
-setup:           ## create .venv with the tested stack and mmssm (editable)
+setup:           ## create .venv with the tested stack (mmaction2 too; WITH_VIDEO=0 skips it) and mmssm (editable)
 	bash tools/setup_env.sh
 
 data:            ## write the tiny real-format datasets
@@ -25,3 +25,6 @@ test-slow:       ## the slow end-to-end tier
 bench:           ## CPU benchmarks (print ratios side by side)
 	PYTHONPATH=. $(PY) benchmarks/bench_selective_scan.py
 	PYTHONPATH=. $(PY) benchmarks/bench_s4nd.py
+
+gpu-check:       ## on a CUDA machine: kernels vs references, scan + model benchmarks, --amp Mask R-CNN (< 8 min)
+	$(PY) tools/gpu_check.py
