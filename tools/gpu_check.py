@@ -56,8 +56,8 @@ def cuda_problem() -> Optional[str]:
 
 
 def run_section(name: str, cmd: List[str], log_path: str, timeout: float,
-                env: Optional[Dict[str, str]] = None) -> Tuple[str, float, str]:
-    """Run one command with a time cap; returns (status, seconds, captured output)."""
+                env: Optional[Dict[str, str]] = None) -> Tuple[str, float, str, str]:
+    """Run one command with a time cap; returns (status, seconds, stdout, stdout + stderr)."""
     print(f'[gpu-check] {name}: {" ".join(cmd)} (cap {timeout:.0f} s)', flush=True)
     start = time.time()
     full_env = dict(os.environ, **(env or {}))
@@ -65,16 +65,19 @@ def run_section(name: str, cmd: List[str], log_path: str, timeout: float,
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
                               timeout=max(timeout, 1))
-        out, status = proc.stdout + proc.stderr, 'PASS' if proc.returncode == 0 else 'FAIL'
+        stdout, out = proc.stdout, proc.stdout + proc.stderr
+        status = 'PASS' if proc.returncode == 0 else 'FAIL'
     except subprocess.TimeoutExpired as e:
-        out = ((e.stdout or b'').decode(errors='replace') if isinstance(e.stdout, bytes)
-               else (e.stdout or '')) + '\n[gpu-check] stopped at the time cap'
+        def text(b):  # the exception carries bytes even with text=True
+            return b.decode(errors='replace') if isinstance(b, bytes) else (b or '')
+        stdout = text(e.stdout)
+        out = stdout + text(e.stderr) + '\n[gpu-check] stopped at the time cap'
         status = 'TIMEOUT'
     seconds = time.time() - start
     with open(log_path, 'w') as f:
         f.write(out)
     print(f'[gpu-check] {name}: {status} in {seconds:.0f} s (log {log_path})', flush=True)
-    return status, seconds, out
+    return status, seconds, stdout, out
 
 
 def pytest_counts(log: str) -> str:
@@ -85,11 +88,9 @@ def pytest_counts(log: str) -> str:
     return text + ''.join(f'\n      FAILED {f}' for f in failed[:10])
 
 
-def bench_table(log: str) -> str:
-    """The scan benchmark's table and notes (its stdout lines, without warnings)."""
-    keep = [ln for ln in log.splitlines()
-            if ln.startswith(('device=', 'gpu:', 'shape', '(', 'x fwd', 'xm:', 'cross', 'scan'))
-            or 'failed' in ln]
+def bench_table(stdout: str) -> str:
+    """The scan benchmark's tables and notes: its stdout (warnings go to stderr)."""
+    keep = [ln for ln in stdout.splitlines() if ln.strip()]
     return '\n'.join('      ' + ln for ln in keep) or '      (no table printed)'
 
 
@@ -152,21 +153,21 @@ def main() -> int:
 
     results = []
     # 1. kernels on CUDA vs references
-    status, sec, log = run_section(
+    status, sec, _, log = run_section(
         'kernels', [py, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/gpu',
                     'tests/ops/test_selective_scan_triton.py', 'tests/ops/test_scan_order.py'],
         osp.join(work, 'kernels.log'), cap(170))
     results.append(('Triton scan + scan-order tests (CUDA)', status, sec, pytest_counts(log)))
     # 2. GPU section of the scan benchmark (batch 64 on GPU; 'ref' is the slow sequential one)
-    status, sec, log = run_section(
+    status, sec, stdout, _ = run_section(
         'scan-bench', [py, 'benchmarks/bench_selective_scan.py', '--skip-slow'],
         osp.join(work, 'scan_bench.log'), cap(90))
-    results.append(('scan benchmark (GPU)', status, sec, '\n' + bench_table(log)))
+    results.append(('scan benchmark (GPU)', status, sec, '\n' + bench_table(stdout)))
     # 3. 20-iteration --amp Mask R-CNN (V2M-S* pyramid) on the tiny COCO-format set
     data = osp.join(work, 'data')
     subprocess.run([py, 'tools/misc/make_tiny_datasets.py', '--out', data, '--tasks', 'coco'],
                    cwd=REPO, check=True, capture_output=True)
-    status, sec, log = run_section(
+    status, sec, _, log = run_section(
         'mask-rcnn', [py, 'tools/train.py', DET_CONFIG, '--amp', '--work-dir',
                       osp.join(work, 'mask_rcnn'), '--cfg-options',
                       f'train_cfg.max_iters={DET_ITERS}', f'train_cfg.val_interval={DET_ITERS}',
@@ -178,7 +179,7 @@ def main() -> int:
     csv_path = osp.join(work, 'models.csv')
     if osp.exists(csv_path):
         os.remove(csv_path)
-    status, sec, log = run_section(
+    status, sec, _, log = run_section(
         'models', [py, 'tools/analysis_tools/benchmark.py', VMAMBA_T, '--compare', SWIN_T,
                    '--batch', '64', '--shape', '224', '224', '--mode', 'both',
                    '--device', 'cuda', '--csv', csv_path],

@@ -66,3 +66,22 @@ def test_model_table_reads_benchmark_csv(tmp_path):
     text = gpu_check.model_table(str(path))
     assert 'VMamba-T  inference batch 64 224x224:   1500.0 img/s' in text
     assert '(1.50x Swin-T)' in text and 'Swin-T    inference' in text
+
+
+def test_sections_run_in_order_within_the_budget(tmp_path, monkeypatch, capsys):
+    """The orchestration as a GPU machine runs it, with CUDA faked and a 1-second budget: every
+    section starts, stops at its cap, and the summary lists all four."""
+    import torch
+    monkeypatch.setattr(gpu_check, 'cuda_problem', lambda: None)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'FakeGPU')
+    monkeypatch.setattr(sys, 'argv', ['gpu_check.py', '--budget', '1', '--work-dir',
+                                      str(tmp_path)])
+    assert gpu_check.main() == 1
+    out = capsys.readouterr().out
+    summary = out[out.index('mmssm gpu-check: FakeGPU'):]
+    for title in ('Triton scan + scan-order tests (CUDA)', 'scan benchmark (GPU)',
+                  'Mask R-CNN V2M-S* --amp, 20 iters', 'VMamba-T vs Swin-T img/s'):
+        assert f'[TIMEOUT] {title}' in summary
+    for log in ('kernels', 'scan_bench', 'mask_rcnn', 'models'):
+        assert 'stopped at the time cap' in (tmp_path / f'{log}.log').read_text()
+    assert (tmp_path / 'data' / 'coco' / 'annotations').is_dir()  # the tiny set was written
