@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
+import mmssm  # noqa: F401  (its mmaction2 1.2.0 fix must precede `import mmaction.models`)
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / 'configs').rglob('*.py')
                  if '_base_' not in p.parts)
