@@ -7,7 +7,7 @@
 #
 # Re-running is quick and idempotent.  mmcv 2.1.0 has no wheel on PyPI; a wheel is
 # taken from pip's standard PIP_FIND_LINKS (or .wheelhouse/) when one there fits this
-# torch, otherwise tools/build_mmcv.sh builds it from the sdist (about 25 min on 2 cores).
+# torch, otherwise tools/build_mmcv.sh builds it from the sdist (~20 min on 2 idle cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -34,7 +34,7 @@ if ! have_mmcv_ops; then
   $PIP install -q --no-deps --only-binary=mmcv --find-links .wheelhouse mmcv==2.1.0 2>/dev/null || true
   if ! have_mmcv_ops; then  # none found, or one built for another torch
     echo "[setup] NOTE: no prebuilt mmcv 2.1.0 wheel fits; building it from the sdist with ops."
-    echo "[setup] NOTE: a first build takes about 25 minutes on 2 cores. The wheel it leaves in"
+    echo "[setup] NOTE: a first build takes about 20 minutes on 2 idle cores. The wheel it leaves in"
     echo "[setup]       .wheelhouse/ is reused by later set-ups (or point PIP_FIND_LINKS at it)."
     whl=$(MMCV_WITH_OPS=1 bash tools/build_mmcv.sh "$VENV/bin/python" .wheelhouse | tail -1)
     $PIP install -q --no-deps --force-reinstall "$whl"
