@@ -111,6 +111,11 @@ ALLOWED_GLOBALS: Dict[str, Any] = {
 _IMPLIED = {'numpy.dtype': [n for n in ALLOWED_GLOBALS if n.startswith('numpy.dtypes.')]}
 
 
+# what torch's weights-only unpickler (and the stand-ins above) say when refusing an object
+_REFUSAL = re.compile(r'GLOBAL|Can only|unrecognized function|is not allowed|replaced by the file')
+_GLOBAL = re.compile(r'GLOBAL ([\w.]+)')
+
+
 def trusted_by_env() -> bool:
     """Whether ``MMSSM_TRUSTED_CHECKPOINTS`` opts in to full unpickling."""
     return os.environ.get(TRUST_ENV, '').strip().lower() in _TRUE
@@ -254,9 +259,10 @@ def load_checkpoint_file(filename: str, map_location: Any = None,
             ckpt = torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        wanted = re.findall(r'GLOBAL ([\w.]+)', msg)
-        raise _refuse(filename, wanted, msg.split('WeightsUnpickler error:')[-1].strip()
-                      .split('\n')[0]) from None
+        if not _REFUSAL.search(msg):  # e.g. junk bytes: not a question of trust
+            raise _unreadable(filename, e) from e
+        detail = msg.split('WeightsUnpickler error:')[-1].strip().split('\n')[0]
+        raise _refuse(filename, _GLOBAL.findall(msg), detail) from None
     except Exception as e:
         raise _unreadable(filename, e) from e
     if nodes:
