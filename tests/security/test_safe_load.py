@@ -266,3 +266,34 @@ def test_mmengine_resume_objects_round_trip(tmp_path):
     MessageHub.get_instance('sec_test2').load_state_dict(got['message_hub'])
     assert MessageHub.get_instance('sec_test2').get_scalar('train/loss').mean() == \
         pytest.approx((0.5 + 0.25 + 0.5 / 3) / 3)
+
+
+# ------------------------------------------------------------- http(s) Pretrained
+@pytest.fixture
+def http_dir(tmp_path, monkeypatch):
+    """(served directory, base url): a local HTTP server; torch's hub cache in tmp_path."""
+    import functools
+    import http.server
+    import threading
+    served = tmp_path / 'www'
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    yield served, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_pretrained_from_http_is_read_with_the_allowlist(http_dir, pwned):
+    served, url = http_dir
+    sd = _vim().state_dict()
+    torch.save(dict(model=sd, args=argparse.Namespace(model='vim')), served / 'ok.pth')
+    m = _vim(init_cfg=dict(type='Pretrained', checkpoint=f'{url}/ok.pth', min_coverage=1.0))
+    m.init_weights()
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    bad = malicious(served / 'evil.pth', 'nested', pwned, sd)
+    with _refused(bad):
+        _vim(init_cfg=dict(type='Pretrained', checkpoint=f'{url}/evil.pth')).init_weights()
