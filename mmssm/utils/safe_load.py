@@ -129,7 +129,8 @@ def _how_to_trust() -> str:
 
 
 def _refuse(filename: str, names: List[str], detail: str = '') -> UntrustedCheckpointError:
-    what = f'the global(s) {", ".join(sorted(names))}' if names else 'an object outside the allowlist'
+    what = (f'the global(s) {", ".join(sorted(names))}' if names
+            else 'an object outside the allowlist')
     return UntrustedCheckpointError(
         f'checkpoint {filename!r} needs {what}, which mmssm does not load '
         f'without trust (weights_only=True; allowed: tensors, containers, numbers, '

@@ -18,7 +18,8 @@ REFUSED = 'UntrustedCheckpointError: checkpoint'
 
 
 def test_command_line_entry_points(tiny_env, tmp_path, pwned):
-    bad = {w: malicious(tmp_path / f'evil_{w}.pth', w, pwned) for w in ('meta', 'optimizer', 'nested')}
+    bad = {w: malicious(tmp_path / f'evil_{w}.pth', w, pwned)
+           for w in ('meta', 'optimizer', 'nested')}
     rc, log = run_tool(tiny_env, str(Path(__file__).with_name('cli_session.py')),
                        str(tmp_path / 'work'), *map(str, bad.values()), timeout=600)
     assert rc == 0, log[-4000:]

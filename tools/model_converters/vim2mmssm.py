@@ -11,7 +11,8 @@ The output is ``{'state_dict': {'backbone.<key>': ..., 'head.fc.weight', 'head.f
 names (our layout is the official one, class token in the middle of ``pos_embed``).
 
 Usage:
-    python tools/model_converters/vim2mmssm.py vim_t_midclstok_76p1acc.pth vim-t_mmssm.pth [--ema] [--trusted]
+    python tools/model_converters/vim2mmssm.py vim_t_midclstok_76p1acc.pth vim-t_mmssm.pth
+        [--ema] [--trusted]
 """
 import argparse
 import math

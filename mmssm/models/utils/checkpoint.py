@@ -24,7 +24,7 @@ STRIP_PREFIXES = ('module.', 'backbone.')
 
 
 def _download(url: str) -> str:
-    """Download ``url`` once into ``<torch hub dir>/checkpoints`` (rank 0 first) and return the path."""
+    """Download ``url`` once into ``<torch hub dir>/checkpoints`` (rank 0 first); its path."""
     import torch.distributed as dist
     from mmengine.dist import get_dist_info
     from torch.hub import download_url_to_file, get_dir
