@@ -1,8 +1,8 @@
 """mmssm: state-space-model vision backbones for OpenMMLab 2.x.
 
 Importing mmssm checks the installed versions against the tested matrix and
-makes mmengine load local checkpoints on torch>=2.6 (see
-:func:`mmssm.utils.compat._load_local_trusted`: local files are trusted) and
+makes mmengine load local checkpoints on torch>=2.6 with ``weights_only=True`` and
+a narrow allowlist (see :mod:`mmssm.utils.safe_load`; no file runs code) and
 write them atomically (:mod:`mmssm.utils.atomic_io`: a job killed while saving
 keeps its previous checkpoint and ``last_checkpoint``), and makes an empty
 batch a clear error in every mmengine data preprocessor. It also lets mmengine

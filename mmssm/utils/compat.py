@@ -1,10 +1,9 @@
-"""Environment checks and the torch>=2.6 checkpoint-loading fix, run at ``import mmssm``."""
+"""Environment checks and the torch>=2.6 checkpoint loader, run at ``import mmssm``."""
 import importlib.metadata as md
 import os.path as osp
 import warnings
 from typing import Optional
 
-import torch
 
 # The version matrix the project is tested on; see README "Version matrix".
 MMCV_RANGE = ('2.0.0rc4', '2.2.0')  # mmdet 3.3.0 / mmseg 1.2.2 assert mmcv < 2.2.0
@@ -57,30 +56,27 @@ def check_mmcv_ops() -> None:
             'the installed torch.') from e
 
 
-def _load_local_trusted(filename: str, map_location=None):
-    """mmengine local-file loader that unpickles full checkpoints.
-
-    torch>=2.6 defaults ``torch.load(weights_only=True)``, which refuses mmengine's
-    own resume checkpoints (HistoryBuffer, numpy objects in ``meta``) and the
-    official Vim/VMamba files (argparse.Namespace, yacs CfgNode). Local files
-    are trusted here, as they were before torch 2.6: do not load checkpoints you
-    did not make or download from a source you trust. Remove once mmengine >
-    0.10.7 ships its weights_only=False fix.
-    """
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'checkpoint file {filename!r} does not exist')
-    try:
-        return torch.load(filename, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f'checkpoint file {filename!r} cannot be read '
-                           f'(truncated or not a torch checkpoint): {e}') from e
-
-
 def install_checkpoint_loader() -> None:
-    """Register :func:`_load_local_trusted` as mmengine's local-path scheme."""
+    """Make mmengine read local checkpoints with :func:`mmssm.utils.safe_load.load_checkpoint_file`.
+
+    Stock torch>=2.6 + mmengine 0.10.7 call ``torch.load(weights_only=True)``, which
+    refuses mmengine's own resume files (HistoryBuffer and numpy objects) and the
+    official Vim/VMamba files (``argparse.Namespace``, yacs ``CfgNode``). The loader
+    registered here keeps ``weights_only=True`` and allows those few globals for the
+    duration of one load (see :data:`mmssm.utils.safe_load.ALLOWED_GLOBALS`); any
+    other global is refused before the file is unpickled, unless the environment
+    variable ``MMSSM_TRUSTED_CHECKPOINTS=1`` opts in. So ``load_from``, ``--resume``,
+    ``tools/test.py`` and ``Pretrained`` init work, and no file loads that stock
+    torch + mmengine would refuse for running code.
+    """
     from mmengine.runner import CheckpointLoader
-    CheckpointLoader.register_scheme(prefixes='', force=True)(_load_local_trusted)
+
+    from .safe_load import load_checkpoint_file
+
+    def load_from_local(filename: str, map_location=None):
+        return load_checkpoint_file(filename, map_location=map_location)
+
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
 
 
 def _warn_transformers() -> None:

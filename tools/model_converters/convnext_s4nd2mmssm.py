@@ -11,7 +11,10 @@ copied, fresh temporal kernel; see ``ConvNeXtS4ND3D.inflate_2d_state_dict``).
 
 Usage:
     python tools/model_converters/convnext_s4nd2mmssm.py SRC.ckpt DST.pth [--arch tiny]
-        [--img-size 224] [--video 30 224 224]
+        [--img-size 224] [--video 30 224 224] [--trusted]
+
+The source is read with ``weights_only=True`` and mmssm's allowlist
+(:mod:`mmssm.utils.safe_load`); ``--trusted`` unpickles a file needing other globals.
 """
 import argparse
 import os.path as osp
@@ -23,7 +26,7 @@ import torch
 
 sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..', '..')))
 
-import mmssm  # noqa: E402,F401  (trusted local checkpoint loading)
+import mmssm  # noqa: E402,F401
 from mmssm.models.backbones.convnext_s4nd import (ConvNeXtS4ND,  # noqa: E402
                                                   ConvNeXtS4ND3D)
 from mmssm.models.utils.checkpoint import (load_backbone_weights,  # noqa: E402
@@ -32,8 +35,8 @@ from mmssm.models.utils.checkpoint import (load_backbone_weights,  # noqa: E402
 
 
 def convert(src: str, dst: str, arch: Union[str, dict] = 'tiny', img_size: int = 224,
-            video=None) -> dict:
-    sd = unwrap_state_dict(read_checkpoint(src))
+            video=None, trusted: bool = False) -> dict:
+    sd = unwrap_state_dict(read_checkpoint(src, trusted=trusted))
     if any(k.startswith('model.') for k in sd):
         sd = strip_prefix(sd, 'model.')
     head = OrderedDict(('head.fc.' + k[len('head.fc.'):], v) for k, v in sd.items()
@@ -63,8 +66,11 @@ def main() -> None:
     p.add_argument('--img-size', type=int, default=224, help='training resolution')
     p.add_argument('--video', type=int, nargs=3, metavar=('T', 'H', 'W'),
                    help='inflate into ConvNeXtS4ND3D for clips of this size')
+    p.add_argument('--trusted', action='store_true',
+                   help='unpickle the whole file, also globals outside mmssm\'s allowlist '
+                        '(can run code from it: only for files you trust)')
     a = p.parse_args()
-    convert(a.src, a.dst, a.arch, a.img_size, a.video)
+    convert(a.src, a.dst, a.arch, a.img_size, a.video, trusted=a.trusted)
 
 
 if __name__ == '__main__':

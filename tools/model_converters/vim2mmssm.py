@@ -1,7 +1,9 @@
 """Convert an official Vim checkpoint (hustvl/Vim) into an mmssm / mmpretrain checkpoint.
 
 The official files are training checkpoints ``{'model', 'model_ema', 'args': Namespace, ...}``
-(``args`` makes ``torch.load(weights_only=True)`` refuse them; local files are trusted here).
+(``args`` makes a plain ``torch.load(weights_only=True)`` refuse them; mmssm's loader allows
+``argparse.Namespace`` and nothing else beyond tensors, so ``--trusted`` is needed only for
+files holding other objects, and then runs whatever they pickled).
 The output is ``{'state_dict': {'backbone.<key>': ..., 'head.fc.weight', 'head.fc.bias'},
 'meta': {...}}``: load it into an mmpretrain ``ImageClassifier`` whose backbone is
 ``type='mmssm.Vim'`` (the config printed at the end) or into the backbone alone with
@@ -9,7 +11,8 @@ The output is ``{'state_dict': {'backbone.<key>': ..., 'head.fc.weight', 'head.f
 names (our layout is the official one, class token in the middle of ``pos_embed``).
 
 Usage:
-    python tools/model_converters/vim2mmssm.py vim_t_midclstok_76p1acc.pth vim-t_mmssm.pth [--ema]
+    python tools/model_converters/vim2mmssm.py vim_t_midclstok_76p1acc.pth vim-t_mmssm.pth
+        [--ema] [--trusted]
 """
 import argparse
 import math
@@ -21,7 +24,7 @@ import torch
 
 sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..', '..')))
 
-import mmssm  # noqa: E402,F401  (trusted local checkpoint loading)
+import mmssm  # noqa: E402,F401
 from mmssm.models.backbones.vim import Vim  # noqa: E402
 from mmssm.models.utils.checkpoint import (load_backbone_weights,  # noqa: E402
                                            read_checkpoint, unwrap_state_dict)
@@ -56,8 +59,9 @@ def infer_backbone_cfg(sd: dict, args_ns=None, stride=None, img_size=None) -> di
                 stride=stride, with_cls_token=has_cls)
 
 
-def convert(src: str, dst: str, ema: bool = False, stride=None, img_size=None) -> dict:
-    ckpt = read_checkpoint(src)
+def convert(src: str, dst: str, ema: bool = False, stride=None, img_size=None,
+            trusted: bool = False) -> dict:
+    ckpt = read_checkpoint(src, trusted=trusted)
     key = 'model_ema' if ema else None
     if ema and 'model_ema' not in ckpt:
         raise KeyError(f'{src} has no model_ema entry (keys: {sorted(ckpt)})')
@@ -102,8 +106,11 @@ def main() -> None:
                    help='patch stride (default: from args.model / the pos_embed grid)')
     p.add_argument('--img-size', type=int, default=None,
                    help='training image size (default: args.input_size or 224)')
+    p.add_argument('--trusted', action='store_true',
+                   help='unpickle the whole file, also globals outside mmssm\'s allowlist '
+                        '(can run code from it: only for files you trust)')
     a = p.parse_args()
-    convert(a.src, a.dst, a.ema, a.stride, a.img_size)
+    convert(a.src, a.dst, a.ema, a.stride, a.img_size, trusted=a.trusted)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,10 @@ Example::
 
     python tools/model_converters/vmamba2mmssm.py vssm1_tiny_0230s_ckpt_epoch_264.pth \
         vmamba_tiny_mmssm.pth --arch tiny
+
+The source is read with ``weights_only=True`` and mmssm's allowlist
+(:mod:`mmssm.utils.safe_load`: official files hold a yacs ``CfgNode``, which is allowed);
+``--trusted`` unpickles a file needing other globals, and can run code from it.
 """
 import argparse
 import json
@@ -103,10 +107,14 @@ def main() -> None:
                         help='emit an mmpretrain ImageClassifier checkpoint (classification input)')
     parser.add_argument('--arch', default=None,
                         help="VMamba arch to check coverage against: a name (tiny) or a JSON dict")
+    parser.add_argument('--trusted', action='store_true',
+                        help='unpickle the whole file, also globals outside mmssm\'s allowlist '
+                             '(can run code from it: only for files you trust)')
     args = parser.parse_args()
 
-    # official training checkpoints hold a yacs CfgNode: a trusted local file
-    ckpt = torch.load(args.src, map_location='cpu', weights_only=False)
+    # weights_only=True + mmssm's allowlist (the yacs CfgNode of official training files)
+    from mmssm.models.utils.checkpoint import read_checkpoint
+    ckpt = read_checkpoint(args.src, trusted=args.trusted)
     arch = json.loads(args.arch) if args.arch and args.arch.startswith('{') else args.arch
     out, report = convert(ckpt, args.key, args.head, arch)
     print(f"{args.src}: {report['backbone_keys']} backbone keys, {report['other_keys']} "

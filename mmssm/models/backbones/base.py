@@ -17,11 +17,13 @@ class SSMBackbone(BaseModule):
     :meth:`_init_weights` (their official initialisation).
 
     ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None,
-    checkpoint_key=None, min_coverage=0.9)`` loads through
+    checkpoint_key=None, min_coverage=0.9, trusted=None)`` loads through
     :func:`mmssm.models.utils.load_pretrained`: official training checkpoints
     (``'model'``/``'model_ema'`` entries), mmssm/mmdet/mmseg checkpoints
     (``backbone.`` prefix) and bare state dicts all work, and a checkpoint that
-    covers less than ``min_coverage`` of the keys is an error.
+    covers less than ``min_coverage`` of the keys is an error. ``trusted=True``
+    unpickles a file that needs globals outside mmssm's allowlist (it can run code
+    from the file; see :mod:`mmssm.utils.safe_load`).
     """
     arch_zoo: Dict[str, dict] = {}
     # keys a subclass expects in a custom arch dict, and the optional ones
@@ -134,7 +136,8 @@ class SSMBackbone(BaseModule):
                             min_coverage=cfg.pop('min_coverage', 0.9),
                             convert=self.convert_checkpoint,
                             ignore_missing=self.checkpoint_ignore_missing,
-                            map_location=cfg.pop('map_location', 'cpu'))
+                            map_location=cfg.pop('map_location', 'cpu'),
+                            trusted=cfg.pop('trusted', None))
             self._is_init = True
             return
         self._init_weights()

@@ -7,21 +7,57 @@ containers, strips prefixes, lets the backbone convert/resize keys, names
 every shape mismatch, and refuses a load that covers under ``min_coverage`` of
 the backbone's keys unless the caller opts in.
 """
+import os
+import os.path as osp
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Sequence
+from urllib.parse import urlparse
 
-import torch
 from mmengine.logging import MMLogger, print_log
 from mmengine.runner import CheckpointLoader
 from torch import Tensor, nn
+
+from ...utils.safe_load import load_checkpoint_file
 
 CONTAINER_KEYS = ('state_dict', 'model', 'module')
 STRIP_PREFIXES = ('module.', 'backbone.')
 
 
-def read_checkpoint(filename: str, map_location: str = 'cpu') -> dict:
-    """Read a checkpoint file (local, http(s) or any mmengine scheme)."""
-    ckpt = CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+def _download(url: str) -> str:
+    """Download ``url`` once into ``<torch hub dir>/checkpoints`` (rank 0 first); its path."""
+    import torch.distributed as dist
+    from mmengine.dist import get_dist_info
+    from torch.hub import download_url_to_file, get_dir
+
+    cached = osp.join(get_dir(), 'checkpoints', osp.basename(urlparse(url).path))
+    rank, world_size = get_dist_info()
+    if rank == 0 and not osp.isfile(cached):
+        os.makedirs(osp.dirname(cached), exist_ok=True)
+        download_url_to_file(url, cached, None, progress=False)
+    if world_size > 1:
+        dist.barrier()
+    return cached
+
+
+def read_checkpoint(filename: str, map_location: str = 'cpu',
+                    trusted: Optional[bool] = None) -> dict:
+    """Read a checkpoint file (local, http(s) or any mmengine scheme).
+
+    Local files are read by :func:`mmssm.utils.safe_load.load_checkpoint_file`:
+    ``weights_only=True`` with a narrow allowlist (official Vim/VMamba training files
+    and mmengine checkpoints load); a file needing any other global is refused
+    unless ``trusted=True`` (or ``MMSSM_TRUSTED_CHECKPOINTS=1``), which unpickles it
+    whole and can run code from it. http(s) files are downloaded to torch's hub
+    cache first and read the same way (mmengine's own http loader unpickles them
+    whole); other schemes go through mmengine's loaders.
+    """
+    filename = str(filename)
+    if filename.startswith(('http://', 'https://')):
+        filename = _download(filename)
+    if '://' not in filename:
+        ckpt = load_checkpoint_file(filename, map_location=map_location, trusted=trusted)
+    else:
+        ckpt = CheckpointLoader.load_checkpoint(filename, map_location=map_location)
     if not isinstance(ckpt, dict):
         raise TypeError(f'checkpoint {filename!r} holds a {type(ckpt).__name__}, '
                         'expected a dict of tensors or a training checkpoint')
@@ -133,9 +169,12 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
                     checkpoint_key: Optional[str] = None, min_coverage: float = 0.9,
                     convert: Optional[Callable[[Dict[str, Tensor]], Dict[str, Tensor]]] = None,
                     ignore_missing: Sequence[str] = (),
-                    map_location: str = 'cpu') -> dict:
-    """Read, unwrap, convert and load a checkpoint file into a backbone."""
-    ckpt = read_checkpoint(checkpoint, map_location)
+                    map_location: str = 'cpu', trusted: Optional[bool] = None) -> dict:
+    """Read, unwrap, convert and load a checkpoint file into a backbone.
+
+    ``trusted``: see :func:`read_checkpoint` (True runs whatever the file pickled).
+    """
+    ckpt = read_checkpoint(checkpoint, map_location, trusted=trusted)
     sd = strip_prefix(unwrap_state_dict(ckpt, checkpoint_key), prefix)
     if convert is not None:
         try:
