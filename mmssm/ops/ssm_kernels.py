@@ -565,6 +565,9 @@ class SSMKernelDPLR(SSMKernelDiag):
     :class:`SSMKernelDiag` (``disc`` is always bilinear here). Default init 'legs'.
     """
 
+    # complex elements per block of channels in the C -> C~ conversion (2 MB of complex64)
+    attune_block = 1 << 18
+
     def _init_extra(self, P: Tensor) -> None:
         self._register('P', torch.view_as_real(P.to(torch.cfloat)).contiguous(), 'A')
         self.register_buffer('l_kernel', torch.tensor(0))
@@ -592,9 +595,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         return dA, dB
 
     @torch.no_grad()
-    def _linear_step_dA(self) -> Tensor:
-        """Bilinear dA (H, 2N, 2N) in complex64, evaluated column by column with the
-        O(N) Woodbury step (the official ``_setup_state`` arithmetic).
+    def _linear_step_dA(self, hs: slice = slice(None)) -> Tensor:
+        """Bilinear dA (H, 2N, 2N) in complex64 (channels ``hs`` only), evaluated column by
+        column with the O(N) Woodbury step (the official ``_setup_state`` arithmetic).
 
         Used for the C -> C~ conversion so that lazily converted weights agree with the
         official ones to float32 round-off: with near-zero Re(A) (the 'fourier' init) the
@@ -602,7 +605,7 @@ class SSMKernelDPLR(SSMKernelDiag):
         shifts outputs by ~1e-4 relative.
         """
         dt, A, _, _, P = self.get_params()
-        dt, A, P = dt.detach(), A.detach(), P.detach()
+        dt, A, P = dt.detach()[hs], A.detach()[hs], P.detach()[:, hs]
         Q = P.conj()
         D = 1.0 / (2.0 / dt - A)  # (H, N)
         R = (torch.eye(self.rank, device=A.device)
@@ -638,9 +641,14 @@ class SSMKernelDPLR(SSMKernelDiag):
             double, L = True, lk
         else:
             return
-        dA_L = self._binary_power(self._linear_step_dA(), L)
         C = _conj(torch.view_as_complex(self.C))  # (ch, H, 2N)
-        prod = torch.einsum('chn,hnm->chm', C, dA_L)  # C dA^L
+        # blocks of channels: the dense (H, 2N, 2N) powers of a wide layer would otherwise
+        # be the largest allocation of a model's first forward (same values per channel)
+        step = max(1, self.attune_block // (4 * self.N * self.N))  # (step, 2N, 2N) matrices
+        prod = torch.cat([
+            torch.einsum('chn,hnm->chm', C[:, h:h + step],
+                         self._binary_power(self._linear_step_dA(slice(h, h + step)), L))
+            for h in range(0, self.H, step)], 1)  # C dA^L
         C = C + prod if double else C - prod  # (I + dA^L) doubles the attuned length
         self.C.copy_(torch.view_as_real(C[..., :self.N]))
         self.l_kernel.fill_(2 * lk if double else lk + L)
