@@ -136,12 +136,19 @@ def main():
     p.add_argument('--device', choices=['cpu', 'cuda'],
                    default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--md', help='also write the ratio table (markdown) to this file')
+    p.add_argument('--dry-run', action='store_true', help='list the planned runs and exit')
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = plan(args)
     if not runs:
         raise SystemExit('nothing to run: check --pairs / --sizes')
+    if args.dry_run:
+        for pair, size, batch, mode in runs:
+            ours, theirs = PAIRS[pair][:2]
+            print(f'{ours} / {theirs} {size}^2 batch {batch} {mode} '
+                  f'(warmup, iters) = {iters_for(size, args)}')
+        return
     try:
         load = ' load average %.1f %.1f %.1f' % __import__('os').getloadavg()
     except OSError:
