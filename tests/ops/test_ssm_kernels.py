@@ -211,10 +211,13 @@ def test_dplr_rank2_equals_recurrence():
         torch.testing.assert_close(K, _impulse_response(k, 12), atol=1e-4 * scale, rtol=0)
 
 
-def test_dplr_batched_equals_separate_calls():
+@pytest.mark.parametrize('cap', [None, 100])
+def test_dplr_batched_equals_separate_calls(cap, monkeypatch):
     """S4ND's stacked per-axis kernel generation: same kernels and gradients as one call per
     kernel, for shared (n_ssm=1) and per-feature B/P, and lengths that fall in different
-    FFT-node groups."""
+    FFT-node groups (cap=100: the first two no longer share a Cauchy product either)."""
+    if cap is not None:
+        monkeypatch.setattr(SSMKernelDPLR, 'batch_elements', cap)
     torch.manual_seed(0)
     kw = dict(d_state=8, channels=2, init='fourier', dt_min=0.05, dt_max=0.5)
     ks = [SSMKernelDPLR(d_model=4, l_max=9, n_ssm=1, **kw),
