@@ -211,10 +211,13 @@ def test_dplr_rank2_equals_recurrence():
         torch.testing.assert_close(K, _impulse_response(k, 12), atol=1e-4 * scale, rtol=0)
 
 
-def test_dplr_batched_equals_separate_calls():
+@pytest.mark.parametrize('cap', [None, 100])
+def test_dplr_batched_equals_separate_calls(cap, monkeypatch):
     """S4ND's stacked per-axis kernel generation: same kernels and gradients as one call per
     kernel, for shared (n_ssm=1) and per-feature B/P, and lengths that fall in different
-    FFT-node groups."""
+    FFT-node groups (cap=100: the first two no longer share a Cauchy product either)."""
+    if cap is not None:
+        monkeypatch.setattr(SSMKernelDPLR, 'batch_elements', cap)
     torch.manual_seed(0)
     kw = dict(d_state=8, channels=2, init='fourier', dt_min=0.05, dt_max=0.5)
     ks = [SSMKernelDPLR(d_model=4, l_max=9, n_ssm=1, **kw),
@@ -230,3 +233,18 @@ def test_dplr_batched_equals_separate_calls():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         for a, b in zip(g_got, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dplr_attune_in_channel_blocks_is_exact(monkeypatch):
+    """The C -> C~ conversion runs in blocks of channels (bounded memory): same C~."""
+    from mmssm.ops.ssm_kernels import SSMKernelDPLR
+    torch.manual_seed(0)
+    k = SSMKernelDPLR(d_model=10, d_state=8, l_max=12, channels=2, init='fourier',
+                      dt_min=0.1, dt_max=1.0)  # n_ssm = H: per-channel A, P sliced too
+    k2 = SSMKernelDPLR(d_model=10, d_state=8, l_max=12, channels=2, init='fourier')
+    k2.load_state_dict(k.state_dict())
+    k._attune(None, 1.0)
+    monkeypatch.setattr(SSMKernelDPLR, 'attune_block', 3 * 4 * 4 * 4)  # 3 channels a block
+    k2._attune(None, 1.0)
+    assert k2.l_kernel.item() == k.l_kernel.item() == 12
+    torch.testing.assert_close(k2.C, k.C, rtol=0, atol=0)

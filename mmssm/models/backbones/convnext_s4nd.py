@@ -251,9 +251,10 @@ class ConvNeXtS4ND(SSMBackbone):
         self.in_channels = in_channels
         self.img_size = self._tuple(img_size, 'img_size')
         patch = self._tuple(patch_size, 'patch_size')
-        base = dict(S4ND_LAYER_CFG, **(layer_cfg or {}))
-        stem_cfg = dict(base, **STEM_LAYER_CFG, **(stem_layer_cfg or {}))
-        stage_cfg = dict(base, **STAGE_LAYER_CFG, **(stage_layer_cfg or {}))
+        # later dicts override earlier ones (a user override may restate a default key)
+        base = {**S4ND_LAYER_CFG, **self._cfg(layer_cfg, 'layer_cfg')}
+        stem_cfg = {**base, **STEM_LAYER_CFG, **self._cfg(stem_layer_cfg, 'stem_layer_cfg')}
+        stage_cfg = {**base, **STAGE_LAYER_CFG, **self._cfg(stage_layer_cfg, 'stage_layer_cfg')}
         self.rate = rate
 
         if stem_type == 'patch':
@@ -286,6 +287,15 @@ class ConvNeXtS4ND(SSMBackbone):
         self._freeze_stages()
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _cfg(cfg: Optional[dict], name: str) -> dict:
+        if cfg is None:
+            return {}
+        if not isinstance(cfg, dict):
+            raise TypeError(f'{name} must be a dict of S4ND kwargs or None, '
+                            f'got {type(cfg).__name__}')
+        return dict(cfg)
+
     def _tuple(self, v: Union[int, Sequence[int]], name: str) -> Tuple[int, ...]:
         nd = self.spatial_dims
         t = (int(v),) * nd if isinstance(v, int) else tuple(int(x) for x in v)
@@ -398,7 +408,7 @@ class ConvNeXtS4ND3D(ConvNeXtS4ND):
             raise ValueError('temporal_strides needs 3 values (stages 1-3), '
                              f'got {temporal_strides}')
         self.temporal_strides = list(temporal_strides)
-        layer_cfg = dict(dict(contract_version=1), **(layer_cfg or {}))
+        layer_cfg = {'contract_version': 1, **self._cfg(layer_cfg, 'layer_cfg')}
         super().__init__(arch=arch, img_size=img_size, patch_size=patch_size,
                          stem_l_max=stem_l_max, layer_cfg=layer_cfg, **kwargs)
 

@@ -85,7 +85,7 @@ def _state_dtype(t: Tensor) -> torch.dtype:
 
 def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
              x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
-             varying: str = 'BC') -> Tensor:
+             varying: str = 'BC', reverse: bool = False) -> Tensor:
     """One Mamba pass over sequences (no out_proj).
 
     Args:
@@ -97,12 +97,19 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
         A_log, D: (d, N) and (d,).
         varying: which of B and C come from ``x_proj`` ('BC', 'B' or 'C'); the
             other is the constant ones(d, N).
+        reverse: the pass runs from the last token to the first; equals flipping x and z
+            along l, a forward pass and flipping the output back, without the three
+            flipped copies (the conv becomes anti-causal, the scan runs ``reverse``).
 
     Returns:
         (n, d, l) in x's dtype.
     """
     l = x.shape[-1]
-    if conv1d is not None:
+    if conv1d is not None and reverse:  # causal conv of the flipped sequence, unflipped:
+        k = conv1d.kernel_size[0]  # y[t] = sum_j w[k-1-j] x[t+j]
+        x = F.silu(F.conv1d(x, conv1d.weight.flip(-1), conv1d.bias, padding=k - 1,
+                            groups=conv1d.groups)[..., k - 1:])
+    elif conv1d is not None:
         x = F.silu(conv1d(x)[..., :l])
     R = dt_proj.in_features
     N = A_log.shape[1]
@@ -121,7 +128,8 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
     f = _state_dtype(A_log)  # fp32 (fp64 models stay fp64)
     A = -torch.exp(A_log.to(f))
     return ops.selective_scan(x, dt, A, B, C, D.to(f), z,
-                              delta_bias=dt_proj.bias.to(f), delta_softplus=True)
+                              delta_bias=dt_proj.bias.to(f), delta_softplus=True,
+                              reverse=reverse)
 
 
 class BiMambaMixer(nn.Module):
@@ -175,9 +183,10 @@ class BiMambaMixer(nn.Module):
         xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L), applied once
         xs, z = xz.chunk(2, dim=1)
         y_f = ssm_pass(xs, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = ssm_pass(xs.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b,
-                       self.dt_proj_b, self.A_b_log, self.D_b)
-        y = y_f + y_b.flip(-1)
+        # the backward direction on the unflipped tokens (reverse scan, anti-causal conv)
+        y_b = ssm_pass(xs, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                       self.D_b, reverse=True)
+        y = y_f + y_b
         if self.divide_out:
             y = y / 2
         return self.out_proj(y.transpose(1, 2))

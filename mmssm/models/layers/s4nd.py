@@ -170,10 +170,20 @@ class S4ND(nn.Module):
             limit = {'toeplitz': 1 << 30, 'axes': 0}.get(self.conv_mode, self.toeplitz_max)
             return axis_operators(l_in, fwd, bwd, toeplitz_max=limit), []
         fwd, bwd, sizes = prepare_kernels(l_in, fwd, bwd)
+        if self._dense_axes:  # per-axis spectra (c', H, F_i): no N-D spectrum is stored
+            return axis_spectra(fwd, sizes, bwd), sizes
         k_f = outer_spectrum(axis_spectra(fwd, sizes, bwd))  # (r*c', H, *F')
         if self.trank > 1:  # mean over the rank-1 terms ('(r c)' with r outermost)
             k_f = k_f.reshape(self.trank, -1, *k_f.shape[1:]).mean(0)
         return [k_f], sizes
+
+    @property
+    def _dense_axes(self) -> bool:
+        """Dense rank-1 layer with few input channels (the ConvNeXt-S4ND stem, H = 3): the
+        per-axis spectra are applied to each input channel's spectrum and summed, instead
+        of storing (and re-laying out on every call) the (c', H, *F') N-D spectrum."""
+        return (self.conv_mode == 'auto' and self.out_channels is not None
+                and self.trank == 1 and self.h <= 16)
 
     @property
     def _separable(self) -> bool:
@@ -210,6 +220,8 @@ class S4ND(nn.Module):
         ops, sizes = self._cached_operators(l_in, rate)
         if self._separable:
             return separable_conv(x, ops, self.D)  # D skip included
+        if self._dense_axes:
+            return self._dense_axes_conv(x, ops, sizes, l_in)
         k_f = ops[0]
         if x.dtype == torch.float64:
             k_f = k_f.to(torch.complex128)
@@ -225,6 +237,31 @@ class S4ND(nn.Module):
             y = y + x.unsqueeze(1) * self.D.to(y.dtype).reshape(
                 self.channels, self.h, *([1] * self.dim))
         return y
+
+    def _dense_axes_conv(self, x: Tensor, spectra: Sequence[Tensor], sizes: Sequence[int],
+                         l_in: Sequence[int]) -> Tensor:
+        """Dense separable convolution, one input channel at a time in frequency space:
+        ``y_f = sum_h u_f[h] * k_0[:, h] (x) .. (x) k_{d-1}[:, h]`` -> (B, c, M, *L)."""
+        d = self.dim
+        cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+        u_f = torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + d)))  # (B, H, *F')
+        ys = []
+        # blocks of 8 output kernels: the padded (B, c', *F) spectra and inverse FFTs of a
+        # full-resolution stem are its largest temporaries
+        for c0 in range(0, spectra[0].shape[0], 8):
+            y_f = None
+            for h in range(self.h):
+                t = u_f[:, h].unsqueeze(1)  # (B, 1, *F')
+                for i, s_i in enumerate(spectra):  # s_i (c', H, F_i) -> (c'', 1.., F_i, 1..)
+                    k = s_i[c0:c0 + 8, h].to(cdtype)
+                    k = k.reshape(k.shape[0], *([1] * i), k.shape[-1], *([1] * (d - 1 - i)))
+                    t = t * k if i == 0 else t.mul_(k)
+                y_f = t if y_f is None else y_f.add_(t)  # (B, c'', *F')
+            y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-d, 0)))
+            ys.append(y[(Ellipsis, *[slice(0, n) for n in l_in])])
+        y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]
+        # c' = (out_channels, channels) with out_channels outermost -> (B, channels, M, *L)
+        return y.unflatten(1, (self.out_channels, self.channels)).transpose(1, 2)
 
     def forward(self, u: Tensor, rate: float = 1.0, state=None):
         """u: (B, H, *L) (or (B, *L, H) if not transposed). ``rate`` = training res / input res."""

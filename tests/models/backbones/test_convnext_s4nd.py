@@ -212,3 +212,46 @@ def test_non_square_odd_input():
     outs = model(torch.randn(1, 3, 70, 45))
     assert [tuple(o.shape[2:]) for o in outs] == [(17, 11), (8, 5), (4, 2), (2, 1)]
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def _dt_range(module):
+    dts = torch.cat([m.inv_dt.detach().exp().flatten() for m in module.modules()
+                     if hasattr(m, 'inv_dt')])
+    return dts.min().item(), dts.max().item()
+
+
+@pytest.mark.parametrize('cls,kw', [
+    (ConvNeXtS4ND, dict(img_size=32)),
+    (ConvNeXtS4ND3D, dict(img_size=(4, 32, 32), stem_l_max=(2, 8, 8)))])
+def test_per_layer_overrides_override(cls, kw):
+    """The official constructor values (a layer dict plus stem/stage dicts that restate
+    dt_min/dt_max/init) build, and an override wins over the defaults below it."""
+    official_layer = dict(d_state=8, channels=1, bidirectional=True, activation=None,
+                          final_act='none', init='fourier', rank=1, trank=1, dt_min=0.01,
+                          dt_max=1.0, lr=0.001, n_ssm=1, linear=True, bandlimit=None)
+    torch.manual_seed(0)
+    model = cls(arch=SMALL, stem_channels=8, layer_cfg=official_layer,
+                stem_layer_cfg=dict(dt_min=0.1, dt_max=1.0, init='fourier'),
+                stage_layer_cfg=dict(dt_min=0.1, dt_max=1.0), **kw)
+    lo, hi = _dt_range(model)
+    assert 0.1 <= lo and hi <= 1.0
+    # every key of the defaults can be overridden, per part
+    model = cls(arch=SMALL, stem_channels=8, layer_cfg=dict(official_layer, d_state=4),
+                stem_layer_cfg=dict(dt_min=0.02, dt_max=0.03, d_state=6),
+                stage_layer_cfg=dict(dt_min=0.5, dt_max=0.6, init='legs'), **kw)
+    stem = model.stem.stem if cls is ConvNeXtS4ND else model.stem.stem[0]
+    assert 0.02 <= _dt_range(stem)[0] and _dt_range(stem)[1] <= 0.03
+    assert stem.kernel[0].N == 3  # d_state 6 (N/2 stored)
+    lo, hi = _dt_range(model.stages)
+    assert 0.5 <= lo and hi <= 0.6
+    blk = model.stages[0].blocks[0].conv_dw.kernel[0]
+    assert blk.N == 2  # layer_cfg's d_state reaches the stages
+    legs = cls(arch=SMALL, stem_channels=8, layer_cfg=dict(d_state=4),
+               stage_layer_cfg=dict(init='legs'), **kw).stages[0].blocks[0].conv_dw.kernel[0]
+    torch.testing.assert_close(blk.A_imag, legs.A_imag)
+    fourier = cls(arch=SMALL, stem_channels=8, layer_cfg=dict(d_state=4), **kw)
+    assert not torch.allclose(blk.A_imag, fourier.stages[0].blocks[0].conv_dw.kernel[0].A_imag)
+    x = torch.randn(1, 3, *kw['img_size']) if cls is ConvNeXtS4ND3D else torch.randn(1, 3, 32, 32)
+    assert torch.isfinite(model(x)[0]).all()
+    with pytest.raises(TypeError, match='stage_layer_cfg'):
+        cls(arch=SMALL, stage_layer_cfg=[('dt_min', 0.1)], **kw)
