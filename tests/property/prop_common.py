@@ -68,9 +68,13 @@ def check_backbone(cfg: dict, x: Tensor, expected: List[tuple], strides: List,
             (k, tuple(o.shape), expected[k])
         assert torch.isfinite(o).all(), k
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # parameters that never train by design (e.g. the unused D of S4ND's dense stem)
+    fixed = {n for n, p in build(dict(cfg, frozen_stages=-1)).named_parameters()
+             if not p.requires_grad}
     # (trainable parameters not reached by the outputs, e.g. layers after the last
     # out_index, legitimately get no gradient)
-    expect_frozen = {n for n, _ in model.named_parameters() if n.startswith(tuple(frozen_prefixes))}
+    expect_frozen = fixed | {n for n, _ in model.named_parameters()
+                             if n.startswith(tuple(frozen_prefixes))}
     assert frozen == expect_frozen, (sorted(frozen ^ expect_frozen))[:8]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = _loss(outs)

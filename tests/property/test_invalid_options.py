@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prop_common import budget, build
-from test_convnext_s4nd import convnext_options
+from test_convnext_s4nd_options import convnext_options
 from test_plain_backbones import plain_arch, plain_common, v2m_options
 from test_pyramid_backbones import common_options, v2m_pyramid_arch, vmamba_arch
 

@@ -125,6 +125,11 @@ SILENT_OR_UNCLEAR = [
     (lambda: ConvNeXtS4ND(**dict(TINY_CNX, arch=dict(depths=[1] * 4, dims=[4] * 4, depth=3))),
      ValueError, 'unknown arch key'),
     (lambda: ConvNeXtS4ND(**dict(TINY_CNX, img_size=0)), ValueError, 'img_size'),
+    # a training size below the total stride on one axis: the last stage got length-0
+    # S4ND kernels; it built, then every forward died with 'ZeroDivisionError: complex
+    # division by zero'
+    (lambda: ConvNeXtS4ND(**dict(TINY_CNX, img_size=(32, 24), patch_size=4)), ValueError,
+     r'img_size=\(32, 24\) is smaller than the total stride \(32, 32\)'),
     (lambda: ConvNeXtS4ND(**dict(TINY_CNX, stem_channels=0)), ValueError, 'stem_channels'),
     (lambda: ConvNeXtS4ND(**dict(TINY_CNX, stem_l_max=0)), ValueError, 'stem_l_max'),
     (lambda: ConvNeXtS4ND(**TINY_CNX, in_channels=0), ValueError, 'in_channels'),

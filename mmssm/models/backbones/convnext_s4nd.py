@@ -310,8 +310,15 @@ class ConvNeXtS4ND(SSMBackbone):
         nd = self.spatial_dims
         self.check_int('in_channels', in_channels)
         self.check_int('stem_channels', stem_channels)
-        self.check_ints('img_size', img_size, nd)
-        self.check_ints('patch_size', patch_size, nd)
+        img = self.check_ints('img_size', img_size, nd)
+        total = list(self.check_ints('patch_size', patch_size, nd))
+        for i in range(1, 4):
+            total = [t * s for t, s in zip(total, self._stage_stride(i))]
+        if any(n < t for n, t in zip(img, total)):
+            # every pooling floors: a stage of size 0 would get length-0 S4ND kernels
+            raise ValueError(f'img_size={img_size!r} is smaller than the total stride '
+                             f'{tuple(total)} (patch_size x the stage strides): the last '
+                             'stage would be empty')
         self.check_ints('stem_l_max', stem_l_max, nd)
         self.check_rate('drop_path_rate', drop_path_rate)
         if not is_number(ls_init_value):

@@ -50,19 +50,21 @@ def convnext_options(draw, nd: int) -> dict:
         opts['stage_layer_cfg'] = dict(bidirectional=draw(st.booleans()))
     if nd == 2:
         opts['patch_size'] = draw(st.sampled_from([2, 4]))
-        opts['img_size'] = draw(st.one_of(st.sampled_from([16, 32]),
-                                          st.tuples(st.just(32), st.sampled_from([16, 24]))))
         opts['stem_l_max'] = draw(st.sampled_from([4, 8]))
     else:
         opts['patch_size'] = (draw(st.sampled_from([1, 2])), 2, 2)
-        opts['img_size'] = (draw(st.sampled_from([2, 4])), 16, 16)
         opts['stem_l_max'] = (2, 4, 4)
         opts['temporal_strides'] = draw(st.lists(st.sampled_from([1, 2]), min_size=3,
                                                  max_size=3))
+    # training size: at least the total stride on each axis (smaller is refused), and
+    # not necessarily square or a multiple of it
+    img = [t + draw(st.sampled_from([0, t // 2, t])) for t in stage_strides(opts, nd)[-1]]
+    opts['img_size'] = img[0] if nd == 2 and img[0] == img[1] and draw(st.booleans()) \
+        else tuple(img)
     return opts
 
 
-def strides(opts: dict, nd: int):
+def stage_strides(opts: dict, nd: int):
     p = opts['patch_size']
     cur = [p] * 2 if nd == 2 else list(p)
     out = [list(cur)]
@@ -74,7 +76,7 @@ def strides(opts: dict, nd: int):
 
 
 def expectations(opts: dict, size, nd: int):
-    st_ = strides(opts, nd)
+    st_ = stage_strides(opts, nd)
     dims = opts['arch']['dims']
     idx = sorted(i % 4 for i in opts['out_indices'])  # outputs come in depth order
     if opts['gap_before_final_norm']:
@@ -96,7 +98,7 @@ def expectations(opts: dict, size, nd: int):
 
 def _run(data, nd: int):
     opts = data.draw(convnext_options(nd), 'options')
-    total = strides(opts, nd)[-1]
+    total = stage_strides(opts, nd)[-1]
     b = data.draw(st.sampled_from([1, 3]), 'batch')
     # any size from the total stride (the smallest accepted) up to ~1.7x it
     size = tuple(data.draw(st.integers(s, s + s * 2 // 3), f'size axis {a}')
