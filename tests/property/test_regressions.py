@@ -99,6 +99,15 @@ def test_declared_channels_and_strides():
     assert video.out_strides == (2, 4, (4, 16, 16))  # one int when all axes agree
 
 
+def test_convnext_s4nd_high_rate_on_a_short_stage():
+    """rate=2 on a stage whose l_max is 1 rounded the kernel length to 0 and the forward
+    died with 'ZeroDivisionError: complex division by zero'; the kernel keeps one tap."""
+    m = ConvNeXtS4ND(**dict(TINY_CNX, img_size=(16, 32)), rate=2.0, out_indices=(3, ))
+    assert m.stages[3].out_size == [1, 2]
+    out = m(torch.randn(1, 3, 16, 16))[0]
+    assert out.shape == (1, 4, 1, 1) and torch.isfinite(out).all()
+
+
 def test_vmamba_even_d_conv_is_refused_at_build():
     """arch d_conv=4 built, then the forward died with 'The size of tensor a (4) must match
     the size of tensor b (3)' (SS2D's depthwise conv pads (k - 1) // 2)."""
