@@ -20,7 +20,7 @@ def layer_cfg(draw) -> dict:
     cfg = dict(d_state=draw(st.sampled_from([2, 4])), bidirectional=draw(st.booleans()))
     if draw(st.booleans()):
         cfg['mode'] = 'diag'
-        cfg['init'] = draw(st.sampled_from(['legs', 'lin', 'inv', 'real']))
+        cfg['init'] = draw(st.sampled_from(['diag-legs', 'diag-lin', 'diag-inv', 'diag-real']))
     elif draw(st.booleans()):
         cfg['init'] = 'legs'
     return cfg
