@@ -1,11 +1,22 @@
 """What every mmssm backbone shares: arch tables, out_indices, freezing, weights."""
 import copy
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from ..utils.checkpoint import load_pretrained
+
+
+def is_int(v) -> bool:
+    """A real int (numpy/torch ints included), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A real number, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class SSMBackbone(BaseModule):
@@ -33,9 +44,30 @@ class SSMBackbone(BaseModule):
     # substrings of keys that official classification checkpoints lack
     # (e.g. per-output norms) and that must not count as missing
     checkpoint_ignore_missing: Tuple[str, ...] = ()
+    # set by each subclass's __init__, one entry per output (order of out_indices):
+    # its channels, and its stride w.r.t. the input (an int, a per-axis tuple when the
+    # axes differ, or None for outputs that are not maps, e.g. a class token)
+    out_channels: Tuple[int, ...] = ()
+    out_strides: Tuple[Optional[Union[int, Tuple[int, ...]]], ...] = ()
 
     def __init__(self, init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
+
+    @property
+    def feature_info(self) -> List[dict]:
+        """timm-style description of the outputs: ``num_chs``, ``reduction``, ``index``.
+
+        ``reduction`` is the output's stride (see ``out_strides``); necks and
+        heads can be sized from this instead of repeating the backbone's numbers.
+        """
+        return [dict(num_chs=c, reduction=s, index=i)
+                for c, s, i in zip(self.out_channels, self.out_strides, self.out_indices)]
+
+    @staticmethod
+    def _stride_value(per_axis: Sequence[int]) -> Union[int, Tuple[int, ...]]:
+        """One int when every axis has the same stride, else the per-axis tuple."""
+        per_axis = tuple(int(s) for s in per_axis)
+        return per_axis[0] if len(set(per_axis)) == 1 else per_axis
 
     # ----------------------------------------------------------------- arch
     @classmethod
@@ -63,9 +95,15 @@ class SSMBackbone(BaseModule):
     @staticmethod
     def parse_out_indices(out_indices: Union[int, Sequence[int]], num: int,
                           name: str = 'out_indices') -> List[int]:
-        """Normalise out_indices (negative values count from the end)."""
-        if isinstance(out_indices, int):
+        """Normalise out_indices: negative values count from the end, and the result is
+        sorted, because the outputs always come in depth order (mmpretrain/mmdet
+        convention): output k is layer/stage ``out_indices[k]`` whatever order was given."""
+        if is_int(out_indices):
             out_indices = [out_indices]
+        if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) \
+                or not all(is_int(i) for i in out_indices):
+            raise TypeError(f'{name}={out_indices!r} must be an int or a sequence of ints '
+                            f'in {-num}..{num - 1}')
         if len(out_indices) == 0:
             raise ValueError(f'{name} is empty: the backbone would return nothing; '
                              f'give at least one index in {-num}..{num - 1}')
@@ -79,10 +117,12 @@ class SSMBackbone(BaseModule):
                 raise ValueError(f'{name}={list(out_indices)}: index {i} repeats layer/stage {j} '
                                  '(each output is returned once)')
             out.append(j)
-        return out
+        return sorted(out)
 
     @staticmethod
     def check_frozen_stages(frozen_stages: int, num: int) -> int:
+        if not is_int(frozen_stages):
+            raise TypeError(f'frozen_stages={frozen_stages!r} must be an int in -1..{num}')
         if not -1 <= frozen_stages <= num:
             raise ValueError(f'frozen_stages={frozen_stages} must be in -1..{num} '
                              f'(-1: none, 0: stem, i: stem and the first i stages/layers)')
@@ -91,9 +131,32 @@ class SSMBackbone(BaseModule):
     @staticmethod
     def check_rate(name: str, value: float) -> float:
         """A dropout / drop-path probability must lie in [0, 1)."""
+        if not is_number(value):
+            raise TypeError(f'{name}={value!r} must be a number in [0, 1)')
         if not 0.0 <= value < 1.0:
             raise ValueError(f'{name}={value} must be in [0, 1)')
         return value
+
+    @staticmethod
+    def check_int(name: str, value: int, low: int = 1, note: str = '') -> int:
+        """An int (not a bool) >= ``low``; ``note`` explains special values."""
+        if not is_int(value):
+            raise TypeError(f'{name}={value!r} must be an int >= {low}{note}')
+        if value < low:
+            raise ValueError(f'{name}={value} must be an int >= {low}{note}')
+        return value
+
+    @staticmethod
+    def check_ints(name: str, value: Union[int, Sequence[int]], n: int,
+                   low: int = 1) -> Tuple[int, ...]:
+        """An int or ``n`` ints, each >= ``low``: returned as an n-tuple."""
+        t = (value, ) * n if is_int(value) else value
+        if isinstance(t, (str, bytes)) or not isinstance(t, Sequence) or len(t) != n \
+                or not all(is_int(v) for v in t):
+            raise TypeError(f'{name}={value!r} must be an int or {n} ints (each >= {low})')
+        if min(t) < low:
+            raise ValueError(f'{name}={value!r}: every entry must be >= {low}')
+        return tuple(t)
 
     @staticmethod
     def check_input(x: Tensor, in_channels: int, spatial_dims: int = 2) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mmssm.models.layers.s4nd import S4ND, TransposedLinear
 from mmssm.registry import MODELS
-from .base import SSMBackbone
+from .base import SSMBackbone, is_int, is_number
 
 # the official ImageNet layer config (model.layer), then per-part overrides
 S4ND_LAYER_CFG = dict(d_state=64, channels=1, bidirectional=True, activation=None,
@@ -225,6 +225,7 @@ class ConvNeXtS4ND(SSMBackbone):
         'base': dict(depths=[3, 3, 27, 3], dims=[128, 256, 512, 1024]),
     }
     arch_keys = ('depths', 'dims')
+    arch_optional = ()
     checkpoint_ignore_missing = ('norm0.', 'norm1.', 'norm2.')
     spatial_dims = 2
 
@@ -239,6 +240,10 @@ class ConvNeXtS4ND(SSMBackbone):
                  frozen_stages: int = -1, gap_before_final_norm: bool = False,
                  rate: float = 1.0, init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
+        self._check_options(arch, in_channels, img_size, patch_size, stem_channels, stem_l_max,
+                            dict(layer_cfg=layer_cfg, stem_layer_cfg=stem_layer_cfg,
+                                 stage_layer_cfg=stage_layer_cfg), drop_path_rate,
+                            ls_init_value, rate)
         settings = self.parse_arch(arch)
         self.depths, self.dims = list(settings['depths']), list(settings['dims'])
         if len(self.depths) != 4 or len(self.dims) != 4:
@@ -284,6 +289,14 @@ class ConvNeXtS4ND(SSMBackbone):
         self.gap_before_final_norm = gap_before_final_norm
         for i in self.out_indices:
             self.add_module(f'norm{i}', LayerNormCF(self.dims[i]))
+        # the dense contract as data: stage i's stride per axis is the stem's times the
+        # stage strides up to i (each pooling floors, see forward)
+        cum = [list(patch)]
+        for i in range(1, 4):
+            cum.append([c * s for c, s in zip(cum[-1], self._stage_stride(i))])
+        self.out_channels = tuple(self.dims[i] for i in self.out_indices)
+        self.out_strides = tuple(None if gap_before_final_norm else self._stride_value(cum[i])
+                                 for i in self.out_indices)  # pooled (B, C, 1..): no stride
         self._freeze_stages()
 
     # ------------------------------------------------------------------ helpers
@@ -295,6 +308,39 @@ class ConvNeXtS4ND(SSMBackbone):
             raise TypeError(f'{name} must be a dict of S4ND kwargs or None, '
                             f'got {type(cfg).__name__}')
         return dict(cfg)
+
+    def _check_options(self, arch, in_channels, img_size, patch_size, stem_channels, stem_l_max,
+                       layer_cfgs: dict, drop_path_rate, ls_init_value, rate) -> None:
+        """ValueError/TypeError naming the argument for values that would fail deep inside."""
+        settings = self.parse_arch(arch)
+        for key, low in (('depths', 0), ('dims', 1)):
+            v = settings[key]
+            if not (isinstance(v, (list, tuple)) and all(is_int(d) and d >= low for d in v)):
+                raise ValueError(f'arch {key}={v!r} must be a list of 4 ints >= {low}')
+        nd = self.spatial_dims
+        self.check_int('in_channels', in_channels)
+        self.check_int('stem_channels', stem_channels)
+        img = self.check_ints('img_size', img_size, nd)
+        total = list(self.check_ints('patch_size', patch_size, nd))
+        for i in range(1, 4):
+            total = [t * s for t, s in zip(total, self._stage_stride(i))]
+        if any(n < t for n, t in zip(img, total)):
+            # every pooling floors: a stage of size 0 would get length-0 S4ND kernels
+            raise ValueError(f'img_size={img_size!r} is smaller than the total stride '
+                             f'{tuple(total)} (patch_size x the stage strides): the last '
+                             'stage would be empty')
+        self.check_ints('stem_l_max', stem_l_max, nd)
+        self.check_rate('drop_path_rate', drop_path_rate)
+        if not is_number(ls_init_value):
+            raise TypeError(f'ls_init_value={ls_init_value!r} must be a number (0: no layer scale)')
+        if not is_number(rate) or rate <= 0:
+            raise ValueError(f'rate={rate!r} must be a number > 0 (training / input resolution)')
+        for name, cfg in layer_cfgs.items():
+            if cfg is not None and not isinstance(cfg, dict):
+                raise TypeError(f'{name} must be a dict of S4ND arguments or None, got {cfg!r}')
+            d_state = (cfg or {}).get('d_state', 1)
+            if not (is_int(d_state) and d_state >= 1):
+                raise ValueError(f'{name} d_state={d_state!r} must be an int >= 1')
 
     def _tuple(self, v: Union[int, Sequence[int]], name: str) -> Tuple[int, ...]:
         nd = self.spatial_dims
@@ -350,12 +396,18 @@ class ConvNeXtS4ND(SSMBackbone):
                 block_id = int(parts[3])
                 if stage_id in (0, 1):
                     layer_id = stage_id + 1
-                elif stage_id == 2:  # groups of 3 blocks
-                    layer_id = 3 + block_id // 3
+                elif stage_id == 2:  # groups of 3 blocks (a deeper custom stage shares the last)
+                    layer_id = min(3 + block_id // 3, max_layer_id - 1)
                 else:
                     layer_id = max_layer_id
             else:  # norm_layer / downsample belong with their stage's first group
                 layer_id = stage_id + 1 if stage_id in (1, 2) else max_layer_id
+        elif name.startswith('norm') and parts[0][4:].isdigit() and int(parts[0][4:]) < 3:
+            # output norm of stage 0-2: with its stage's last group (norm3 is the official
+            # head.norm: max_layer_id + 1), so ids never decrease with depth
+            i = int(parts[0][4:])
+            last_block = max(self.depths[i] - 1, 0)
+            layer_id = (i + 1 if i < 2 else min(3 + last_block // 3, max_layer_id - 1))
         else:
             layer_id = max_layer_id + 1
         return layer_id, max_layer_id + 2
@@ -404,10 +456,10 @@ class ConvNeXtS4ND3D(ConvNeXtS4ND):
                  stem_l_max: Union[int, Sequence[int]] = (4, 16, 16),
                  temporal_strides: Sequence[int] = (1, 1, 1), layer_cfg: Optional[dict] = None,
                  **kwargs):
-        if len(temporal_strides) != 3:
+        if is_int(temporal_strides) or len(temporal_strides) != 3:
             raise ValueError('temporal_strides needs 3 values (stages 1-3), '
                              f'got {temporal_strides}')
-        self.temporal_strides = list(temporal_strides)
+        self.temporal_strides = list(self.check_ints('temporal_strides', temporal_strides, 3))
         layer_cfg = {'contract_version': 1, **self._cfg(layer_cfg, 'layer_cfg')}
         super().__init__(arch=arch, img_size=img_size, patch_size=patch_size,
                          stem_l_max=stem_l_max, layer_cfg=layer_cfg, **kwargs)

@@ -67,7 +67,9 @@ class V2M(Vim):
         **kwargs: as :class:`Vim` (img_size, patch_size, stride, out_indices,
             out_type, final_norm, out_norms, drop_path_rate, frozen_stages, ...).
             With ``out_type='cls_token'`` the class feature is the read-out
-            token ('edge'/'middle') or the token mean ('mean').
+            token ('edge'/'middle') or the token mean ('mean'); ``out_type='raw'``
+            gives the whole (B, h [+1], w [+1], C) token grid, extra row/column
+            included (a grid, not Vim's (B, L, C) sequence).
 
     The official initialisation of Vim is used (the V2M release shares it):
     Linear biases zeroed except ``dt_proj.bias`` (so ``dt_proj_2.bias`` starts
@@ -99,6 +101,9 @@ class V2M(Vim):
                                  f'{sorted(self.local_arch_zoo)} or a dict with keys '
                                  f'{list(self.arch_keys)}')
             arch = dict(self.local_arch_zoo[key])
+        if isinstance(directions, str):
+            raise TypeError(f'directions={directions!r} must be a tuple of direction names '
+                            "(e.g. ('h', 'v_flip', 'w2')) or one such tuple per layer")
         if not local_window and directions is not None:
             raise ValueError('directions applies to local_window=True only')
         if local_window and corners != 4:

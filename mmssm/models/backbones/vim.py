@@ -17,7 +17,7 @@ from ..layers.blocks import PreNormSSMBlock, rms_norm_any
 from ..layers.embed import (PatchEmbed, join_middle_cls, resize_grid_embed,
                             split_middle_cls, to_2tuple)
 from ..layers.mamba_mixer import BiMambaMixer
-from .base import SSMBackbone
+from .base import SSMBackbone, is_int
 
 
 def lecun_normal_(w: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ class Vim(SSMBackbone):
     Args:
         arch: 'tiny' | 'small' | 'base', or a dict with ``embed_dims``,
             ``num_layers`` and optionally ``d_state`` (16), ``expand`` (2),
-            ``d_conv`` (4), ``dt_rank`` ('auto' = ceil(C / 16)).
+            ``d_conv`` (4; 0 = no conv1d), ``dt_rank`` ('auto' = ceil(C / 16)).
         img_size: training size; sets the stored position-embedding grid.
         patch_size, stride: patch kernel and stride (Vim: 16 and 16 or 8).
         in_channels: image channels.
@@ -106,9 +106,18 @@ class Vim(SSMBackbone):
         super().__init__(init_cfg=init_cfg)
         s = self.arch_settings = self.parse_arch(arch)
         for key in ('embed_dims', 'num_layers', 'd_state', 'expand', 'd_conv'):
-            if key in s and not (isinstance(s[key], int) and s[key] >= 1):
+            low = 0 if key == 'd_conv' else 1  # the mixer's d_conv 0 means no conv1d
+            if key in s and not (isinstance(s[key], int) and not isinstance(s[key], bool)
+                                 and s[key] >= low):
                 raise ValueError(f'{type(self).__name__}: arch {key}={s[key]!r} must be an '
-                                 'int >= 1')
+                                 f'int >= {low}' + (' (0: no conv1d)' if low == 0 else ''))
+        dt_rank = s.get('dt_rank', 'auto')
+        if dt_rank != 'auto' and not (is_int(dt_rank) and dt_rank >= 1):
+            raise ValueError(f"{type(self).__name__}: arch dt_rank={dt_rank!r} must be 'auto' "
+                             'or an int >= 1')
+        img_size = self.check_ints('img_size', img_size, 2)
+        patch_size = self.check_ints('patch_size', patch_size, 2)
+        stride = self.check_ints('stride', stride, 2)
         if interpolate_mode not in self.INTERPOLATE_MODES:
             raise ValueError(f'interpolate_mode={interpolate_mode!r}; '
                              f'valid: {self.INTERPOLATE_MODES}')
@@ -148,6 +157,11 @@ class Vim(SSMBackbone):
         self.out_norms = (nn.ModuleList([nn.RMSNorm(D, eps=norm_eps) for _ in self.out_indices])
                           if out_norms else None)
         self.frozen_stages = self.check_frozen_stages(frozen_stages, self.num_layers)
+        # the dense contract as data: 'featmap' outputs are (B, C, h, w) maps at the patch
+        # stride, the other types are vectors / sequences (no stride)
+        self.out_channels = (D, ) * len(self.out_indices)
+        stride = self._stride_value(self.patch_embed.stride) if out_type == 'featmap' else None
+        self.out_strides = (stride, ) * len(self.out_indices)
         self._init_weights()
         self._freeze_stages()
 
@@ -291,6 +305,9 @@ class Vim(SSMBackbone):
     def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
         """Layer-wise lr decay depth: stem 0, ``layers.i`` i+1, the rest num_layers+1.
 
+        An output norm ``out_norms.k`` goes with the layer it normalises
+        (``out_indices[k] + 1``), so ids never decrease with depth.
+
         Returns:
             (layer_id, num_layers + 2).
         """
@@ -302,4 +319,6 @@ class Vim(SSMBackbone):
             return 0, num
         if name.startswith('layers.'):
             return int(name.split('.')[1]) + 1, num
+        if name.startswith('out_norms.') and self.out_norms is not None:
+            return self.out_indices[int(name.split('.')[1])] + 1, num
         return num - 1, num

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mmssm.registry import MODELS
 from ..layers.ss2d import FORWARD_TYPES, LayerNorm2d, make_linear, make_norm
 from ..layers.vss_block import VSSBlock
-from .base import SSMBackbone
+from .base import SSMBackbone, is_int, is_number
 
 _V2 = dict(d_state=1, mlp_ratio=4.0, forward_type='v05_noz', downsample='v3',
            patch_embed='v2', norm_layer='ln2d', conv_bias=False, d_conv=3, dt_rank='auto')
@@ -45,12 +45,30 @@ def _v0(depths, dims, drop_path_rate):
 
 
 def check_arch_numbers(cfg: dict) -> None:
-    """Sizes in an arch dict must be positive (mlp_ratio 0 means no MLP)."""
-    for key in ('d_state', 'ssm_ratio', 'expand', 'mlp_ratio'):
+    """Sizes in an arch dict must be positive (mlp_ratio 0 means no MLP), state and
+    conv sizes ints, dt_rank 'auto' or an int, depths/dims ints."""
+    for key in ('ssm_ratio', 'expand', 'mlp_ratio'):
         v = cfg.get(key, 1)
-        if not (isinstance(v, (int, float)) and (v > 0 or (key == 'mlp_ratio' and v == 0))):
+        if not (is_number(v) and (v > 0 or (key == 'mlp_ratio' and v == 0))):
             raise ValueError(f'arch {key}={v!r} must be a number > 0'
                              + (' (or 0: no MLP)' if key == 'mlp_ratio' else ''))
+    for key, low in (('d_state', 1), ('d_conv', 0), ('d_conv2d', 0)):
+        v = cfg.get(key, low)
+        if not (is_int(v) and v >= low):
+            raise ValueError(f'arch {key}={v!r} must be an int >= {low}'
+                             + (' (0: no conv)' if low == 0 else ''))
+    if 'drop_path_rate' in cfg:  # checked even when the drop_path_rate argument overrides it
+        SSMBackbone.check_rate('arch drop_path_rate', cfg['drop_path_rate'])
+    v = cfg.get('dt_rank', 'auto')
+    if v != 'auto' and not (is_int(v) and v >= 1):
+        raise ValueError(f"arch dt_rank={v!r} must be 'auto' or an int >= 1")
+    depths, dims = cfg['depths'], cfg['dims']
+    if isinstance(depths, (str, bytes)) or not isinstance(depths, Sequence) or not depths \
+            or not all(is_int(d) and d >= 0 for d in depths):
+        raise ValueError(f'arch depths={depths!r}: need a non-empty list of ints >= 0')
+    if not (is_int(dims) or (isinstance(dims, Sequence) and not isinstance(dims, str)
+                             and all(is_int(d) for d in dims))):
+        raise ValueError(f'arch dims={dims!r}: need an int (doubled per stage) or a list of ints')
 
 
 class PatchEmbed(nn.Sequential):
@@ -215,6 +233,9 @@ class VMamba(SSMBackbone):
             self.layers.append(VMambaStage(blocks, down))
         for i in self.out_indices:
             self.add_module(f'outnorm{i}', make_norm(dims[i], self.channel_first))
+        # the dense contract as data: stage i is (B, dims[i], ceil(H / 2^(i+2)), ...)
+        self.out_channels = tuple(dims[i] for i in self.out_indices)
+        self.out_strides = tuple(4 * 2 ** i for i in self.out_indices)
         self._freeze_stages()
 
     # ------------------------------------------------------------ building
@@ -234,6 +255,10 @@ class VMamba(SSMBackbone):
         if cfg['downsample'] not in ('v1', 'v2', 'v3'):
             raise ValueError(f"arch downsample={cfg['downsample']!r}: valid 'v1' (patch merging), "
                              "'v2' (conv k2 s2), 'v3' (conv k3 s2)")
+        if cfg['d_conv'] > 1 and cfg['d_conv'] % 2 == 0 and cfg['forward_type'] != 'v0':
+            # SS2D's depthwise conv pads (k - 1) // 2: an even kernel would shrink the map
+            raise ValueError(f"arch d_conv={cfg['d_conv']}: the SS2D depthwise conv needs an "
+                             'odd kernel (or 0/1: no conv)')
         return cfg
 
     def _make_block(self, dim: int, drop_path: float, cfg: dict) -> nn.Module:

@@ -65,7 +65,7 @@ def resize_grid_embed(pos: Tensor, src_hw: Sequence[int], dst_hw: Sequence[int],
         raise ValueError(f'position embedding has {n} grid tokens, expected '
                          f'{src_hw[0]}x{src_hw[1]}')
     grid = pos.reshape(1, *src_hw, c).permute(0, 3, 1, 2).float()
-    kw = {} if mode in ('nearest', 'area') else dict(align_corners=False)
+    kw = {} if mode in ('nearest', 'area', 'nearest-exact') else dict(align_corners=False)
     grid = F.interpolate(grid, size=dst_hw, mode=mode, **kw)
     return grid.flatten(2).transpose(1, 2).to(pos.dtype)
 

@@ -145,8 +145,9 @@ class S4ND(nn.Module):
 
     # ------------------------------------------------------------------------ conv
     def kernel_lengths(self, l_in: Sequence[int], rate: float) -> list:
-        """Official rule: ``min(L_in, round(l_max / rate))`` per axis (L_in if l_max is None)."""
-        return [l if lm is None else min(l, int(round(lm / rate)))
+        """Official rule: ``min(L_in, round(l_max / rate))`` per axis (L_in if l_max is None),
+        at least 1 tap (a short axis at a high rate rounded to a length-0 kernel)."""
+        return [l if lm is None else min(l, max(1, int(round(lm / rate))))
                 for l, lm in zip(l_in, self.l_max)]
 
     def kernel_operators(self, l_in: Sequence[int], rate: float = 1.0) -> Tuple[list, list]:
