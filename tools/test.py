@@ -9,7 +9,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from _runner_utils import add_common_args, build_runner, load_config  # noqa: E402
+from _runner_utils import (add_common_args, build_runner, check_or_exit,  # noqa: E402
+                           load_config)
 
 
 def parse_args():
@@ -55,6 +56,7 @@ def main():
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
+    check_or_exit(cfg, 'test')
     runner = build_runner(cfg)
     if args.out:
         from mmengine.evaluator import DumpResults
