@@ -59,9 +59,12 @@ def main():
     check_or_exit(cfg, 'test')
     runner = build_runner(cfg)
     if args.out:
-        from mmengine.evaluator import DumpResults
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError('--out must name a .pkl or .pickle file')
+        if cfg.get('default_scope') == 'mmdet':  # masks as RLE, as mmdet's own tools/test.py
+            from mmdet.evaluation import DumpDetResults as DumpResults
+        else:
+            from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     runner.test()
 

@@ -11,9 +11,9 @@ to learn. Layouts:
   ``annotations/{training,validation}/*.png`` (0 = unlabelled, 1 = background,
   2.. = shapes; use ``reduce_zero_label=True``)
 - ``imagenet/``: ``train/<class>/*.JPEG``, ``val/<class>/*.JPEG`` (+ meta lists)
-- ``coco_demo/``, ``imagenet_demo/`` (``--tasks coco_demo imagenet_demo``, for
-  ``make demo``): 128 px detection images (320 train / 64 val) and 64 px class
-  folders (3 x 64 train), shapes on blurred low-contrast backgrounds.
+- ``coco_demo/`` (``--tasks coco_demo``, for ``make demo``): the ``coco/``
+  layout with 320 train / 64 val images of 128 px, 1-3 separate shapes each on
+  a blurred, low-contrast background.
 - ``video/``: rawframes ``rawframes/<video>/img_00001.jpg`` and
   ``{train,val}_list.txt`` (``frame_dir total_frames label``); the class is the
   direction a shape moves in.
@@ -209,8 +209,7 @@ def make_ade(out: str, seed: int = 1, n_train: int = 8, n_val: int = 4) -> None:
             cv2.imwrite(osp.join(out, 'annotations', split, name + '.png'), label)
 
 
-def make_imagenet(out: str, seed: int = 2, n_train: int = 8, n_val: int = 4,
-                  background=_background) -> None:
+def make_imagenet(out: str, seed: int = 2, n_train: int = 8, n_val: int = 4) -> None:
     rng, photos = np.random.RandomState(seed), _photos()
     os.makedirs(osp.join(out, 'meta'), exist_ok=True)
     for split, n in (('train', n_train), ('val', n_val)):
@@ -218,7 +217,7 @@ def make_imagenet(out: str, seed: int = 2, n_train: int = 8, n_val: int = 4,
         for c, kind in enumerate(CLASSES):
             os.makedirs(osp.join(out, split, kind), exist_ok=True)
             for i in range(n):
-                img = background(rng, photos, 64, 64)
+                img = _background(rng, photos, 64, 64)
                 label = np.zeros((64, 64), np.uint8)
                 r = rng.uniform(12, 24)
                 cx, cy = rng.uniform(r, 64 - r), rng.uniform(r, 64 - r)
@@ -258,15 +257,9 @@ def make_video(out: str, seed: int = 3, n_train: int = 8, n_val: int = 4,
             f.write('\n'.join(lines) + '\n')
 
 
-def make_imagenet_demo(out: str, seed: int = 5, n_train: int = 64, n_val: int = 8) -> None:
-    """The ``make demo`` pre-training set: ImageNet layout, 3 x ``n_train`` images
-    drawn like ``make_coco_demo``'s (blurred, low-contrast backgrounds)."""
-    make_imagenet(out, seed, n_train, n_val, background=_demo_background)
-
-
 # the tiny sets (tests) and the larger ``make demo`` sets
 MAKERS = dict(coco=make_coco, ade=make_ade, imagenet=make_imagenet, video=make_video)
-DEMO_MAKERS = dict(coco_demo=make_coco_demo, imagenet_demo=make_imagenet_demo)
+DEMO_MAKERS = dict(coco_demo=make_coco_demo)
 ALL_MAKERS = {**MAKERS, **DEMO_MAKERS}
 
 
@@ -281,7 +274,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='data/tiny', help='output root')
     parser.add_argument('--tasks', nargs='+', default=list(MAKERS), choices=list(ALL_MAKERS),
-                        help='default: the tiny sets; coco_demo imagenet_demo: the make demo sets')
+                        help='default: the tiny sets; coco_demo: the make demo set')
     args = parser.parse_args()
     make_all(args.out, args.tasks)
     print(f'tiny datasets written under {args.out}: {", ".join(args.tasks)}')
