@@ -8,6 +8,7 @@ from mmengine.config import Config, DictAction
 
 import mmssm  # noqa: F401  (version checks, torch>=2.6 checkpoint loading)
 from mmssm.utils.config import replace_sync_bn
+from _preflight import PreflightError, preflight  # noqa: E402  (tools/ is on sys.path)
 
 TASK_SCOPES = ('mmdet', 'mmseg', 'mmpretrain', 'mmaction', 'mmssm')
 
@@ -62,6 +63,14 @@ def setup_cpu_distributed(cfg: Config) -> None:
     cfg.env_cfg['dist_cfg'] = dict(backend='gloo')
     cfg.pop('sync_bn', None)
     replace_sync_bn(cfg.model)
+
+
+def check_or_exit(cfg: Config, mode: str) -> None:
+    """Run :func:`_preflight.preflight` and stop with its one message (no traceback)."""
+    try:
+        preflight(cfg, mode, world_size=int(os.environ.get('WORLD_SIZE', '1')))
+    except PreflightError as e:
+        raise SystemExit(f'tools/{mode}.py: {e}') from None
 
 
 def build_runner(cfg: Config):

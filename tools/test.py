@@ -9,7 +9,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from _runner_utils import add_common_args, build_runner, load_config  # noqa: E402
+from _runner_utils import (add_common_args, build_runner, check_or_exit,  # noqa: E402
+                           load_config)
 
 
 def parse_args():
@@ -55,11 +56,15 @@ def main():
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
+    check_or_exit(cfg, 'test')
     runner = build_runner(cfg)
     if args.out:
-        from mmengine.evaluator import DumpResults
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError('--out must name a .pkl or .pickle file')
+        if cfg.get('default_scope') == 'mmdet':  # masks as RLE, as mmdet's own tools/test.py
+            from mmdet.evaluation import DumpDetResults as DumpResults
+        else:
+            from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     runner.test()
 

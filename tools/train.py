@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from _runner_utils import add_common_args, build_runner, load_config  # noqa: E402
+from _runner_utils import (add_common_args, build_runner, check_or_exit,  # noqa: E402
+                           load_config)
 
 
 def parse_args():
@@ -62,6 +63,7 @@ def main():
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    check_or_exit(cfg, 'train')
     runner = build_runner(cfg)
     runner.train()
 

@@ -11,6 +11,9 @@ to learn. Layouts:
   ``annotations/{training,validation}/*.png`` (0 = unlabelled, 1 = background,
   2.. = shapes; use ``reduce_zero_label=True``)
 - ``imagenet/``: ``train/<class>/*.JPEG``, ``val/<class>/*.JPEG`` (+ meta lists)
+- ``coco_demo/`` (``--tasks coco_demo``, for ``make demo``): the ``coco/``
+  layout with 320 train / 64 val images of 128 px, 1-3 separate shapes each on
+  a blurred, low-contrast background.
 - ``video/``: rawframes ``rawframes/<video>/img_00001.jpg`` and
   ``{train,val}_list.txt`` (``frame_dir total_frames label``); the class is the
   direction a shape moves in.
@@ -88,11 +91,30 @@ def _random_objects(rng, h: int, w: int, n: int) -> List[Tuple[str, float, float
 COLORS = {'circle': (40, 40, 230), 'square': (40, 200, 40), 'triangle': (230, 140, 30)}
 
 
-def make_coco(out: str, seed: int = 0, n_train: int = 8, n_val: int = 4) -> None:
+def _coco_annotation(kind: str, m: np.ndarray, ann_id: int, img_id: int) -> dict:
+    """COCO instance entry for one binary mask (squares as RLE, others as polygons)."""
     from pycocotools import mask as mask_utils
-    rng, photos = np.random.RandomState(seed), _photos()
-    os.makedirs(osp.join(out, 'annotations'), exist_ok=True)
+    rle = mask_utils.encode(np.asfortranarray(m))
+    x, y, bw, bh = mask_utils.toBbox(rle).tolist()
+    if kind == 'square':  # store as RLE (iscrowd 0): both formats get exercised
+        rle['counts'] = rle['counts'].decode('ascii')
+        seg = rle
+    else:
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        seg = [c.flatten().astype(float).tolist() for c in contours if len(c) >= 3]
+    return dict(id=ann_id, image_id=img_id, category_id=CLASSES.index(kind) + 1,
+                bbox=[x, y, bw, bh], area=float(m.sum()), iscrowd=0, segmentation=seg)
+
+
+def _write_coco_json(out: str, split: str, images: list, annotations: list) -> None:
     categories = [dict(id=i + 1, name=c, supercategory='shape') for i, c in enumerate(CLASSES)]
+    os.makedirs(osp.join(out, 'annotations'), exist_ok=True)
+    with open(osp.join(out, 'annotations', f'instances_{split}2017.json'), 'w') as f:
+        json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+
+
+def make_coco(out: str, seed: int = 0, n_train: int = 8, n_val: int = 4) -> None:
+    rng, photos = np.random.RandomState(seed), _photos()
     for split, n in (('train', n_train), ('val', n_val)):
         img_dir = osp.join(out, f'{split}2017')
         os.makedirs(img_dir, exist_ok=True)
@@ -115,20 +137,58 @@ def make_coco(out: str, seed: int = 0, n_train: int = 8, n_val: int = 4) -> None
             for (kind, cx, cy, r), m in zip(objs, masks):
                 if m.sum() < 16:
                     continue
-                rle = mask_utils.encode(np.asfortranarray(m))
-                x, y, bw, bh = mask_utils.toBbox(rle).tolist()
-                if kind == 'square':  # store as RLE (iscrowd 0): both formats get exercised
-                    rle['counts'] = rle['counts'].decode('ascii')
-                    seg = rle
-                else:
-                    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-                    seg = [c.flatten().astype(float).tolist() for c in contours if len(c) >= 3]
-                annotations.append(dict(
-                    id=len(annotations) + 1 + (0 if split == 'train' else 100000),
-                    image_id=img_id, category_id=CLASSES.index(kind) + 1,
-                    bbox=[x, y, bw, bh], area=float(m.sum()), iscrowd=0, segmentation=seg))
-        with open(osp.join(out, 'annotations', f'instances_{split}2017.json'), 'w') as f:
-            json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+                annotations.append(_coco_annotation(
+                    kind, m, len(annotations) + 1 + (0 if split == 'train' else 100000), img_id))
+        _write_coco_json(out, split, images, annotations)
+
+
+def _demo_background(rng: np.random.RandomState, photos, h: int, w: int) -> np.ndarray:
+    """A photo crop, blurred and at 40% contrast: texture, but no shape-like edges."""
+    img = cv2.GaussianBlur(_background(rng, photos, h, w).astype(np.float32), (0, 0), 2.0)
+    return (0.4 * img + 0.6 * img.mean()).astype(np.uint8)
+
+
+def _separate_objects(rng, h: int, w: int, n: int,
+                      r_range: Tuple[float, float]) -> List[Tuple[str, float, float, float]]:
+    """Up to ``n`` shapes (kind, cx, cy, r) that do not touch (a square's corner
+    is r * sqrt(2) from its centre, hence the 1.45 margin)."""
+    objs = []
+    for _ in range(50 * n):
+        if len(objs) == n:
+            break
+        kind = CLASSES[rng.randint(len(CLASSES))]
+        r = rng.uniform(*r_range) * min(h, w)
+        cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
+        if all(np.hypot(cx - ox, cy - oy) > 1.45 * (r + orad) for _, ox, oy, orad in objs):
+            objs.append((kind, cx, cy, r))
+    return objs
+
+
+def make_coco_demo(out: str, seed: int = 4, n_train: int = 320, n_val: int = 64,
+                   size: int = 128) -> None:
+    """The ``make demo`` detection set: ``size`` px square images, 1-3 separate
+    shapes (radius 10-24% of the side) in jittered class colours on a blurred,
+    low-contrast photo background; train and val drawn independently (no
+    validation image is ever trained on). Same COCO layout as ``make_coco``."""
+    rng, photos = np.random.RandomState(seed), _photos()
+    for split, n in (('train', n_train), ('val', n_val)):
+        img_dir = osp.join(out, f'{split}2017')
+        os.makedirs(img_dir, exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            img = _demo_background(rng, photos, size, size)
+            label = np.zeros((size, size), np.uint8)
+            img_id = i + 1 + (0 if split == 'train' else 10000)
+            for kind, cx, cy, r in _separate_objects(rng, size, size, rng.randint(1, 4),
+                                                     (0.10, 0.24)):
+                color = np.clip(np.array(COLORS[kind]) + rng.randint(-30, 31, 3), 0, 255)
+                m = _draw(img, label, _shape_polygon(kind, cx, cy, r), color.tolist(), 1)
+                annotations.append(_coco_annotation(
+                    kind, m, len(annotations) + 1 + (0 if split == 'train' else 1000000), img_id))
+            fname = f'{split}_{i:04d}.jpg'
+            cv2.imwrite(osp.join(img_dir, fname), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            images.append(dict(id=img_id, file_name=fname, height=size, width=size))
+        _write_coco_json(out, split, images, annotations)
 
 
 def make_ade(out: str, seed: int = 1, n_train: int = 8, n_val: int = 4) -> None:
@@ -197,20 +257,24 @@ def make_video(out: str, seed: int = 3, n_train: int = 8, n_val: int = 4,
             f.write('\n'.join(lines) + '\n')
 
 
+# the tiny sets (tests) and the larger ``make demo`` sets
 MAKERS = dict(coco=make_coco, ade=make_ade, imagenet=make_imagenet, video=make_video)
+DEMO_MAKERS = dict(coco_demo=make_coco_demo)
+ALL_MAKERS = {**MAKERS, **DEMO_MAKERS}
 
 
 def make_all(out: str, tasks=tuple(MAKERS)) -> None:
     for task in tasks:
-        if task not in MAKERS:
-            raise ValueError(f'unknown task {task!r}; valid: {list(MAKERS)}')
-        MAKERS[task](osp.join(out, task))
+        if task not in ALL_MAKERS:
+            raise ValueError(f'unknown task {task!r}; valid: {list(ALL_MAKERS)}')
+        ALL_MAKERS[task](osp.join(out, task))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='data/tiny', help='output root')
-    parser.add_argument('--tasks', nargs='+', default=list(MAKERS), choices=list(MAKERS))
+    parser.add_argument('--tasks', nargs='+', default=list(MAKERS), choices=list(ALL_MAKERS),
+                        help='default: the tiny sets; coco_demo: the make demo set')
     args = parser.parse_args()
     make_all(args.out, args.tasks)
     print(f'tiny datasets written under {args.out}: {", ".join(args.tasks)}')
