@@ -57,11 +57,15 @@ def scan_extensions() -> dict:
                                     f'-DMMSSM_SCAN_NS=mmssm_scan_{name}'] +
                                    ([f'-DCPU_CAPABILITY_{cap}'] if cap != 'DEFAULT' else []) +
                                    flags},
-        depends=['mmssm/ops/csrc/selective_scan.h'],
+        depends=['mmssm/ops/csrc/selective_scan.h', 'mmssm/ops/csrc/scan_order.h'],
         extra_link_args=['-fopenmp']) for name, (cap, flags) in levels.items()]
 
-    class TolerantBuildExtension(BuildExtension):
-        """Builds the SIMD levels in parallel; a failed compile warns, never fails."""
+    class TolerantBuildExtension(BuildExtension.with_options(use_ninja=False)):
+        """Builds the SIMD levels in parallel; a failed compile warns, never fails.
+
+        No ninja: torch's ninja path writes one build.ninja per build_temp, which
+        parallel extension builds would overwrite.
+        """
 
         def finalize_options(self):
             super().finalize_options()

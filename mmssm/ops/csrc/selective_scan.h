@@ -36,6 +36,8 @@
 #include <numeric>
 #include <vector>
 
+#include "scan_order.h"
+
 #ifndef MMSSM_SCAN_NS
 #error "MMSSM_SCAN_NS must name the op namespace of this build"
 #endif
@@ -83,6 +85,12 @@ template <typename acc_t>
 inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& x) {
   using Vec = Vectorized<acc_t>;
   return Vec(acc_t(1)) / (Vec(acc_t(1)) + (Vec(acc_t(0)) - x).exp());
+}
+
+// Tasks per thread chunk: small scans run on one thread (an OpenMP region costs
+// more than they do, and far more when the cores are shared).
+inline int64_t grain(int64_t l, int64_t n, int64_t W) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, l * n * W));
 }
 
 // Shape and flags of one call, plus the channel blocks.
@@ -235,7 +243,7 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
   const bool out_acc = out.scalar_type() != c10::CppTypeToScalarType<scalar_t>::value;
   acc_t* last_p = last.data_ptr<acc_t>();
   acc_t* st_p = save ? states.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, g.b * nblk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.b * nblk, grain(g.l, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, blk = task % nblk, c0 = g.c0[blk], nl = g.nl[blk];
@@ -294,7 +302,7 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
                      const acc_t* dlast, const acc_t* states, Grads<scalar_t, acc_t>& gr) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, n = g.n, nblk = g.c0.size(), nch = g.n_chunks(), l = g.l;
-  at::parallel_for(0, g.b * nblk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.b * nblk, grain(g.l, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
     // recomputed states and decays of one chunk: (kChunk, n, W) each
     std::vector<acc_t> hbuf(kChunk * n * W), abuf(kChunk * n * W), ypre(kChunk * W);
@@ -567,6 +575,10 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("bwd(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor chunk_states, "
         "bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def("cross_scan(Tensor x) -> Tensor");
+  m.def("cross_merge(Tensor y, int h, int w) -> Tensor");
+  m.def("corner_rotate_all(Tensor x, int[] flips) -> Tensor");
+  m.def("corner_merge_all(Tensor y, int[] flips) -> Tensor");
   m.def("capability() -> str", []() { return capability(); });
   m.def("chunk() -> int", []() { return kChunk; });
 }
@@ -574,4 +586,8 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
 TORCH_LIBRARY_IMPL(MMSSM_SCAN_NS, CPU, m) {
   m.impl("fwd", &scan_fwd);
   m.impl("bwd", &scan_bwd);
+  m.impl("cross_scan", &cross_scan_cpu);
+  m.impl("cross_merge", &cross_merge_cpu);
+  m.impl("corner_rotate_all", &corner_rotate_all_cpu);
+  m.impl("corner_merge_all", &corner_merge_all_cpu);
 }
