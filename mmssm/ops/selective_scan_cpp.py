@@ -97,7 +97,8 @@ def available() -> bool:
 
 
 def _use_ext(u: Tensor) -> bool:
-    return _EXT is not None and u.device.type == 'cpu'
+    # l = 0 has nothing to scan: the plain path below handles it
+    return _EXT is not None and u.device.type == 'cpu' and u.shape[-1] > 0
 
 
 def _work_dtype(u: Tensor) -> torch.dtype:

@@ -188,6 +188,14 @@ def test_every_built_simd_level():
         grads = ns.bwd(torch.ones_like(out), None, inp['u'], inp['delta'], inp['A'], Bk,
                        inp['C'], inp['D'], inp['z'], inp['delta_bias'], states, True, False)
         assert all(torch.isfinite(g).all() for g in grads)
+        # l = 0 straight into the kernel (the op's Python side routes it elsewhere)
+        e = make_inputs(b=2, d=4, l=0, n=3, gB=2, gC=None)
+        out, last, states = ns.fwd(e['u'], e['delta'], e['A'], e['B'], e['C'], e['D'], e['z'],
+                                   e['delta_bias'], True, False, False, True)
+        assert out.shape == (2, 4, 0) and (last == 0).all() and states.shape == (2, 4, 0, 3)
+        grads = ns.bwd(out, None, e['u'], e['delta'], e['A'], e['B'], e['C'], e['D'], e['z'],
+                       e['delta_bias'], states, True, False)
+        assert grads[3].shape == (2, 2, 3, 0) and (grads[4] == 0).all()
         tested.append(level)
     assert tested and 'default' in tested
 

@@ -129,6 +129,8 @@ template <typename scalar_t, typename acc_t>
 struct Operands {
   View<scalar_t> u, delta, z, B, C;  // activations (B/C only when input-dependent)
   const acc_t *A = nullptr, *Bc = nullptr, *Cc = nullptr, *D = nullptr, *bias = nullptr;
+  // input-dependent B / C, z gate given (explicit: an empty tensor's data pointer is null)
+  bool Bv = false, Cv = false, zv = false;
   bool softplus = false, reverse = false;
 };
 
@@ -193,7 +195,7 @@ void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t b
       s.u[j * W + i] = static_cast<acc_t>(up[t * op.u.s2]);
       s.raw[j * W + i] = static_cast<acc_t>(dp[t * op.delta.s2]) + bias;
     }
-    if (op.z.p) {
+    if (op.zv) {
       const scalar_t* zp = op.z.p + bi * op.z.s0 + c * op.z.s1;
       for (int64_t j = 0; j < T; ++j)
         s.z[j * W + i] = static_cast<acc_t>(zp[g.time(s0 + j, op.reverse) * op.z.s2]);
@@ -204,11 +206,12 @@ void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t b
     (op.softplus ? softplus<acc_t>(r) : r).store(s.dt.data() + j * W);
   }
   const View<scalar_t>* bc[2] = {&op.B, &op.C};
+  const bool varying[2] = {op.Bv, op.Cv};
   std::vector<acc_t>* dst[2] = {&s.Bt, &s.Ct};
   const int64_t size[2] = {g.sizeB, g.sizeC};
   for (int m = 0; m < 2; ++m) {
     const View<scalar_t>& X = *bc[m];
-    if (!X.p) continue;
+    if (!varying[m]) continue;
     const scalar_t* xp = X.p + bi * X.s0 + (c0 / size[m]) * X.s1;
     acc_t* out = dst[m]->data();
     for (int64_t k = 0; k < n; ++k)
@@ -264,14 +267,14 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
           Vec y(acc_t(0));
           for (int64_t k = 0; k < n; ++k) {
             const Vec a = (dt * Vec::loadu(s.A.data() + k * W)).exp();
-            const Vec bk = bc_value(!op.B.p, s.Bc.data(), s.Bt.data(), k, j, n, W);
-            const Vec ck = bc_value(!op.C.p, s.Cc.data(), s.Ct.data(), k, j, n, W);
+            const Vec bk = bc_value(!op.Bv, s.Bc.data(), s.Bt.data(), k, j, n, W);
+            const Vec ck = bc_value(!op.Cv, s.Cc.data(), s.Ct.data(), k, j, n, W);
             const Vec hk = at::vec::fmadd(a, Vec::loadu(h + k * W), dtu * bk);
             hk.store(h + k * W);
             y = at::vec::fmadd(hk, ck, y);
           }
           y = at::vec::fmadd(D, u, y);
-          if (op.z.p) {
+          if (op.zv) {
             const Vec z = Vec::loadu(s.z.data() + j * W);
             y = y * z * sigmoid<acc_t>(z);
           }
@@ -339,8 +342,8 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
           Vec y(acc_t(0));
           for (int64_t k = 0; k < n; ++k) {
             const Vec a = (dt * Vec::loadu(s.A.data() + k * W)).exp();
-            const Vec bk = bc_value(!op.B.p, s.Bc.data(), s.Bt.data(), k, j, n, W);
-            const Vec ck = bc_value(!op.C.p, s.Cc.data(), s.Ct.data(), k, j, n, W);
+            const Vec bk = bc_value(!op.Bv, s.Bc.data(), s.Bt.data(), k, j, n, W);
+            const Vec ck = bc_value(!op.Cv, s.Cc.data(), s.Ct.data(), k, j, n, W);
             const Vec hk = at::vec::fmadd(a, Vec::loadu(hp + k * W), dtu * bk);
             a.store(abuf.data() + (j * n + k) * W);
             hk.store(hbuf.data() + (j * n + k) * W);
@@ -353,7 +356,7 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
           const Vec u = Vec::loadu(s.u.data() + j * W), dt = Vec::loadu(s.dt.data() + j * W);
           const Vec dtu = dt * u;
           Vec dy = Vec::loadu(s.g.data() + j * W);
-          if (op.z.p) {
+          if (op.zv) {
             const Vec z = Vec::loadu(s.z.data() + j * W), sg = sigmoid<acc_t>(z);
             const Vec one(acc_t(1));
             const Vec y = Vec::loadu(ypre.data() + j * W);
@@ -363,15 +366,15 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
           Vec ddt(acc_t(0)), duv = D * dy;
           const acc_t* hp = j ? hbuf.data() + (j - 1) * n * W : s.h0.data();
           for (int64_t k = 0; k < n; ++k) {
-            const Vec bk = bc_value(!op.B.p, s.Bc.data(), s.Bt.data(), k, j, n, W);
-            const Vec ck = bc_value(!op.C.p, s.Cc.data(), s.Ct.data(), k, j, n, W);
+            const Vec bk = bc_value(!op.Bv, s.Bc.data(), s.Bt.data(), k, j, n, W);
+            const Vec ck = bc_value(!op.Cv, s.Cc.data(), s.Ct.data(), k, j, n, W);
             const Vec a = Vec::loadu(abuf.data() + (j * n + k) * W);
             const Vec hk = Vec::loadu(hbuf.data() + (j * n + k) * W);
             const Vec Gk = at::vec::fmadd(ck, dy, Vec::loadu(G.data() + k * W));
             const Vec hdy = hk * dy, gdtu = Gk * dtu, gb = Gk * bk;
-            if (op.C.p) dCt[j * n + k] = hsum<acc_t>(hdy);
+            if (op.Cv) dCt[j * n + k] = hsum<acc_t>(hdy);
             else (Vec::loadu(dCc.data() + k * W) + hdy).store(dCc.data() + k * W);
-            if (op.B.p) dBt[j * n + k] = hsum<acc_t>(gdtu);
+            if (op.Bv) dBt[j * n + k] = hsum<acc_t>(gdtu);
             else (Vec::loadu(dBc.data() + k * W) + gdtu).store(dBc.data() + k * W);
             ddt = at::vec::fmadd(gb, u, ddt);
             duv = at::vec::fmadd(gb, dt, duv);
@@ -389,8 +392,8 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         }
         store_tile(gr.du, g, op.reverse, bi, c0, nl, s0, T, du.data());
         store_tile(gr.ddelta, g, op.reverse, bi, c0, nl, s0, T, dd.data());
-        if (op.z.p) store_tile(gr.dz, g, op.reverse, bi, c0, nl, s0, T, dz.data());
-        acc_t* part[2] = {op.B.p ? gr.dBp : nullptr, op.C.p ? gr.dCp : nullptr};
+        if (op.zv) store_tile(gr.dz, g, op.reverse, bi, c0, nl, s0, T, dz.data());
+        acc_t* part[2] = {op.Bv ? gr.dBp : nullptr, op.Cv ? gr.dCp : nullptr};
         const acc_t* tile[2] = {dBt.data(), dCt.data()};
         for (int m = 0; m < 2; ++m) {
           if (!part[m]) continue;
@@ -409,8 +412,8 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         gr.dbias[row] = dba[i];
         for (int64_t k = 0; k < n; ++k) {
           gr.dA[row * n + k] = dA[k * W + i];
-          if (!op.B.p) gr.dBc[row * n + k] = dBc[k * W + i];
-          if (!op.C.p) gr.dCc[row * n + k] = dCc[k * W + i];
+          if (!op.Bv) gr.dBc[row * n + k] = dBc[k * W + i];
+          if (!op.Cv) gr.dCc[row * n + k] = dCc[k * W + i];
         }
       }
     }
@@ -449,9 +452,12 @@ Operands<scalar_t, acc_t> make_operands(const at::Tensor& u, const at::Tensor& d
   Operands<scalar_t, acc_t> op;
   op.u = view_of<scalar_t>(u);
   op.delta = view_of<scalar_t>(delta);
-  if (z.defined()) op.z = view_of<scalar_t>(z);
-  if (B.dim() == 4) op.B = view_of<scalar_t>(B); else op.Bc = B.data_ptr<acc_t>();
-  if (C.dim() == 4) op.C = view_of<scalar_t>(C); else op.Cc = C.data_ptr<acc_t>();
+  op.zv = z.defined();
+  op.Bv = B.dim() == 4;
+  op.Cv = C.dim() == 4;
+  if (op.zv) op.z = view_of<scalar_t>(z);
+  if (op.Bv) op.B = view_of<scalar_t>(B); else op.Bc = B.data_ptr<acc_t>();
+  if (op.Cv) op.C = view_of<scalar_t>(C); else op.Cc = C.data_ptr<acc_t>();
   op.A = A.data_ptr<acc_t>();
   op.D = D.defined() ? D.data_ptr<acc_t>() : nullptr;
   op.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
