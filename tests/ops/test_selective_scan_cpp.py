@@ -233,7 +233,8 @@ class _TinyScan(torch.nn.Module):
 
 
 def _scan_nodes(gm):
-    return [n for n in gm.graph.nodes if n.op == 'call_function' and 'selective_scan' in str(n.target)]
+    return [n for n in gm.graph.nodes
+            if n.op == 'call_function' and 'selective_scan' in str(n.target)]
 
 
 def test_export_sees_one_op():

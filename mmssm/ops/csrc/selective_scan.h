@@ -1,6 +1,7 @@
 // Compiled CPU selective scan (Mamba-1 S6), forward and backward, on ATen.
 //
-// One source (included by selective_scan_{default,avx2,avx512}.cpp), built three times by setup.py (baseline, AVX2+FMA, AVX-512) into
+// One source (included by selective_scan_{default,avx2,avx512}.cpp), built three times
+// by setup.py (baseline, AVX2+FMA, AVX-512) into
 // mmssm/ops/_scan_cpu_{default,avx2,avx512}; mmssm/ops/selective_scan_cpp.py
 // loads the best one the CPU supports. Each build registers its kernels as the
 // private ops MMSSM_SCAN_NS::fwd / ::bwd; the public op mmssm::selective_scan_fwd
