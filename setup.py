@@ -2,6 +2,7 @@
 import os
 import os.path as osp
 import shutil
+import warnings
 
 from setuptools import find_packages, setup
 
@@ -53,6 +54,75 @@ def add_mim_extension() -> None:
 
 
 add_mim_extension()
+
+# ---- compiled CPU selective scan (mmssm/ops/csrc) -------------------------------------
+# One kernel source built once per SIMD level (no -march=native: a wheel or a
+# shared install must run on any x86-64 CPU); mmssm.ops.selective_scan_cpp loads
+# the best one the CPU supports. MMSSM_BUILD_EXT=0 skips the build; without a
+# compiler (or torch) the install still succeeds and the chunked PyTorch scan is used.
+SCAN_EXT_LEVELS = {  # module suffix -> (ATen CPU_CAPABILITY, compiler flags)
+    'default': ('DEFAULT', []),
+    'avx2': ('AVX2', ['-mavx2', '-mfma', '-mf16c']),
+    'avx512': ('AVX512', ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq', '-mavx2',
+                          '-mfma', '-mf16c']),
+}
+
+
+def _ext_warning(msg: str) -> None:
+    warnings.warn(f'mmssm: the compiled CPU selective scan is NOT built ({msg}); mmssm still '
+                  'works with the slower chunked PyTorch scan. To build it: install a C++ '
+                  'compiler and run `python setup.py build_ext --inplace` (or reinstall).')
+    print(f'WARNING: mmssm compiled scan not built: {msg}')
+
+
+def scan_extensions() -> dict:
+    """``ext_modules`` / ``cmdclass`` for setup(); empty when the build is skipped."""
+    if os.environ.get('MMSSM_BUILD_EXT', '1') == '0':
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as e:  # torch missing (e.g. pip's isolated build env)
+        _ext_warning(f'torch is not importable at build time: {e}')
+        return {}
+    import platform
+    levels = SCAN_EXT_LEVELS if platform.machine() in ('x86_64', 'AMD64') else {
+        'default': SCAN_EXT_LEVELS['default']}
+    exts = [CppExtension(
+        f'mmssm.ops._scan_cpu_{name}', [f'mmssm/ops/csrc/selective_scan_{name}.cpp'],
+        extra_compile_args={'cxx': ['-O3', '-fopenmp', f'-DCPU_CAPABILITY={cap}',
+                                    f'-DMMSSM_SCAN_NS=mmssm_scan_{name}'] +
+                                   ([f'-DCPU_CAPABILITY_{cap}'] if cap != 'DEFAULT' else []) +
+                                   flags},
+        depends=['mmssm/ops/csrc/selective_scan.h', 'mmssm/ops/csrc/scan_order.h'],
+        extra_link_args=['-fopenmp']) for name, (cap, flags) in levels.items()]
+
+    class TolerantBuildExtension(BuildExtension.with_options(use_ninja=False)):
+        """Builds the SIMD levels in parallel; a failed compile warns, never fails.
+
+        No ninja: torch's ninja path writes one build.ninja per build_temp, which
+        parallel extension builds would overwrite.
+        """
+
+        def finalize_options(self):
+            super().finalize_options()
+            if not self.parallel:
+                self.parallel = min(len(exts), os.cpu_count() or 1)
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # no compiler, compile error, ...
+                _ext_warning(f'{type(e).__name__}: {e}')
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:
+                _ext_warning(f'{ext.name}: {type(e).__name__}: {e}')
+
+    return dict(ext_modules=exts, cmdclass={'build_ext': TolerantBuildExtension})
+
+
 setup(
     name='mmssm',
     version=read_version(),
@@ -70,4 +140,5 @@ setup(
     },
     license='Apache License 2.0',
     zip_safe=False,
+    **scan_extensions(),
 )

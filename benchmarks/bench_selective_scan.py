@@ -1,16 +1,21 @@
 """Selective-scan benchmark: every available backend side by side (NOT a test).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_selective_scan.py [--batch N]
-        [--shapes vim_t,vmamba_t_s1,v2m_rows,v2m_cols] [--skip-slow]
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py [--batch N]
+        [--shapes vim_t,vim_t_1025,vim_t_4097,vmamba_t_s1,v2m_rows,v2m_cols] [--with-ref]
 
 For each vision shape it prints forward and forward+backward time and peak
 memory of:
 - ``materialised``: a mamba_ssm ``selective_scan_ref``-style algorithm written
   here (materialise deltaA and deltaB_u as (b, d, l, n), then a Python loop;
   autograd backward) -- the baseline the ratios are relative to;
-- ``ref``: mmssm's sequential reference;
+- ``ref``: mmssm's sequential reference (only with --with-ref);
+- ``cpp``: the compiled CPU kernel (custom op, when built);
 - ``cpu``: mmssm's chunked scan with the recomputing custom backward;
 - ``triton`` (CUDA only) and ``mamba_ssm`` (CUDA kernel, when importable).
+On CPU it also prints the forward's achieved GFLOP/s (9 B L D N + D + z, the
+FLOP counter's convention, FMA = 1 flop... here counted as the scan's 9 flops per
+state update) and exp/s (B L D N exps), next to the same run's fp32 matmul
+GFLOP/s (2 n^3 / t for n = 1024: the machine's practical peak).
 On GPU it also prints the achieved bytes/s against the compulsory-traffic
 roofline of shared/research/performance.md §3:
     fwd bytes = s (3 + z) E + 2 s_bc M
@@ -38,7 +43,9 @@ from mmssm.ops import selective_scan  # noqa: E402
 
 # name -> (b per image, d, l, n, gB (None: constant), gC, z gate)
 SHAPES = {
-    'vim_t': (1, 384, 197, 16, 1, 1, True),  # Vim-T, one direction (d_inner 384)
+    'vim_t': (1, 384, 197, 16, 1, 1, True),  # Vim-T, one direction (d_inner 384), 224^2
+    'vim_t_1025': (1, 384, 1025, 16, 1, 1, True),  # Vim-T at 512^2
+    'vim_t_4097': (1, 384, 4097, 16, 1, 1, True),  # Vim-T at 1024^2
     'vmamba_t_s1': (1, 384, 3136, 1, 4, 4, False),  # VMamba-T stage 1: 4 dirs x 96, g = 4
     'v2m_rows': (4 * 14, 384, 14, 16, 1, None, True),  # V2M pass 1: input B, constant C
     'v2m_cols': (4 * 14, 384, 14, 16, None, 1, True),  # V2M pass 2: constant B, input C
@@ -113,7 +120,10 @@ def runner(backend):
 
 
 def available(device):
+    from mmssm.ops import selective_scan_cpp
     names = ['materialised', 'ref', 'cpu']
+    if device == 'cpu' and selective_scan_cpp.available():
+        names.append('cpp')
     if device == 'cuda':
         names.append('triton')
         try:
@@ -148,6 +158,13 @@ def measure(shape, backend, batch, device, dtype, reps, modes=('fwd', 'fwdbwd'))
         out = fn(**leaves, **kw)
         out.backward(torch.ones_like(out))
 
+    # warm-up on a tiny problem: first-call imports / op registration are not the scan's memory
+    tiny = {k: (None if v is None else (v[:1, :8, :3] if v.dim() == 3 else
+                                         v[:1, :, :, :3] if v.dim() == 4 else v[:8]))
+            for k, v in make(shape, 1, device, dtype).items()}
+    tiny = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+            for k, v in tiny.items()}
+    fn(**tiny, **kw).sum().backward()
     res = {}
     for name, f in (('fwd', fwd), ('fwdbwd', fwdbwd)):
         if name not in modes:
@@ -188,6 +205,26 @@ def roofline_gbs(shape, batch, dtype, fwd_ms, fwdbwd_ms):
     return fwd / fwd_ms / 1e6, (fwd + bwd) / fwdbwd_ms / 1e6
 
 
+def scan_counts(shape, batch):
+    """(flops, exps) of one forward: 9 B L D N (+ B D L for D, + B D L for z); B L D N."""
+    from mmssm.utils.flops import selective_scan_flops
+    b, d, l, n, _, _, has_z = SHAPES[shape]
+    b *= batch
+    return selective_scan_flops(b, d, l, n, True, has_z), b * d * l * n
+
+
+def matmul_gflops(size=1024, reps=10):
+    """fp32 matmul GFLOP/s (2 n^3 flops) on this machine now: the practical peak."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float('inf')
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
 def plain_cross_scan(x):
     """Autograd-through-ops baseline (stack / transpose / flip)."""
     row, col = x.flatten(2), x.transpose(2, 3).flatten(2)
@@ -208,6 +245,10 @@ def bench_scan_order(batch, device, dtype):
     impls = {'plain autograd': (plain_cross_scan, plain_cross_merge),
              'torch Function': (lambda t: cross_scan(t, backend='torch'),
                                 lambda t, a, b: cross_merge(t, a, b, backend='torch'))}
+    from mmssm.ops import selective_scan_cpp
+    if device == 'cpu' and selective_scan_cpp.available():
+        impls['fused C++'] = (lambda t: cross_scan(t, backend='cpp'),
+                              lambda t, a, b: cross_merge(t, a, b, backend='cpp'))
     if device == 'cuda':
         impls['triton'] = (lambda t: cross_scan(t, backend='triton'),
                            lambda t, a, b: cross_merge(t, a, b, backend='triton'))
@@ -236,7 +277,10 @@ def main():
                     help='images per batch (default 1 on CPU, 64 on GPU)')
     ap.add_argument('--shapes', default=','.join(SHAPES), help="comma list, or 'none'")
     ap.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
-    ap.add_argument('--skip-slow', action='store_true', help='skip ref (materialised stays)')
+    ap.add_argument('--skip-materialised', action='store_true',
+                    help='skip the materialised baseline (ratios are then relative to cpu)')
+    ap.add_argument('--with-ref', action='store_true',
+                    help="also time mmssm's sequential reference (slow)")
     ap.add_argument('--no-scan-order', action='store_true', help='skip the cross-scan section')
     ap.add_argument('--worker', nargs=3, metavar=('SHAPE', 'BACKEND', 'MODE'),
                     help=argparse.SUPPRESS)
@@ -246,22 +290,33 @@ def main():
     batch = args.batch or (64 if device == 'cuda' else 1)
     if args.worker:
         shape, backend, mode = args.worker
-        reps = 1 if backend in SLOW else 5
+        # many repetitions: best-of on a loaded machine needs a quiet time slice
+        reps = 1 if backend in SLOW else (30 if backend == 'cpp' else 10)
         print('RESULT' + json.dumps(measure(shape, backend, batch, device, dtype, reps, (mode,))))
         return
     print(f'device={device} torch={torch.__version__} threads={torch.get_num_threads()} '
           f'dtype={args.dtype} batch={batch}')
+    peak = None
+    if device == 'cpu':
+        from mmssm.ops import selective_scan_cpp
+        peak = matmul_gflops()
+        print(f'compiled scan: {selective_scan_cpp.LEVEL or "not built"}; '
+              f'fp32 matmul 1024^2: {peak:.1f} GFLOP/s (practical peak)')
     if device == 'cuda':
         print('gpu:', torch.cuda.get_device_name())
     hdr = (f'{"shape (b,d,l,n,gB,gC,z)":34s} {"backend":12s} {"fwd ms":>9s} {"f+b ms":>9s} '
            f'{"fwd MB":>8s} {"f+b MB":>8s} {"x fwd":>7s} {"x f+b":>7s}')
     if device == 'cuda':
         hdr += f' {"xm fwd":>7s} {"xm f+b":>7s}  GB/s fwd  GB/s f+b'
+    else:
+        hdr += f' {"GFLOP/s":>8s} {"%peak":>6s} {"Gexp/s":>7s}'
     print(hdr)
     for shape in [s for s in args.shapes.split(',') if s and s != 'none']:
         rows = {}
         for backend in available(device):
-            if args.skip_slow and backend == 'ref':
+            if not args.with_ref and backend == 'ref':
+                continue
+            if args.skip_materialised and backend == 'materialised':
                 continue
             if device == 'cuda':
                 reps = 1 if backend in SLOW else 10
@@ -300,6 +355,10 @@ def main():
                     line += f' {"-":>7s} {"-":>7s}'
                 gf, gfb = roofline_gbs(shape, batch, dtype, r['fwd_ms'], r['fwdbwd_ms'])
                 line += f'  {gf:8.0f}  {gfb:8.0f}'
+            else:
+                flops, exps = scan_counts(shape, batch)
+                gfl = flops / r['fwd_ms'] / 1e6
+                line += f' {gfl:8.2f} {100 * gfl / peak:5.1f}% {exps / r["fwd_ms"] / 1e6:7.2f}'
             print(line, flush=True)
     print('x fwd / x f+b: speed-up over the materialised baseline (over cpu if it failed).')
     if device == 'cuda':

@@ -5,6 +5,7 @@ from .scan_order import (CORNERS, corner_merge_all, corner_rotate,
                          corner_rotate_all, corner_unrotate, cross_merge,
                          cross_scan, local_reverse, local_scan)
 from .selective_scan import selective_scan, selective_scan_ref
+from . import selective_scan_cpp  # noqa: F401,E402  registers torch.ops.mmssm.selective_scan_fwd/_bwd
 from .ssm_kernels import SSMKernelDiag, SSMKernelDPLR, hippo_legs, nplr
 
 __all__ = [

@@ -25,31 +25,51 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _use_triton(x: Tensor, backend: Optional[str]) -> bool:
-    """'triton' on CUDA unless told otherwise (arg > $MMSSM_SCAN_BACKEND > auto)."""
+def _impl(x: Tensor, backend: Optional[str]) -> str:
+    """'triton', 'cpp' (fused C++ kernels) or 'torch'; arg > $MMSSM_SCAN_BACKEND > auto.
+
+    Auto: Triton for CUDA tensors, the fused C++ kernels for CPU tensors when the
+    extension is built, plain PyTorch otherwise -- and always while torch.compile /
+    torch.export / jit tracing, which see the PyTorch ops.
+    """
     name = backend or os.environ.get('MMSSM_SCAN_BACKEND') or None
-    if name not in (None, 'torch', 'triton', 'ref', 'cpu'):
-        raise ValueError(f"backend must be one of (None, 'torch', 'triton'), got {name!r}")
+    if name not in (None, 'torch', 'triton', 'cpp', 'ref', 'cpu'):
+        raise ValueError("backend must be one of (None, 'torch', 'cpp', 'triton'), "
+                         f"got {name!r}")
     if name == 'triton':
         if not (x.is_cuda or os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')):
             raise RuntimeError('backend "triton" needs CUDA tensors (or TRITON_INTERPRET=1 '
                                f'set before importing triton); got a tensor on {x.device}')
-        return True
-    if name is not None:  # 'torch' (or the scan's 'ref' / 'cpu'): plain PyTorch
-        return False
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
+        return 'triton'
+    if name in ('torch', 'ref', 'cpu'):  # plain PyTorch (also for the scan's ref / cpu)
+        return 'torch'
+    if x.is_cuda:
+        if name is None:
+            try:
+                import triton  # noqa: F401
+                return 'triton'
+            except ImportError:
+                pass
+        return 'torch'
+    from . import selective_scan_cpp
+    tracing = (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+               or torch.jit.is_tracing())
+    if x.device.type == 'cpu' and selective_scan_cpp.available() and not tracing:
+        return 'cpp'
+    return 'torch'
 
 
-def _cross_scan(x: Tensor, triton: bool = False) -> Tensor:
-    if triton:
+def _ext():
+    from . import selective_scan_cpp
+    return selective_scan_cpp._EXT
+
+
+def _cross_scan(x: Tensor, impl: str = 'torch') -> Tensor:
+    if impl == 'triton':
         from .scan_order_triton import cross_scan_triton
         return cross_scan_triton(x)
+    if impl == 'cpp':
+        return _ext().cross_scan(x)
     b, c, h, w = x.shape
     out = x.new_empty(b, 4, c, h * w)
     out[:, 0] = x.flatten(2)
@@ -58,10 +78,12 @@ def _cross_scan(x: Tensor, triton: bool = False) -> Tensor:
     return out
 
 
-def _cross_merge(y: Tensor, h: int, w: int, triton: bool = False) -> Tensor:
-    if triton:
+def _cross_merge(y: Tensor, h: int, w: int, impl: str = 'torch') -> Tensor:
+    if impl == 'triton':
         from .scan_order_triton import cross_merge_triton
         return cross_merge_triton(y, h, w)
+    if impl == 'cpp':
+        return _ext().cross_merge(y, h, w)
     b, k, c, l = y.shape
     row = y[:, 0] + y[:, 2].flip(-1)
     col = y[:, 1] + y[:, 3].flip(-1)
@@ -71,27 +93,27 @@ def _cross_merge(y: Tensor, h: int, w: int, triton: bool = False) -> Tensor:
 class _CrossScan(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, triton):
-        ctx.hw, ctx.triton = x.shape[-2:], triton
-        return _cross_scan(x, triton)
+    def forward(ctx, x, impl):
+        ctx.hw, ctx.impl = x.shape[-2:], impl
+        return _cross_scan(x, impl)
 
     @staticmethod
     def backward(ctx, g):
         h, w = ctx.hw
-        return _cross_merge(g, h, w, ctx.triton).view(g.shape[0], g.shape[2], h, w), None
+        return _cross_merge(g, h, w, ctx.impl).view(g.shape[0], g.shape[2], h, w), None
 
 
 class _CrossMerge(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, y, h, w, triton):
-        ctx.hw, ctx.triton = (h, w), triton
-        return _cross_merge(y, h, w, triton)
+    def forward(ctx, y, h, w, impl):
+        ctx.hw, ctx.impl = (h, w), impl
+        return _cross_merge(y, h, w, impl)
 
     @staticmethod
     def backward(ctx, g):
         h, w = ctx.hw
-        return (_cross_scan(g.reshape(g.shape[0], g.shape[1], h, w), ctx.triton),
+        return (_cross_scan(g.reshape(g.shape[0], g.shape[1], h, w), ctx.impl),
                 None, None, None)
 
 
@@ -105,11 +127,12 @@ def cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
 
     Direction 0 visits token ids 0, 1, 2, ... (row-major), direction 1 visits
     0, w, 2w, ... (column-major), directions 2 and 3 are their reverses.
-    ``backend``: None (Triton kernel for CUDA tensors, else PyTorch), 'torch'
-    or 'triton'; $MMSSM_SCAN_BACKEND=ref|cpu also selects PyTorch.
+    ``backend``: None (Triton kernel for CUDA tensors, the fused C++ kernel for
+    CPU tensors when built, else PyTorch), 'torch', 'cpp' or 'triton';
+    $MMSSM_SCAN_BACKEND=ref|cpu also selects PyTorch.
     """
     _check_grid(x)
-    return _CrossScan.apply(x, _use_triton(x, backend))
+    return _CrossScan.apply(x, _impl(x, backend))
 
 
 def cross_merge(y: Tensor, h: int, w: int, backend: Optional[str] = None) -> Tensor:
@@ -117,13 +140,14 @@ def cross_merge(y: Tensor, h: int, w: int, backend: Optional[str] = None) -> Ten
     if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != h * w:
         raise ValueError(f'y must be (b, 4, c, h*w={h * w}), got shape {tuple(y.shape)}')
     # int(): shapes read while jit-tracing are traced ints, which a PythonOp rejects
-    return _CrossMerge.apply(y, int(h), int(w), _use_triton(y, backend))
+    return _CrossMerge.apply(y, int(h), int(w), _impl(y, backend))
 
 
 # Corner k views the grid so that a row-major scan starts at that corner.
 # Paper Table 4 order: upper-left, lower-right, upper-right, lower-left.
 CORNERS = ('ul', 'lr', 'ur', 'll')
 _FLIP_DIMS = {'ul': (), 'lr': (-2, -1), 'ur': (-1,), 'll': (-2,)}
+_FLIP_BITS = {'ul': 0, 'lr': 3, 'ur': 1, 'll': 2}  # C++ kernels: bit 0 flips w, bit 1 h
 
 
 def corner_rotate(x: Tensor, corner: str) -> Tensor:
@@ -143,7 +167,9 @@ def corner_unrotate(x: Tensor, corner: str) -> Tensor:
     return corner_rotate(x, corner)
 
 
-def _rotate_all(x: Tensor, corners: Sequence[str]) -> Tensor:
+def _rotate_all(x: Tensor, corners: Sequence[str], impl: str = 'torch') -> Tensor:
+    if impl == 'cpp':
+        return _ext().corner_rotate_all(x, [_FLIP_BITS[c] for c in corners])
     b = x.shape[0]
     out = x.new_empty((len(corners) * b,) + x.shape[1:])
     for i, c in enumerate(corners):
@@ -151,7 +177,9 @@ def _rotate_all(x: Tensor, corners: Sequence[str]) -> Tensor:
     return out
 
 
-def _merge_all(y: Tensor, corners: Sequence[str]) -> Tensor:
+def _merge_all(y: Tensor, corners: Sequence[str], impl: str = 'torch') -> Tensor:
+    if impl == 'cpp':
+        return _ext().corner_merge_all(y, [_FLIP_BITS[c] for c in corners])
     parts = y.chunk(len(corners), dim=0)
     out = corner_unrotate(parts[0], corners[0]).clone()
     for p, c in zip(parts[1:], corners[1:]):
@@ -162,25 +190,25 @@ def _merge_all(y: Tensor, corners: Sequence[str]) -> Tensor:
 class _RotateAll(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, corners):
-        ctx.corners = corners
-        return _rotate_all(x, corners)
+    def forward(ctx, x, corners, impl):
+        ctx.corners, ctx.impl = corners, impl
+        return _rotate_all(x, corners, impl)
 
     @staticmethod
     def backward(ctx, g):
-        return _merge_all(g, ctx.corners), None
+        return _merge_all(g, ctx.corners, ctx.impl), None, None
 
 
 class _MergeAll(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, y, corners):
-        ctx.corners = corners
-        return _merge_all(y, corners)
+    def forward(ctx, y, corners, impl):
+        ctx.corners, ctx.impl = corners, impl
+        return _merge_all(y, corners, impl)
 
     @staticmethod
     def backward(ctx, g):
-        return _rotate_all(g, ctx.corners), None
+        return _rotate_all(g, ctx.corners, ctx.impl), None, None
 
 
 def _check_corners(corners: Sequence[str]) -> tuple:
@@ -191,19 +219,29 @@ def _check_corners(corners: Sequence[str]) -> tuple:
     return corners
 
 
-def corner_rotate_all(x: Tensor, corners: Sequence[str]) -> Tensor:
-    """(b, c, h, w) -> (k*b, c, h, w): all requested corners batched (corner-major)."""
+def _corner_impl(x: Tensor, backend: Optional[str]) -> str:
+    impl = _impl(x, backend)
+    return 'torch' if impl == 'triton' else impl  # no Triton kernel: flips are one copy
+
+
+def corner_rotate_all(x: Tensor, corners: Sequence[str], backend: Optional[str] = None) -> Tensor:
+    """(b, c, h, w) -> (k*b, c, h, w): all requested corners batched (corner-major).
+
+    ``backend``: None (fused C++ kernel for CPU tensors when built, else PyTorch),
+    'torch' or 'cpp'.
+    """
     _check_grid(x)
-    return _RotateAll.apply(x, _check_corners(corners))
+    return _RotateAll.apply(x, _check_corners(corners), _corner_impl(x, backend))
 
 
-def corner_merge_all(y: Tensor, corners: Sequence[str]) -> Tensor:
-    """(k*b, c, h, w) -> (b, c, h, w): rotate each back exactly and sum."""
+def corner_merge_all(y: Tensor, corners: Sequence[str], backend: Optional[str] = None) -> Tensor:
+    """(k*b, c, h, w) -> (b, c, h, w): rotate each back exactly and sum (``backend``
+    as for :func:`corner_rotate_all`)."""
     corners = _check_corners(corners)
     _check_grid(y, 'y')
     if y.shape[0] % len(corners):
         raise ValueError(f'y batch {y.shape[0]} is not a multiple of len(corners)={len(corners)}')
-    return _MergeAll.apply(y, corners)
+    return _MergeAll.apply(y, corners, _corner_impl(y, backend))
 
 
 def _local_scan(x: Tensor, k: int, flip: bool, column_first: bool) -> Tensor:

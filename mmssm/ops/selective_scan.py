@@ -21,11 +21,18 @@ backward direction.
 
 Backends (all exact, same signature):
 - ``ref``: the sequential loop below (ground truth, slow).
+- ``cpp``: the compiled CPU kernel (``mmssm/ops/csrc``, built by the install)
+  behind the custom op ``torch.ops.mmssm.selective_scan_fwd``
+  (:mod:`mmssm.ops.selective_scan_cpp`).
 - ``cpu``: chunked pure-PyTorch scan with a recomputing custom backward
   (:mod:`mmssm.ops.selective_scan_cpu`); runs on any device.
 - ``triton``: fused GPU kernels (:mod:`mmssm.ops.selective_scan_triton`).
-Auto choice: ``triton`` for CUDA tensors (fp32/fp16/bf16), else ``cpu``.
-Force one with ``backend=`` or the environment variable MMSSM_SCAN_BACKEND.
+Auto choice: ``triton`` for CUDA tensors (fp32/fp16/bf16); for CPU tensors the
+custom op, whose kernel is ``cpp`` when the extension is built, else the chunked
+scan. While ``torch.export`` traces (``torch.compiler.is_exporting()``) the
+custom op is always called, whatever the device, so an exported graph holds one
+op per scan. Force a backend with ``backend=`` or the environment variable
+MMSSM_SCAN_BACKEND.
 """
 import os
 from typing import Optional, Tuple, Union
@@ -35,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
-BACKENDS = ('ref', 'cpu', 'triton')
+BACKENDS = ('ref', 'cpu', 'cpp', 'triton')
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -152,6 +159,13 @@ def resolve_backend(u: Tensor, backend: Optional[str] = None) -> str:
         if name not in BACKENDS:
             src = 'backend' if backend else 'MMSSM_SCAN_BACKEND'
             raise ValueError(f'{src} must be one of {BACKENDS}, got {name!r}')
+        if name == 'cpp':
+            from . import selective_scan_cpp
+            if not selective_scan_cpp.available():
+                raise RuntimeError('backend "cpp" needs the compiled CPU scan, which is not '
+                                   f'built: {selective_scan_cpp.BUILD_HINT}')
+            if u.device.type != 'cpu':
+                raise RuntimeError(f'backend "cpp" needs CPU tensors; u is on {u.device}')
         if name == 'triton':
             if u.dtype == torch.float64:
                 raise TypeError('backend "triton" supports float32/float16/bfloat16 inputs, '
@@ -166,7 +180,25 @@ def resolve_backend(u: Tensor, backend: Optional[str] = None) -> str:
             return 'triton'
         except ImportError:
             pass
+    if u.device.type == 'cpu':
+        from . import selective_scan_cpp
+        if selective_scan_cpp.available():
+            return 'cpp'
     return 'cpu'
+
+
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+             out_fp32: bool, reverse: bool) -> Tuple[Tensor, Tensor]:
+    """Call the custom op ``mmssm::selective_scan_fwd`` (one graph node)."""
+    from . import selective_scan_cpp  # noqa: F401  (registers the op)
+    B = B.unsqueeze(1) if B.dim() == 3 else B  # (b, n, l) -> (b, 1, n, l)
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    save = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
+    out, last, _ = torch.ops.mmssm.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                      delta_softplus, out_fp32, reverse, save)
+    return out, last
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -187,15 +219,25 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         delta_softplus: apply softplus to delta + delta_bias.
         return_last_state: also return the final state (b, d, n), fp32.
         out_fp32: return the output in fp32 whatever the input dtype.
-        backend: None (auto), or force one of 'ref', 'cpu', 'triton'.
+        backend: None (auto), or force one of 'ref', 'cpu', 'cpp', 'triton'.
         reverse: scan from the last time step to the first.
 
     Returns:
         out (b, d, l), or (out, last_state) if ``return_last_state``.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if torch.compiler.is_exporting():  # one op per scan in the exported graph
+        out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
+                             reverse)
+        return (out, last) if return_last_state else out
     name = resolve_backend(u, backend)
+    forced = bool(backend or os.environ.get('MMSSM_SCAN_BACKEND'))
     b, d, l = u.shape
+    if name == 'cpp' or (name == 'cpu' and not forced and u.device.type == 'cpu'):
+        # the custom op: compiled kernel if built, else the chunked scan inside the op
+        out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
+                             reverse)
+        return (out, last) if return_last_state else out
     if l == 0:  # nothing to scan; keep the graph connected for autograd
         out = u.float() * 0 if out_fp32 and u.dtype != torch.float64 else u * 0
         last = u.new_zeros(b, d, A.shape[1], dtype=torch.float64 if u.dtype == torch.float64

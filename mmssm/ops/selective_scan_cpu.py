@@ -20,7 +20,7 @@ chunks is a slice of contiguous blocks. Works on any device and in float64
 (for gradcheck).
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,92 +169,119 @@ def default_chunk(l: int, rows: int) -> int:
     return -(-l // max(nc, 1))
 
 
+def chunked_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                    softplus: bool, out_fp32: bool, reverse: bool,
+                    chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, int]:
+    """Forward of the chunked scan without autograd.
+
+    Returns (out, hs, T): hs (nc+1, b, d, n) are the states entering each chunk
+    of T steps (hs[-1] is the last state), which :func:`chunked_backward` needs.
+    """
+    wd = torch.float64 if u.dtype == torch.float64 else torch.float32
+    l = u.shape[-1]
+    T = min(chunk or default_chunk(l, u.shape[0] * u.shape[1] * A.shape[1]), l)
+    lp = -(-l // T) * T
+    # autocast would run the contractions (bmm) in bf16/fp16: the state is fp32
+    with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
+        dt, uu, A_, Bt, Ct, dtu, _ = _prep(u, delta, A, B, C, delta_bias, softplus,
+                                           reverse, wd, lp)
+        a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n); padding: a = 1, bu = 0
+        H = _mul_bc(dtu, Bt)
+        hs = _chunk_scan_(a, H, T, a_scratch=True)  # H: bu -> states
+        del a
+        y = _contract_bc(H, Ct)
+        del H
+        if D is not None:
+            y.addcmul_(uu, D.to(wd))
+        if z is not None:
+            y.mul_(F.silu(_tm(z, wd, reverse, lp)))
+        out = _from_tm(y, reverse, l)
+        out = out if (out_fp32 and wd == torch.float32) else out.to(u.dtype)
+    return out, hs, T
+
+
+def chunked_backward(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor,
+                     A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                     delta_bias: Optional[Tensor], hs: Tensor, softplus: bool, reverse: bool,
+                     T: int, need: Sequence[bool] = (True,) * 8) -> tuple:
+    """Every gradient of :func:`chunked_forward` (None where not ``need``-ed).
+
+    Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype.
+    """
+    with torch.no_grad(), torch.autocast(dout.device.type, enabled=False):
+        return _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, hs, softplus,
+                         reverse, T, need)
+
+
+def _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, hs, softplus, reverse, T, need):
+    wd = hs.dtype
+    l = u.shape[-1]
+    nc = hs.shape[0] - 1
+    lp = nc * T
+    dt, uu, A_, Bt, Ct, dtu, raw = _prep(u, delta, A, B, C, delta_bias, softplus, reverse,
+                                         wd, lp)
+    a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n)
+    H = _mul_bc(dtu, Bt)
+    _chunk_scan_(a, H, T, h_chunk=hs[:nc])  # recompute the states in place
+    dy = _tm(dout, wd, reverse, lp)
+    dz = None
+    if z is not None:
+        zt = _tm(z, wd, reverse, lp)
+        sz = torch.sigmoid(zt)
+        y = _contract_bc(H, Ct)
+        if D is not None:
+            y.addcmul_(uu, D.to(wd))
+        dz = dy * y * sz * (1 + zt * (1 - sz))  # d silu(z) = s (1 + z (1 - s))
+        dy = dy * zt * sz
+    # Adjoint: G_t = dL/dh_t = a_{t+1} G_{t+1} + C_t dy_t (+ dlast at the end;
+    # padded steps have a = 1 and dy = 0, so dlast reaches step l-1 intact).
+    G = _mul_bc(dy, Ct)
+    if dlast is not None:
+        G[-1] += dlast.to(wd)
+    _chunk_scan_(a, G, T, adjoint=True)  # G: C dy -> dL/dh
+    # dL/d(dt*A)_t = G_t * a_t * h_{t-1}
+    X = a.mul_(G)
+    X[1:] *= H[:-1]
+    X[0] = 0
+    ddt = _contract_bc(X, A_)
+    dA = X.mul_(dt[..., None]).sum((0, 1)).to(A.dtype) if need[2] else None
+    del X, a
+    ddtu = _contract_bc(G, Bt)
+    # G and H are dead after these reductions: they may be used as scratch
+    dB = _bc_from_tm(_reduce_bc_(G, dtu, Bt), B, reverse, l) if need[3] else None
+    dC = _bc_from_tm(_reduce_bc_(H, dy, Ct), C, reverse, l) if need[4] else None
+    du = ddtu * dt
+    if D is not None:
+        du.addcmul_(dy, D.to(wd))
+    dD = (dy * uu).sum((0, 1)).to(D.dtype) if D is not None and need[5] else None
+    ddt.addcmul_(ddtu, uu)
+    if softplus:
+        ddt.mul_(torch.sigmoid(raw))
+    ddb = (ddt[:l].sum((0, 1)).to(delta_bias.dtype)
+           if delta_bias is not None and need[7] else None)
+    return (_from_tm(du, reverse, l).to(u.dtype), _from_tm(ddt, reverse, l).to(delta.dtype),
+            dA, dB, dC, dD, _from_tm(dz, reverse, l).to(z.dtype) if dz is not None else None,
+            ddb)
+
+
 class _ChunkedScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32, reverse, chunk):
-        wd = torch.float64 if u.dtype == torch.float64 else torch.float32
-        l = u.shape[-1]
-        T = min(chunk or default_chunk(l, u.shape[0] * u.shape[1] * A.shape[1]), l)
-        lp = -(-l // T) * T
-        # autocast would run the contractions (bmm) in bf16/fp16: the state is fp32
-        with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
-            dt, uu, A_, Bt, Ct, dtu, _ = _prep(u, delta, A, B, C, delta_bias, softplus,
-                                               reverse, wd, lp)
-            a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n); padding: a = 1, bu = 0
-            H = _mul_bc(dtu, Bt)
-            hs = _chunk_scan_(a, H, T, a_scratch=True)  # H: bu -> states
-            del a
-            y = _contract_bc(H, Ct)
-            del H
-            if D is not None:
-                y.addcmul_(uu, D.to(wd))
-            if z is not None:
-                y.mul_(F.silu(_tm(z, wd, reverse, lp)))
-            out = _from_tm(y, reverse, l)
-            out = out if (out_fp32 and wd == torch.float32) else out.to(u.dtype)
+        out, hs, T = chunked_forward(u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32,
+                                     reverse, chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
-        ctx.cfg = (softplus, reverse, T, wd)
+        ctx.cfg = (softplus, reverse, T)
         return out, hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlast):
-        with torch.autocast(dout.device.type, enabled=False):
-            return _ChunkedScanFn._backward(ctx, dout, dlast)
-
-    @staticmethod
-    def _backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
-        softplus, reverse, T, wd = ctx.cfg
-        need = ctx.needs_input_grad
-        l = u.shape[-1]
-        nc = hs.shape[0] - 1
-        lp = nc * T
-        dt, uu, A_, Bt, Ct, dtu, raw = _prep(u, delta, A, B, C, delta_bias, softplus, reverse,
-                                             wd, lp)
-        a = torch.mul(dt[..., None], A_).exp_()  # (lp, b, d, n)
-        H = _mul_bc(dtu, Bt)
-        _chunk_scan_(a, H, T, h_chunk=hs[:nc])  # recompute the states in place
-        dy = _tm(dout, wd, reverse, lp)
-        dz = None
-        if z is not None:
-            zt = _tm(z, wd, reverse, lp)
-            sz = torch.sigmoid(zt)
-            y = _contract_bc(H, Ct)
-            if D is not None:
-                y.addcmul_(uu, D.to(wd))
-            dz = dy * y * sz * (1 + zt * (1 - sz))  # d silu(z) = s (1 + z (1 - s))
-            dy = dy * zt * sz
-        # Adjoint: G_t = dL/dh_t = a_{t+1} G_{t+1} + C_t dy_t (+ dlast at the end;
-        # padded steps have a = 1 and dy = 0, so dlast reaches step l-1 intact).
-        G = _mul_bc(dy, Ct)
-        G[-1] += dlast.to(wd)
-        _chunk_scan_(a, G, T, adjoint=True)  # G: C dy -> dL/dh
-        # dL/d(dt*A)_t = G_t * a_t * h_{t-1}
-        X = a.mul_(G)
-        X[1:] *= H[:-1]
-        X[0] = 0
-        ddt = _contract_bc(X, A_)
-        dA = X.mul_(dt[..., None]).sum((0, 1)).to(A.dtype) if need[2] else None
-        del X, a
-        ddtu = _contract_bc(G, Bt)
-        # G and H are dead after these reductions: they may be used as scratch
-        dB = _bc_from_tm(_reduce_bc_(G, dtu, Bt), B, reverse, l) if need[3] else None
-        dC = _bc_from_tm(_reduce_bc_(H, dy, Ct), C, reverse, l) if need[4] else None
-        du = ddtu * dt
-        if D is not None:
-            du.addcmul_(dy, D.to(wd))
-        dD = (dy * uu).sum((0, 1)).to(D.dtype) if D is not None and need[5] else None
-        ddt.addcmul_(ddtu, uu)
-        if softplus:
-            ddt.mul_(torch.sigmoid(raw))
-        ddb = (ddt[:l].sum((0, 1)).to(delta_bias.dtype)
-               if delta_bias is not None and need[7] else None)
-        return (_from_tm(du, reverse, l).to(u.dtype), _from_tm(ddt, reverse, l).to(delta.dtype),
-                dA, dB, dC, dD,
-                _from_tm(dz, reverse, l).to(z.dtype) if dz is not None else None, ddb,
-                None, None, None, None)
+        softplus, reverse, T = ctx.cfg
+        return chunked_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, hs, softplus,
+                                reverse, T, ctx.needs_input_grad) + (None,) * 4
 
 
 def _prep(u, delta, A, B, C, delta_bias, softplus, reverse, wd, lp):

@@ -6,9 +6,10 @@ is ONE flop (a ``Linear(c_in, c_out)`` on ``t`` tokens counts ``t*c_in*c_out``),
 and element-wise ops (add, mul, activations) are not counted. The handles
 below add our own ops, which the tracer sees as single nodes:
 
-* **selective scan** -- every backend except ``ref`` is one autograd Function
-  (``_ChunkedScanFn`` on CPU, ``_TritonScanFn`` on CUDA), i.e. one
-  ``prim::PythonOp.<Name>`` node. Counted as in mamba / VMamba
+* **selective scan** -- on CPU one custom op node ``mmssm::selective_scan_fwd``
+  (compiled kernel or chunked scan inside); the forced ``cpu`` / ``triton``
+  backends are one autograd Function each (``_ChunkedScanFn``, ``_TritonScanFn``),
+  i.e. one ``prim::PythonOp.<Name>`` node. Counted as in mamba / VMamba
   (``flops_selective_scan_ref``/``flops_selective_scan_fn``, mamba issue #110)::
 
       9 * B * L * D * N          # discretisation, state update, C readout
@@ -18,7 +19,7 @@ below add our own ops, which the tracer sees as single nodes:
   with u (B, D, L) and A (D, N). softplus(delta + delta_bias) and the group
   expansion of B/C are not counted (as in VMamba). The ``ref`` backend is a
   python loop of small ops and would be mis-counted: :func:`count_flops`
-  forces the ``cpu`` backend (env MMSSM_SCAN_BACKEND) while tracing on CPU.
+  clears MMSSM_SCAN_BACKEND while tracing on CPU (so the custom op runs).
 * **scan-order ops** (``cross_scan``/``cross_merge``, ``corner_rotate_all``/
   ``corner_merge_all``, ``local_scan``/``local_reverse``) -- index
   permutations (``cross_merge`` / ``corner_merge_all`` also sum the 4 / k
@@ -98,6 +99,18 @@ def selective_scan_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
         b, d, l, n, with_D=args['D'] is not None, with_z=args['z'] is not None))
 
 
+def _is_none(value: Any) -> bool:
+    return value.type().kind() == 'NoneType'
+
+
+def selective_scan_op_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """Handle for the custom op ``mmssm::selective_scan_fwd`` (u, delta, A, B, C, D, z, ...)."""
+    b, d, l = get_shape(inputs[0])
+    n = get_shape(inputs[2])[1]
+    return Counter(selective_scan=selective_scan_flops(
+        b, d, l, n, with_D=not _is_none(inputs[5]), with_z=not _is_none(inputs[6])))
+
+
 def zero_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """Handle for pure re-indexing ops (scan orders): 0 flops."""
     return 0
@@ -146,6 +159,7 @@ def fft_flop_counter(kind: str, n_dims: bool):
 def op_handles() -> Dict[str, Any]:
     """All handles to pass to ``FlopAnalyzer.set_op_handle(**handles)``."""
     handles = {f'prim::PythonOp.{n}': selective_scan_flop_jit for n in SCAN_FUNCTIONS}
+    handles['mmssm::selective_scan_fwd'] = selective_scan_op_flop_jit
     handles.update({f'prim::PythonOp.{n}': zero_flop_jit for n in SCAN_ORDER_FUNCTIONS})
     for kind in ('rfft', 'irfft', 'fft'):
         for suffix, nd in (('', False), ('n', True), ('2', True)):
@@ -161,9 +175,11 @@ def op_handles() -> Dict[str, Any]:
 
 @contextmanager
 def scan_backend(name: Optional[str]) -> Iterator[None]:
-    """Temporarily set MMSSM_SCAN_BACKEND (None: leave it as is)."""
+    """Temporarily set MMSSM_SCAN_BACKEND (None: leave it as is; '': unset it)."""
     old = os.environ.get('MMSSM_SCAN_BACKEND')
-    if name is not None:
+    if name == '':
+        os.environ.pop('MMSSM_SCAN_BACKEND', None)
+    elif name is not None:
         os.environ['MMSSM_SCAN_BACKEND'] = name
     try:
         yield
@@ -233,14 +249,15 @@ def count_flops(model, inputs):
     """Run the analysis; returns the analyzer (``.total()``, ``.by_module()``).
 
     The model is traced with a scan backend that is a single graph node
-    (``triton`` on CUDA when available, else ``cpu``): the ``ref`` loop would be
+    (``triton`` on CUDA when available, else the custom op ``mmssm::selective_scan_fwd``
+    that CPU tensors get by default): the ``ref`` loop would be
     counted op by op. Fresh S4 (DPLR) kernels are attuned first, so their one-time
     C -> C~ conversion is not counted as part of the forward; S4ND kernel caches are
     dropped, so the count always includes one kernel generation (as a training step
     or the first inference at a new input size runs it).
     """
     first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-    backend = 'cpu'
+    backend = ''  # unset: CPU tensors get the custom op (one node)
     if getattr(first, 'is_cuda', False):
         try:
             import triton  # noqa: F401

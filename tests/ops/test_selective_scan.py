@@ -9,6 +9,10 @@ from scan_cases import CASES, NAMES, compare, make_inputs, run_with_grads
 from mmssm.ops import selective_scan, selective_scan_ref
 from mmssm.ops.selective_scan import resolve_backend
 from mmssm.ops.selective_scan_cpu import selective_scan_chunked
+from mmssm.ops.selective_scan_cpp import available as cpp_available
+
+# the compiled kernel joins every backend sweep when it is built
+CPU_BACKENDS = ['cpu', 'ref'] + (['cpp'] if cpp_available() else [])
 
 
 def ref64(inp, **kw):
@@ -23,7 +27,7 @@ def ref64(inp, **kw):
                                    dict(delta_softplus=False, reverse=True),
                                    dict(delta_softplus=True, reverse=True,
                                         return_last_state=True)])
-@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
 def test_matches_reference_fp32(case, flags, backend):
     inp = make_inputs(**CASES[case])
     got = run_with_grads(selective_scan, inp, backend=backend, **flags)
@@ -44,7 +48,7 @@ def test_chunk_lengths_agree(chunk):
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
 def test_half_inputs_fp32_state(dtype, backend):
     """fp16/bf16 I/O, fp32 state: error is the input/output rounding only."""
     inp = make_inputs(b=2, d=4, l=21, n=4, gB=2, gC=2, dtype=dtype)
@@ -96,7 +100,7 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(selective_scan(**nc, delta_softplus=True), want)
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
 def test_mixed_input_dtypes(backend):
     """Under autocast u may be bf16 while delta/B/C/z stay fp32 (or vice versa):
     everything is computed in fp32; grads come back in each input's dtype."""
@@ -109,7 +113,7 @@ def test_mixed_input_dtypes(backend):
     compare(got, ref64(mixed, delta_softplus=True), 3e-2, f'mixed {backend}')
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
 def test_autocast_keeps_fp32_math(backend):
     """Under CPU bf16 autocast the contractions must not drop to bf16."""
     inp = make_inputs(b=2, d=8, l=30, n=16, gB=1, gC=None)
@@ -136,7 +140,7 @@ def test_large_decay_is_exact():
     compare(run_with_grads(selective_scan, inp, backend='cpu'), ref64(inp), 1e-5, 'large dt')
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
 def test_nan_inf_propagate(backend):
     inp = make_inputs(b=1, d=2, l=12, n=2, gB=1, gC=1, z=False, D=False)
     inp['u'][0, 0, 5] = float('nan')
@@ -146,7 +150,7 @@ def test_nan_inf_propagate(backend):
     assert torch.isfinite(out[0, 1, :7]).all() and not torch.isfinite(out[0, 1, 7:]).any()
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'ref'])
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
 def test_zero_length(backend):
     inp = make_inputs(b=2, d=4, l=0, n=3, gB=2, gC=2)
     x = {k: (None if v is None else v.requires_grad_()) for k, v in inp.items()}
@@ -157,14 +161,17 @@ def test_zero_length(backend):
 
 
 def test_backend_selection(monkeypatch):
+    from mmssm.ops import selective_scan_cpp
     u = torch.zeros(1, 2, 3)
     monkeypatch.delenv('MMSSM_SCAN_BACKEND', raising=False)
-    assert resolve_backend(u) == 'cpu'
+    assert resolve_backend(u) == ('cpp' if selective_scan_cpp.available() else 'cpu')
     assert resolve_backend(u, 'ref') == 'ref'
     monkeypatch.setenv('MMSSM_SCAN_BACKEND', 'ref')
     assert resolve_backend(u) == 'ref'
     inp = make_inputs(b=1, d=2, l=5, n=2)
     x = {k: (None if v is None else v.requires_grad_()) for k, v in inp.items()}
+    assert 'Chunked' not in type(selective_scan(**x).grad_fn).__name__
+    monkeypatch.delenv('MMSSM_SCAN_BACKEND')  # auto on CPU: the custom op
     assert 'Chunked' not in type(selective_scan(**x).grad_fn).__name__
     monkeypatch.setenv('MMSSM_SCAN_BACKEND', 'cpu')
     assert 'Chunked' in type(selective_scan(**x).grad_fn).__name__

@@ -1,0 +1,259 @@
+"""The compiled CPU scan (mmssm/ops/csrc) and the custom ops around it.
+
+- the extension, when built, is what CPU tensors get (a broken build must not
+  hide behind the chunked fallback);
+- every dtype / layout / flag against the float64 reference, chunk boundaries,
+  strided inputs, l = 0 and 1, float64 gradcheck of the kernel itself, every
+  built SIMD level, deterministic gradients;
+- the op exists whether or not the extension is built; torch.compile and
+  torch.export see one op per scan.
+"""
+import os
+
+import pytest
+import torch
+from scan_cases import NAMES, compare, make_inputs, run_with_grads
+
+from mmssm.ops import selective_scan, selective_scan_cpp, selective_scan_ref
+from mmssm.ops.selective_scan import resolve_backend
+
+needs_ext = pytest.mark.skipif(not selective_scan_cpp.available(),
+                               reason='compiled scan not built (python setup.py build_ext '
+                                      '--inplace)')
+
+
+def ref64(inp, **kw):
+    inp64 = {k: (None if v is None else v.double()) for k, v in inp.items()}
+    kw = {k: v for k, v in kw.items() if k not in ('backend', 'out_fp32')}
+    return run_with_grads(selective_scan_ref, inp64, **kw)
+
+
+def test_built_extension_is_what_cpu_tensors_get(monkeypatch):
+    """Fails when the .so files exist (or CI sets MMSSM_REQUIRE_EXT=1) but CPU
+    tensors do not reach the compiled kernel."""
+    built = selective_scan_cpp.built_levels()
+    if not built and os.environ.get('MMSSM_REQUIRE_EXT', '0') != '1':
+        pytest.skip('extension not built and MMSSM_REQUIRE_EXT is not 1')
+    assert 'default' in built, f'baseline build missing; found {built}'
+    assert selective_scan_cpp.available(), (
+        f'extension files {built} exist but none loaded: {selective_scan_cpp.BUILD_HINT}')
+    monkeypatch.delenv('MMSSM_SCAN_BACKEND', raising=False)
+    inp = make_inputs(b=1, d=4, l=9, n=2)
+    assert resolve_backend(inp['u']) == 'cpp'
+    ns = f'mmssm_scan_{selective_scan_cpp.LEVEL}::fwd'
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        selective_scan(**inp, delta_softplus=True)
+    names = {e.name for e in prof.events()}
+    assert 'mmssm::selective_scan_fwd' in names and ns in names, sorted(names)
+
+
+def test_op_always_registered():
+    assert hasattr(torch.ops.mmssm, 'selective_scan_fwd')
+    assert hasattr(torch.ops.mmssm, 'selective_scan_bwd')
+    inp = make_inputs(b=2, d=4, l=9, n=3, gB=2, gC=None)
+    out, last, states = torch.ops.mmssm.selective_scan_fwd(
+        inp['u'], inp['delta'], inp['A'], inp['B'], inp['C'], inp['D'], inp['z'],
+        inp['delta_bias'], True, False, False, False)
+    assert states.numel() == 0
+    rout, rlast = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, rout, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, rlast, rtol=1e-5, atol=1e-5)
+
+
+LAYOUTS = [
+    dict(b=1, d=20, l=150, n=16, gB=1, gC=1),      # Vim-like, 3 chunks, d not a multiple of 8
+    dict(b=1, d=24, l=130, n=1, gB=4, gC=4),       # VMamba-like (n = 1, 4 groups)
+    dict(b=2, d=12, l=65, n=5, gB=None, gC=3),     # V2M pass 2: constant B
+    dict(b=2, d=12, l=64, n=5, gB=2, gC=None, z=False, bias=False),  # constant C
+    dict(b=1, d=6, l=70, n=3, gB=None, gC=None, D=False),
+    dict(b=2, d=12, l=33, n=4, gB=2, gC=3),        # blocks split by both groupings
+    dict(b=2, d=4, l=7, n=4, gB=1, gC=1, squeeze_g=True),  # (b, n, l) operands
+    dict(b=1, d=3, l=1, n=2, gB=1, gC=1),          # l = 1
+]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-11, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@needs_ext
+@pytest.mark.parametrize('layout', range(len(LAYOUTS)))
+@pytest.mark.parametrize('dtype', list(TOL))
+@pytest.mark.parametrize('reverse', [False, True])
+def test_layouts_dtypes_against_reference(layout, dtype, reverse):
+    inp = make_inputs(dtype=dtype, seed=layout, **LAYOUTS[layout])
+    kw = dict(delta_softplus=True, return_last_state=True, reverse=reverse)
+    got = run_with_grads(selective_scan, inp, backend='cpp', **kw)
+    assert got[0].dtype == dtype and got[1].dtype == (torch.float64 if dtype == torch.float64
+                                                      else torch.float32)
+    assert all(got[2][k].dtype == inp[k].dtype for k in got[2])
+    compare(got, ref64(inp, **kw), TOL[dtype], f'{LAYOUTS[layout]} {dtype} reverse={reverse}')
+
+
+@needs_ext
+@pytest.mark.parametrize('flags', [dict(), dict(delta_softplus=True), dict(out_fp32=True),
+                                   dict(delta_softplus=True, out_fp32=True, reverse=True)])
+@pytest.mark.parametrize('parts', [(True, True, True), (False, False, False),
+                                   (True, False, True), (False, True, False)])
+def test_flags(flags, parts):
+    D, z, bias = parts
+    inp = make_inputs(b=2, d=8, l=70, n=4, gB=2, gC=1, D=D, z=z, bias=bias,
+                      dtype=torch.bfloat16)
+    if not flags.get('delta_softplus'):  # a positive step without softplus (a stable scan)
+        inp['delta'] = torch.nn.functional.softplus(inp['delta'].float()).bfloat16()
+    got = run_with_grads(selective_scan, inp, backend='cpp', **flags)
+    want_dtype = torch.float32 if flags.get('out_fp32') else torch.bfloat16
+    assert got[0].dtype == want_dtype
+    compare(got, ref64(inp, **flags), 3e-2, f'{flags} {parts}')
+    if flags.get('out_fp32'):  # the fp32 result itself, not a rounded one
+        torch.testing.assert_close(got[0].double(), ref64(inp, **flags)[0], rtol=1e-4,
+                                   atol=1e-4)
+
+
+@needs_ext
+def test_strided_inputs():
+    """Non-contiguous u / delta / z (time stride 2, channel-last) and B/C views."""
+    base = make_inputs(b=2, d=8, l=67, n=4, gB=2, gC=2)
+    x = {}
+    for k, v in base.items():
+        if v is None or v.dim() < 3:
+            x[k] = v
+        elif k in ('u', 'z'):
+            x[k] = torch.stack([v, torch.full_like(v, 7.0)], -1).flatten(-2)[..., ::2]
+        else:
+            x[k] = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not x['u'].is_contiguous() and not x['B'].is_contiguous()
+    got = run_with_grads(selective_scan, x, backend='cpp', delta_softplus=True, reverse=True)
+    compare(got, ref64(base, delta_softplus=True, reverse=True), 2e-5, 'strided')
+
+
+@needs_ext
+def test_zero_length_and_chunk_edges():
+    inp = make_inputs(b=2, d=4, l=0, n=3, gB=2, gC=2)
+    x = {k: (None if v is None else v.requires_grad_()) for k, v in inp.items()}
+    out, last = selective_scan(**x, return_last_state=True, backend='cpp')
+    assert out.shape == (2, 4, 0) and last.shape == (2, 4, 3) and (last == 0).all()
+    for l in (63, 64, 65, 128, 129):  # around the 64-step chunk of the saved states
+        inp = make_inputs(b=1, d=5, l=l, n=2, gB=1, gC=1, seed=l)
+        kw = dict(delta_softplus=True, return_last_state=True)
+        compare(run_with_grads(selective_scan, inp, backend='cpp', **kw), ref64(inp, **kw),
+                2e-5, f'l={l}')
+
+
+@needs_ext
+@pytest.mark.parametrize('cfg,reverse', [(dict(gB=1, gC=1, l=70), False),
+                                         (dict(gB=2, gC=None, l=9), True),
+                                         (dict(gB=None, gC=2, l=9), False),
+                                         (dict(gB=None, gC=None, l=5), True)])
+def test_gradcheck_compiled_kernel(cfg, reverse):
+    """float64 gradcheck of the C++ forward/backward (incl. the last state)."""
+    inp = make_inputs(b=2 if cfg['l'] < 20 else 1, d=4, n=2, dtype=torch.float64, **cfg)
+    names = [k for k in NAMES if inp[k] is not None]
+    x = [inp[k].requires_grad_() for k in names]
+
+    def fn(*args):
+        return selective_scan(**dict(zip(names, args)), delta_softplus=True, reverse=reverse,
+                              return_last_state=True, backend='cpp')
+
+    assert torch.autograd.gradcheck(fn, x, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@needs_ext
+def test_gradients_are_deterministic():
+    """dB/dC are reduced per group in a fixed order: identical bits run to run."""
+    inp = make_inputs(b=3, d=64, l=150, n=8, gB=2, gC=1)
+    first = run_with_grads(selective_scan, inp, backend='cpp', delta_softplus=True)[2]
+    for _ in range(2):
+        again = run_with_grads(selective_scan, inp, backend='cpp', delta_softplus=True)[2]
+        for k in first:
+            assert torch.equal(first[k], again[k]), k
+
+
+@needs_ext
+def test_every_built_simd_level():
+    """Each SIMD build the CPU can run gives the reference result (they are
+    separate compilations of one source)."""
+    runnable = selective_scan_cpp._cpu_levels()
+    inp = make_inputs(b=2, d=20, l=70, n=5, gB=2, gC=None)
+    rout, rlast = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True)
+    tested = []
+    for level in selective_scan_cpp.built_levels():
+        if level not in runnable:
+            continue
+        torch.ops.load_library(selective_scan_cpp._path(level))
+        ns = getattr(torch.ops, f'mmssm_scan_{level}')
+        Bk = inp['B']
+        out, last, states = ns.fwd(inp['u'], inp['delta'], inp['A'], Bk, inp['C'], inp['D'],
+                                   inp['z'], inp['delta_bias'], True, False, False, True)
+        torch.testing.assert_close(out, rout, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(last, rlast, rtol=2e-5, atol=2e-5)
+        assert states.shape == (2, 20, 2, 5) and ns.capability() != ''
+        grads = ns.bwd(torch.ones_like(out), None, inp['u'], inp['delta'], inp['A'], Bk,
+                       inp['C'], inp['D'], inp['z'], inp['delta_bias'], states, True, False)
+        assert all(torch.isfinite(g).all() for g in grads)
+        # l = 0 straight into the kernel (the op's Python side routes it elsewhere)
+        e = make_inputs(b=2, d=4, l=0, n=3, gB=2, gC=None)
+        out, last, states = ns.fwd(e['u'], e['delta'], e['A'], e['B'], e['C'], e['D'], e['z'],
+                                   e['delta_bias'], True, False, False, True)
+        assert out.shape == (2, 4, 0) and (last == 0).all() and states.shape == (2, 4, 0, 3)
+        grads = ns.bwd(out, None, e['u'], e['delta'], e['A'], e['B'], e['C'], e['D'], e['z'],
+                       e['delta_bias'], states, True, False)
+        assert grads[3].shape == (2, 2, 3, 0) and (grads[4] == 0).all()
+        tested.append(level)
+    assert tested and 'default' in tested
+
+
+@needs_ext
+def test_backend_cpp_errors(monkeypatch):
+    monkeypatch.setattr(selective_scan_cpp, '_EXT', None)
+    with pytest.raises(RuntimeError, match='not built.*build_ext --inplace'):
+        resolve_backend(torch.zeros(1, 2, 3), 'cpp')
+
+
+def test_backward_needs_saved_states():
+    inp = make_inputs(b=1, d=4, l=9, n=2)
+    x = {k: (None if v is None else v.requires_grad_()) for k, v in inp.items()}
+    out, _, _ = torch.ops.mmssm.selective_scan_fwd(
+        x['u'], x['delta'], x['A'], x['B'], x['C'], x['D'], x['z'], x['delta_bias'], True,
+        False, False, False)
+    with pytest.raises(RuntimeError, match='save_states=False'):
+        out.sum().backward()
+
+
+class _TinyScan(torch.nn.Module):
+    """A projection, one scan and a gate: the shape of a Mamba mixer."""
+
+    def __init__(self, d=6, n=3):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, 2 * n + d)
+        self.A_log = torch.nn.Parameter(torch.zeros(d, n))
+        self.n = n
+
+    def forward(self, u):  # (b, d, l)
+        dbc = self.proj(u.transpose(1, 2)).transpose(1, 2)
+        dt, B, C = dbc.split([u.shape[1], self.n, self.n], dim=1)
+        return selective_scan(u, dt, -torch.exp(self.A_log), B, C, delta_softplus=True)
+
+
+def _scan_nodes(gm):
+    return [n for n in gm.graph.nodes
+            if n.op == 'call_function' and 'selective_scan' in str(n.target)]
+
+
+def test_export_sees_one_op():
+    m, u = _TinyScan(), torch.randn(2, 6, 11)
+    ep = torch.export.export(m, (u,))
+    nodes = _scan_nodes(ep.graph_module)
+    assert len(nodes) == 1 and nodes[0].target == torch.ops.mmssm.selective_scan_fwd.default
+    torch.testing.assert_close(ep.module()(u), m(u))
+
+
+def test_compile_sees_one_op():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m, u = _TinyScan(), torch.randn(2, 6, 11)
+    with torch.no_grad():
+        out = torch.compile(m, backend=backend, fullgraph=True)(u)
+    torch.testing.assert_close(out, m(u))
+    assert sum(len(_scan_nodes(g)) for g in graphs) == 1
