@@ -3,6 +3,7 @@
 #
 #   bash tools/setup_env.sh            # runtime + tests
 #   WITH_VIDEO=1 bash tools/setup_env.sh   # also mmaction2 (video configs)
+#   WITH_DEPLOY=1 bash tools/setup_env.sh  # also onnx / onnxruntime / onnxscript (export)
 #
 # Re-running is quick and idempotent.  mmcv 2.1.0 has no wheel on PyPI; a wheel is
 # taken from pip's standard PIP_FIND_LINKS when one there fits this torch, otherwise
@@ -49,6 +50,9 @@ $PIP install -q mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 \
   -r requirements/tests.txt
 if [ "${WITH_VIDEO:-0}" = "1" ]; then
   $PIP install -q -r requirements/video.txt
+fi
+if [ "${WITH_DEPLOY:-0}" = "1" ]; then
+  $PIP install -q -r requirements/deploy.txt
 fi
 # transformers breaks `import mmpretrain.models` with this torch; never keep it.
 $PIP uninstall -q -y transformers 2>/dev/null || true

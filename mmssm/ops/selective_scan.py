@@ -201,6 +201,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         last = u.new_zeros(b, d, A.shape[1], dtype=torch.float64 if u.dtype == torch.float64
                            else torch.float32)
         return (out, last) if return_last_state else out
+    if torch.compiler.is_exporting() and hasattr(torch.ops.mmssm, 'selective_scan_fwd'):
+        # torch.export / ONNX export: one opaque op per scan (the scan-op contract)
+        B, C = (X.unsqueeze(1) if X.dim() == 3 else X for X in (B, C))
+        out, last, _ = torch.ops.mmssm.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                          delta_softplus, out_fp32, reverse,
+                                                          False)
+        return (out, last) if return_last_state else out
     if name == 'ref':
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, out_fp32, reverse)
