@@ -51,13 +51,10 @@ def parse_args(argv=None):
 
 
 def _stride(model) -> int:
-    """A size step every axis of the model accepts (patch size / total stride)."""
-    bb = model.backbone
-    for name in ('total_stride', 'patch_size'):
-        v = getattr(bb, name, None)
-        if v is not None:
-            return int(max(v) if isinstance(v, (tuple, list)) else v)
-    return 32
+    """A size step every axis of the model accepts: its total stride if it says, else 32
+    (a multiple of every patch size / pyramid stride in mmssm)."""
+    v = getattr(model.backbone, 'total_stride', None)
+    return int(max(v)) if isinstance(v, (tuple, list)) else int(v or 32)
 
 
 def main(argv=None) -> dict:
