@@ -283,13 +283,11 @@ def check_onnx(path: str) -> dict:
 def run_onnx(path: str, inputs: Union[Tensor, Tuple[Tensor, ...]], threads: int = 0,
              session=None) -> List[Tensor]:
     """Run ``path`` with onnxruntime's CPU provider; returns the outputs as tensors."""
-    ort = _require('onnxruntime')
     inputs = (inputs, ) if isinstance(inputs, Tensor) else tuple(inputs)
     if session is None:
         session = make_session(path, threads)
     names = [i.name for i in session.get_inputs()]
     feed = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
-    del ort
     return [torch.from_numpy(o) for o in session.run(None, feed)]
 
 

@@ -7,8 +7,9 @@ The model is exported first (or ``--onnx`` names a file exported with the same c
 part and input size), then both backends run the same random (B, 3, H, W) input (the
 data preprocessor's output) with the same number of threads: ``--warmup`` untimed then
 ``--iters`` timed iterations each. Peak memory is the process' peak RSS above its level
-just before each backend's warm-up (sampled every 2 ms; the ONNX session and the PyTorch
-weights are loaded before that level is taken). Outputs are compared once, too.
+just before each backend's warm-up (sampled every 2 ms; the PyTorch weights and the ONNX
+session are loaded before that level is taken; the session has not run yet, so its memory
+arena is counted). Outputs are compared once, with a separate session.
 """
 import argparse
 import os.path as osp
@@ -49,7 +50,9 @@ def run(argv=None) -> list:
     p.add_argument('--shape', type=int, nargs='+', default=[224, 224])
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--part', choices=PARTS, default='model')
-    p.add_argument('--onnx', default=None, help='an exported file to use (skip the export)')
+    p.add_argument('--onnx', default=None,
+                   help='a file exported by pytorch2onnx.py from the same config, checkpoint '
+                        'and part (skips the export; dynamic files run at any --shape)')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--threads', type=int, default=0,
@@ -62,14 +65,17 @@ def run(argv=None) -> list:
     cfg = load_config(args.config)
     task = task_of(cfg)
     shape = parse_shape(args.shape)
+    torch.manual_seed(0)  # without a checkpoint: the same initial weights in every tool run
     model = ExportModule(build_model(cfg, args.checkpoint), task, args.part).eval()
     x = torch.randn(args.batch, 3, *shape, generator=torch.Generator().manual_seed(0))
     path = args.onnx
     if path is None:
         path = osp.join(tempfile.mkdtemp(prefix='mmssm_onnx_'), 'model.onnx')
         export_onnx(model, x, path)
+    err = compare_outputs(_no_grad(model, x), run_onnx(path, x, threads=threads))
+    # a fresh session that has not run yet: its memory arena grows during the warm-up, and
+    # is counted like PyTorch's activations
     sess = make_session(path, threads)
-    err = compare_outputs(_no_grad(model, x), run_onnx(path, x, session=sess))
 
     def torch_step():
         with torch.no_grad():

@@ -74,6 +74,7 @@ def main(argv=None) -> dict:
     if (task == 'video') != (len(shape) == 3):
         raise ValueError(f'--shape: a {task} model needs '
                          f'{"T H W" if task == "video" else "H W"}, got {list(args.shape)}')
+    torch.manual_seed(0)  # without a checkpoint: the same initial weights in every tool run
     model = build_model(cfg, args.checkpoint)
     module = ExportModule(model, task, args.part).eval()
     if args.dynamic and has_fixed_size_layers(model):
