@@ -82,3 +82,18 @@ def test_bad_input(tmp_path, capsys):
                       str(tmp_path / 'x.onnx')])
     with pytest.raises(ValueError, match='--shape'):
         _tool().main([str(cfg), '--shape', '8', '64', '64'])
+
+
+@pytest.mark.slow  # one export and two timed backends
+def test_benchmark_onnx_side_by_side(capsys):
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_onnx', REPO / 'tools' / 'deployment' / 'benchmark_onnx.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.run([str(REPO / 'configs/vim/vim_in1k_tiny.py'), '--shape', '64', '64',
+                    '--batch', '2', '--warmup', '1', '--iters', '2'])
+    assert [r['backend'] for r in rows] == ['pytorch-eager', 'onnxruntime-cpu']
+    assert all(r['img_per_s'] > 0 for r in rows)
+    out = capsys.readouterr().out
+    err = float(out.split('max rel err ')[1].split()[0])
+    assert err < TOL
