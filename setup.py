@@ -137,6 +137,7 @@ setup(
     extras_require={
         'tests': read_requirements('tests.txt'),
         'video': read_requirements('video.txt'),
+        'deploy': read_requirements('deploy.txt'),
     },
     license='Apache License 2.0',
     zip_safe=False,

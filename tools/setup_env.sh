@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-command set-up of a CPU development environment in .venv (Python 3.11).
 #
-#   bash tools/setup_env.sh                # runtime + tests + mmaction2 (video configs)
+#   bash tools/setup_env.sh                # runtime + tests + mmaction2 (video) + onnx (export)
 #   WITH_VIDEO=0 bash tools/setup_env.sh   # without mmaction2 (the video tests then skip)
+#   WITH_DEPLOY=0 bash tools/setup_env.sh  # without onnx / onnxruntime / onnxscript (deploy tests skip)
 #   VENV=/tmp/venv bash tools/setup_env.sh # another venv location
 #
 # Re-running is quick and idempotent.  mmcv 2.1.0 has no wheel on PyPI; a wheel is
@@ -47,6 +48,9 @@ $PIP install -q mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 \
   -r requirements/tests.txt
 if [ "${WITH_VIDEO:-1}" = "1" ]; then
   $PIP install -q -r requirements/video.txt
+fi
+if [ "${WITH_DEPLOY:-1}" = "1" ]; then
+  $PIP install -q -r requirements/deploy.txt
 fi
 # transformers breaks `import mmpretrain.models` with this torch; never keep it.
 $PIP uninstall -q -y transformers 2>/dev/null || true

@@ -70,6 +70,9 @@ def _cross_scan(x: Tensor, impl: str = 'torch') -> Tensor:
         return cross_scan_triton(x)
     if impl == 'cpp':
         return _ext().cross_scan(x)
+    if torch.compiler.is_exporting():  # functional form: Transpose/Concat, any (h, w)
+        rc = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], 1)
+        return torch.cat([rc, rc.flip(-1)], 1)
     b, c, h, w = x.shape
     out = x.new_empty(b, 4, c, h * w)
     out[:, 0] = x.flatten(2)
@@ -140,6 +143,8 @@ def cross_merge(y: Tensor, h: int, w: int, backend: Optional[str] = None) -> Ten
     if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != h * w:
         raise ValueError(f'y must be (b, 4, c, h*w={h * w}), got shape {tuple(y.shape)}')
     # int(): shapes read while jit-tracing are traced ints, which a PythonOp rejects
+    if torch.compiler.is_exporting():  # keep h, w symbolic (int() would fix the export size)
+        return _cross_merge(y, h, w)
     return _CrossMerge.apply(y, int(h), int(w), _impl(y, backend))
 
 
@@ -170,6 +175,8 @@ def corner_unrotate(x: Tensor, corner: str) -> Tensor:
 def _rotate_all(x: Tensor, corners: Sequence[str], impl: str = 'torch') -> Tensor:
     if impl == 'cpp':
         return _ext().corner_rotate_all(x, [_FLIP_BITS[c] for c in corners])
+    if torch.compiler.is_exporting():  # functional form (no slice writes): any batch size
+        return torch.cat([corner_rotate(x, c) for c in corners], 0)
     b = x.shape[0]
     out = x.new_empty((len(corners) * b,) + x.shape[1:])
     for i, c in enumerate(corners):
@@ -180,7 +187,8 @@ def _rotate_all(x: Tensor, corners: Sequence[str], impl: str = 'torch') -> Tenso
 def _merge_all(y: Tensor, corners: Sequence[str], impl: str = 'torch') -> Tensor:
     if impl == 'cpp':
         return _ext().corner_merge_all(y, [_FLIP_BITS[c] for c in corners])
-    parts = y.chunk(len(corners), dim=0)
+    parts = (y.unflatten(0, (len(corners), -1)).unbind(0) if torch.compiler.is_exporting()
+             else y.chunk(len(corners), dim=0))  # exporting: no split of a symbolic batch
     out = corner_unrotate(parts[0], corners[0]).clone()
     for p, c in zip(parts[1:], corners[1:]):
         out += corner_unrotate(p, c)
@@ -246,7 +254,7 @@ def corner_merge_all(y: Tensor, corners: Sequence[str], backend: Optional[str] =
 
 def _local_scan(x: Tensor, k: int, flip: bool, column_first: bool) -> Tensor:
     b, c, h, w = x.shape
-    hp, wp = -(-h // k) * k, -(-w // k) * k
+    hp, wp = (h + k - 1) // k * k, (w + k - 1) // k * k  # ceil; exports as integer Div
     if (hp, wp) != (h, w):  # zero-pad right/bottom (as LocalMamba)
         x = F.pad(x, (0, wp - w, 0, hp - h))
     x = x.view(b, c, hp // k, k, wp // k, k)
@@ -261,7 +269,7 @@ def _local_scan(x: Tensor, k: int, flip: bool, column_first: bool) -> Tensor:
 def _local_reverse(y: Tensor, k: int, h: int, w: int, flip: bool,
                    column_first: bool) -> Tensor:
     b, c, _ = y.shape
-    hg, wg = -(-h // k), -(-w // k)
+    hg, wg = (h + k - 1) // k, (w + k - 1) // k
     if flip:
         y = y.flip(-1)
     if column_first:
@@ -319,8 +327,10 @@ def local_reverse(y: Tensor, window: int, h: int, w: int, flip: bool = False,
                   column_first: bool = False) -> Tensor:
     """Inverse of :func:`local_scan`: (b, c, L) -> (b, c, h, w), cropped back."""
     _check_window(window)
-    L = -(-h // window) * window * (-(-w // window) * window)
+    L = (h + window - 1) // window * window * ((w + window - 1) // window * window)
     if y.dim() != 3 or y.shape[-1] != L:
         raise ValueError(f'y must be (b, c, L={L}) for window={window}, h={h}, w={w}, '
                          f'got shape {tuple(y.shape)}')
+    if torch.compiler.is_exporting():  # keep h, w symbolic (int() would fix the export size)
+        return _local_reverse(y, window, h, w, flip, column_first)
     return _LocalReverse.apply(y, window, int(h), int(w), flip, column_first)  # int(): jit trace

@@ -58,7 +58,9 @@ def resize_grid_embed(pos: Tensor, src_hw: Sequence[int], dst_hw: Sequence[int],
                       mode: str = 'bicubic') -> Tensor:
     """(1, h0*w0, C) grid embedding -> (1, h*w, C), interpolated in fp32."""
     src_hw, dst_hw = tuple(src_hw), tuple(dst_hw)
-    if src_hw == dst_hw:
+    # while exporting, sizes may be symbolic: comparing them would fix the export size
+    # (an interpolation onto the same grid is the identity, so always resizing is exact)
+    if not torch.compiler.is_exporting() and src_hw == dst_hw:
         return pos
     _, n, c = pos.shape
     if n != src_hw[0] * src_hw[1]:
@@ -72,7 +74,7 @@ def resize_grid_embed(pos: Tensor, src_hw: Sequence[int], dst_hw: Sequence[int],
 
 def resize_line_embed(pos: Tensor, n: int) -> Tensor:
     """(1, n0, C) embedding of a row or column of tokens -> (1, n, C) (linear)."""
-    if pos.shape[1] == n:
+    if not torch.compiler.is_exporting() and pos.shape[1] == n:
         return pos
     out = F.interpolate(pos.transpose(1, 2).float(), size=n, mode='linear', align_corners=False)
     return out.transpose(1, 2).to(pos.dtype)
