@@ -9,8 +9,9 @@ What makes the state-space layers exportable:
   autograd Functions' forwards: they become Transpose / Reshape / Slice / Concat nodes;
 * S4ND: the SSM kernels depend only on the parameters and the input size, so they are
   computed once in PyTorch for the export size and enter the graph as constants: dense
-  Toeplitz matrices (MatMul) for the depthwise layers, a frequency-domain kernel with ONNX
-  ``DFT`` for the dense stem. The input size of an S4ND model is therefore fixed.
+  Toeplitz matrices (MatMul) for the depthwise layers, frequency-domain kernels with ONNX
+  ``DFT`` for the dense stem (its per-axis spectra, applied one input channel at a time
+  as in ``S4ND._dense_axes_conv``). The input size of an S4ND model is therefore fixed.
 
 Public entry points: :func:`export_onnx`, :func:`check_onnx`, :func:`run_onnx`,
 :func:`compare_outputs`.
@@ -81,6 +82,9 @@ def frozen_s4nd_kernels(model: nn.Module, inputs: Tuple[Tensor, ...]):
                 for key in seen[m]:
                     with torch.no_grad():
                         ops[key] = m.kernel_operators(list(key[0]), key[1])
+                    if m._dense_axes:  # complex constants do not export: (c', H, F_i, 2)
+                        spectra, sizes = ops[key]
+                        ops[key] = [torch.view_as_real(s).contiguous() for s in spectra], sizes
             finally:
                 m.conv_mode = mode
 
@@ -105,12 +109,15 @@ def _spectral_conv(m: nn.Module):
     """S4ND's frequency-domain convolution (dense or rank > 1 layers) in real arithmetic.
 
     Same computation as ``S4ND._conv``: ``rfftn`` of the input (ONNX ``DFT``), a product
-    with the constant kernel spectrum, ``irfftn``; the complex products are written on
+    with the constant kernel spectrum (per-axis spectra for the dense stem,
+    :func:`_dense_axes_conv`), ``irfftn``; the complex products are written on
     (real, imag) pairs because ONNX has no complex tensors.
     """
     def conv(x: Tensor, rate: float) -> Tensor:
         l_in = [int(s) for s in x.shape[2:]]
         ops, sizes = m._cached_operators(l_in, rate)
+        if m._dense_axes:  # per-axis spectra (c', H, F_i), see S4ND._dense_axes_conv
+            return _dense_axes_conv(m, x, ops, sizes, l_in)
         k_f = ops[0]
         dims = tuple(range(2, 2 + m.dim))
         u_f = torch.view_as_real(torch.fft.rfftn(x, s=sizes, dim=dims))  # (B, H, *F', 2)
@@ -132,6 +139,33 @@ def _spectral_conv(m: nn.Module):
             y = y + x.unsqueeze(1) * m.D.to(y.dtype).reshape(m.channels, m.h, *([1] * m.dim))
         return y
     return conv
+
+
+def _dense_axes_conv(m: nn.Module, x: Tensor, spectra: Sequence[Tensor],
+                     sizes: Sequence[int], l_in: Sequence[int]) -> Tensor:
+    """``S4ND._dense_axes_conv`` in real arithmetic -> (B, c, M, *L).
+
+    The dense stem's per-axis spectra are export-time constants, stored as (real, imag)
+    pairs (c', H, F_i, 2); no (c', H, *F') N-D spectrum enters the graph.
+    ``y_f = sum_h u_f[h] * k_0[:, h] (x) .. (x) k_{d-1}[:, h]``, multiplied in the same
+    order as in PyTorch."""
+    d = m.dim
+    u_f = torch.view_as_real(torch.fft.rfftn(x, s=sizes, dim=tuple(range(2, 2 + d))))
+    ur, ui = u_f[..., 0], u_f[..., 1]  # (B, H, *F')
+    yr = yi = None
+    for h in range(m.h):
+        tr, ti = ur[:, h].unsqueeze(1), ui[:, h].unsqueeze(1)  # (B, 1, *F')
+        for i, s_i in enumerate(spectra):  # s_i (c', H, F_i, 2) -> (c', 1.., F_i, 1..)
+            shape = (s_i.shape[0], *([1] * i), s_i.shape[-2], *([1] * (d - 1 - i)))
+            kr = s_i[:, h, :, 0].to(x.dtype).reshape(shape)
+            ki = s_i[:, h, :, 1].to(x.dtype).reshape(shape)
+            tr, ti = tr * kr - ti * ki, tr * ki + ti * kr
+        yr, yi = (tr, ti) if yr is None else (yr + tr, yi + ti)  # (B, c', *F')
+    y_f = torch.view_as_complex(torch.stack([yr, yi], -1))
+    y = torch.fft.irfftn(y_f, s=sizes, dim=tuple(range(-d, 0)))
+    y = y[(Ellipsis, *[slice(0, n) for n in l_in])]
+    # c' = (out_channels, channels) with out_channels outermost -> (B, channels, M, *L)
+    return y.unflatten(1, (m.out_channels, m.channels)).transpose(1, 2)
 
 
 def _dims(dynamic: Union[bool, Sequence[str]], spatial: int,
