@@ -544,7 +544,7 @@ struct Grads {
   scalar_t *du, *ddelta, *dz;       // (b, d, l) contiguous
   acc_t *dA, *dD, *dbias;           // per batch row: (b, d, n), (b, d), (b, d)
   acc_t *dBc, *dCc;                 // constant B/C: (b, d, n)
-  acc_t *dBp, *dCp;                 // input-dependent B/C: per block (b, nblk, n, l)
+  acc_t *dBp, *dCp;                 // input-dependent B/C: per block (b, nblk, l, n)
 };
 
 // Per-thread buffers of the backward, (kChunk, n, W) or (kChunk, W) / (n, W).
@@ -553,12 +553,12 @@ struct BwdScratch {
   std::vector<acc_t> hbuf, abuf, Pb, Pc;  // states, decays, dB / dC per lane (T, n, W)
   std::vector<acc_t> dy, du, dd, dz;      // (T, W)
   std::vector<acc_t> G, dA, dBc, dCc;     // (n, W)
-  std::vector<acc_t> dBt, dCt;            // (T, n)
+  std::vector<acc_t> dBt;                 // (T, n) lane sums of a reverse tile
   BwdScratch(int64_t n, int64_t W) {
     for (auto* v : {&hbuf, &abuf, &Pb, &Pc}) v->assign(kChunk * n * W, 0);
     for (auto* v : {&dy, &du, &dd, &dz}) v->assign(kChunk * W, 0);
     for (auto* v : {&G, &dA, &dBc, &dCc}) v->assign(n * W, 0);
-    for (auto* v : {&dBt, &dCt}) v->assign(kChunk * n, 0);
+    dBt.assign(kChunk * n, 0);
   }
 };
 
@@ -690,16 +690,19 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         store_tile(gr.du, g, op.reverse, bi, c0, nl, s0, T, w.du.data());
         store_tile(gr.ddelta, g, op.reverse, bi, c0, nl, s0, T, w.dd.data());
         if (op.zv) store_tile(gr.dz, g, op.reverse, bi, c0, nl, s0, T, w.dz.data());
-        if (op.Bv) lane_sums(w.Pb.data(), T * n, W, w.dBt.data());
-        if (op.Cv) lane_sums(w.Pc.data(), T * n, W, w.dCt.data());
+        // dB / dC partials of this block, (l, n) rows: straight into place unless reversed
         acc_t* part[2] = {op.Bv ? gr.dBp : nullptr, op.Cv ? gr.dCp : nullptr};
-        const acc_t* tile[2] = {w.dBt.data(), w.dCt.data()};
+        const acc_t* lanes[2] = {w.Pb.data(), w.Pc.data()};
         for (int m = 0; m < 2; ++m) {
           if (!part[m]) continue;
-          acc_t* base = part[m] + (bi * nblk + blk) * n * l;
-          for (int64_t k = 0; k < n; ++k)
-            for (int64_t j = 0; j < T; ++j)
-              base[k * l + g.time(s0 + j, op.reverse)] = tile[m][j * n + k];
+          acc_t* base = part[m] + (bi * nblk + blk) * l * n;
+          if (!op.reverse) {
+            lane_sums(lanes[m], T * n, W, base + s0 * n);
+            continue;
+          }
+          lane_sums(lanes[m], T * n, W, w.dBt.data());
+          for (int64_t j = 0; j < T; ++j)
+            std::copy_n(w.dBt.data() + j * n, n, base + g.time(s0 + j, true) * n);
         }
       }
       acc_t dDa[64], dba[64];
@@ -845,8 +848,8 @@ std::vector<at::Tensor> scan_bwd(
     const auto g = make_geometry(u, A, B, C, Vectorized<acc_t>::size());
     const int64_t nblk = g.c0.size();
     auto op = make_operands<scalar_t, acc_t>(u, delta, A, B, C, D, z, bias, softplus, reverse);
-    at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, n, l}, fo);
-    at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, n, l}, fo);
+    at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, l, n}, fo);
+    at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, l, n}, fo);
     Grads<scalar_t, acc_t> gr;
     gr.du = du.data_ptr<scalar_t>();
     gr.ddelta = ddelta.data_ptr<scalar_t>();
@@ -865,7 +868,7 @@ std::vector<at::Tensor> scan_bwd(
     auto reduce = [&](const at::Tensor& part, const at::Tensor& X) {
       if (X.dim() == 2) return part.sum(0);
       const int64_t groups = X.size(1);
-      return part.view({b, groups, nblk / groups, n, l}).sum(2);
+      return part.view({b, groups, nblk / groups, l, n}).sum(2).transpose(2, 3).contiguous();
     };
     dB = reduce(dBx, B);
     dC = reduce(dCx, C);
