@@ -2,6 +2,16 @@
 
     PYTHONPATH=. python benchmarks/bench_selective_scan.py [--batch N]
         [--shapes vim_t,vim_t_1025,vim_t_4097,vmamba_t_s1,v2m_rows,v2m_cols] [--with-ref]
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py --kernel-ab REV [--threads 1]
+
+``--kernel-ab REV`` compares the compiled kernel of the working tree with the one of
+git revision REV (its mmssm/ops/csrc built here with torch's JIT loader, same flags
+as setup.py's best SIMD level for this CPU), the two raw ops interleaved in one
+process, best of --reps: fwd (save_states=True, as in training) and bwd time,
+ns per state update, Gexp/s and GFLOP/s against the same run's matmul, and the
+largest output / gradient difference between the two. With --threads 1 the time
+is the thread's CPU time (time.thread_time), which a loaded machine distorts less
+than wall time.
 
 For each vision shape it prints forward and forward+backward time and peak
 memory of:
@@ -225,6 +235,77 @@ def matmul_gflops(size=1024, reps=10):
     return 2 * size ** 3 / best / 1e9
 
 
+def _build_kernel(rev):
+    """The compiled scan of git revision ``rev`` (or 'worktree') as a JIT extension.
+
+    Returns the op namespace (``torch.ops.<name>``)."""
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+
+    from mmssm.ops import selective_scan_cpp
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    level = selective_scan_cpp.LEVEL or 'default'
+    cap, flags = {'default': ('DEFAULT', []), 'avx2': ('AVX2', ['-mavx2', '-mfma', '-mf16c']),
+                  'avx512': ('AVX512', ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq',
+                                        '-mavx2', '-mfma', '-mf16c'])}[level]
+    tag = 'worktree' if rev == 'worktree' else subprocess.check_output(
+        ['git', 'rev-parse', '--short', rev], cwd=root, text=True).strip()
+    name = f'mmssm_scan_ab_{tag}_{level}'
+    src = tempfile.mkdtemp(prefix=name)
+    for f in ('selective_scan.h', 'scan_order.h'):
+        rel = f'mmssm/ops/csrc/{f}'
+        text = (open(os.path.join(root, rel)).read() if rev == 'worktree' else
+                subprocess.check_output(['git', 'show', f'{rev}:{rel}'], cwd=root, text=True))
+        with open(os.path.join(src, f), 'w') as fh:
+            fh.write(text)
+    with open(os.path.join(src, f'{name}.cpp'), 'w') as fh:
+        fh.write('#include "selective_scan.h"\n')
+    print(f'building {rev} ({level}) ...', flush=True)
+    load(name=name, sources=[os.path.join(src, f'{name}.cpp')], is_python_module=False,
+         extra_cflags=['-O3', '-fopenmp', f'-DCPU_CAPABILITY={cap}', f'-DMMSSM_SCAN_NS={name}'] +
+         ([f'-DCPU_CAPABILITY_{cap}'] if cap != 'DEFAULT' else []) + flags,
+         extra_ldflags=['-fopenmp'])
+    return getattr(torch.ops, name)
+
+
+def kernel_ab(rev, shapes, batch, reps, peak):
+    """Old (git ``rev``) vs current compiled kernel, interleaved in this process."""
+    kernels = {rev: _build_kernel(rev), 'now': _build_kernel('worktree')}
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    print(f'clock: {"thread CPU time" if clock is time.thread_time else "wall"}; '
+          f'best of {reps}; ns/upd = time / (b l d n)')
+    for shape in shapes:
+        inp = make(shape, batch, 'cpu', torch.float32)
+        args = [inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')]
+        flops, exps = scan_counts(shape, batch)
+        best = {(k, m): float('inf') for k in kernels for m in ('fwd', 'bwd')}
+        res = {}
+        for _ in range(reps):
+            for key, op in kernels.items():
+                t0 = clock()
+                out, last, states = op.fwd(*args, True, False, False, True)
+                t1 = clock()
+                grads = op.bwd(torch.ones_like(out), None, *args, states, True, False)
+                t2 = clock()
+                best[key, 'fwd'] = min(best[key, 'fwd'], t1 - t0)
+                best[key, 'bwd'] = min(best[key, 'bwd'], t2 - t1)
+                res[key] = [out, last] + [g for g in grads if g.numel()]
+        diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                   for a, b in zip(res['now'], res[rev]))
+        print(f'{shape}:')
+        for key in kernels:
+            f, b = best[key, 'fwd'], best[key, 'bwd']
+            print(f'  {key:>10s}: fwd {f * 1e3:8.2f} ms {f * 1e9 / exps:6.2f} ns/upd '
+                  f'{exps / f / 1e9:6.2f} Gexp/s {flops / f / 1e9:6.2f} GFLOP/s '
+                  f'({100 * flops / f / 1e9 / peak:4.1f}% of matmul) | bwd {b * 1e3:8.2f} ms '
+                  f'{b * 1e9 / exps:6.2f} ns/upd | fwd+bwd {(f + b) * 1e3:8.2f} ms')
+        print(f'  speed-up now / {rev}: fwd {best[rev, "fwd"] / best["now", "fwd"]:.2f}x, '
+              f'bwd {best[rev, "bwd"] / best["now", "bwd"]:.2f}x, fwd+bwd '
+              f'{(best[rev, "fwd"] + best[rev, "bwd"]) / (best["now", "fwd"] + best["now", "bwd"]):.2f}x'
+              f'; max rel. difference of outputs / gradients {diff:.1e}', flush=True)
+
+
 def plain_cross_scan(x):
     """Autograd-through-ops baseline (stack / transpose / flip)."""
     row, col = x.flatten(2), x.transpose(2, 3).flatten(2)
@@ -282,12 +363,18 @@ def main():
     ap.add_argument('--with-ref', action='store_true',
                     help="also time mmssm's sequential reference (slow)")
     ap.add_argument('--no-scan-order', action='store_true', help='skip the cross-scan section')
+    ap.add_argument('--kernel-ab', metavar='REV',
+                    help='compare the compiled kernel with the one of git revision REV')
+    ap.add_argument('--threads', type=int, default=None, help='torch threads')
+    ap.add_argument('--reps', type=int, default=15, help='repetitions of --kernel-ab')
     ap.add_argument('--worker', nargs=3, metavar=('SHAPE', 'BACKEND', 'MODE'),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = getattr(torch, args.dtype)
     batch = args.batch or (64 if device == 'cuda' else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         shape, backend, mode = args.worker
         # many repetitions: best-of on a loaded machine needs a quiet time slice
@@ -304,6 +391,10 @@ def main():
               f'fp32 matmul 1024^2: {peak:.1f} GFLOP/s (practical peak)')
     if device == 'cuda':
         print('gpu:', torch.cuda.get_device_name())
+    if args.kernel_ab:
+        kernel_ab(args.kernel_ab, [s for s in args.shapes.split(',') if s and s != 'none'],
+                  batch, args.reps, peak)
+        return
     hdr = (f'{"shape (b,d,l,n,gB,gC,z)":34s} {"backend":12s} {"fwd ms":>9s} {"f+b ms":>9s} '
            f'{"fwd MB":>8s} {"f+b MB":>8s} {"x fwd":>7s} {"x f+b":>7s}')
     if device == 'cuda':

@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "scan_order.h"
@@ -75,10 +76,71 @@ inline acc_t hsum(const Vectorized<acc_t>& x) {
       [](const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) { return a + b; }, x);
 }
 
+// exp(x) of the state decay dt * A_k: one per (channel, state, step), the forward's
+// inner-loop cost. ATen's Vectorized::exp is an out-of-line SLEEF call (u10), and a
+// call clobbers every vector register (SysV ABI), so the states kept in registers
+// across the time loop would be spilled around each exp. fp32 on AVX2 / AVX-512
+// gets this inline version instead: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// and the degree-7 Taylor polynomial of exp(r) (truncation < 1e-8 relative, so the
+// result is within ~2 ulp, like SLEEF's u10); float64 (gradcheck) and the baseline
+// build keep ATen's exp. Range: the result is scaled by 2^(n-1) * 2, so inputs below
+// ~-87.0 flush to 0 (ATen gives denormals there), above 88.72 give inf; NaN propagates.
+template <typename acc_t>
+inline Vectorized<acc_t> exp_decay(const Vectorized<acc_t>& x) {
+  return x.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+#define MMSSM_PS(op) _mm512_##op##_ps
+using mmssm_vf = __m512;
+using mmssm_vi = __m512i;
+inline mmssm_vf mmssm_round(mmssm_vf x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline mmssm_vf mmssm_pow2(mmssm_vf e) {  // 2^e for integral e in [-127, 127], e = -127 -> 0
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtps_epi32(e), 23));
+}
+#else
+#define MMSSM_PS(op) _mm256_##op##_ps
+using mmssm_vf = __m256;
+inline mmssm_vf mmssm_round(mmssm_vf x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline mmssm_vf mmssm_pow2(mmssm_vf e) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtps_epi32(e), 23));
+}
+#endif
+template <>
+inline Vectorized<float> exp_decay<float>(const Vectorized<float>& xv) {
+  const mmssm_vf x = xv;
+  // max(lo, x) / min(hi, x) return x when it is NaN (the second operand)
+  const mmssm_vf xc = MMSSM_PS(min)(MMSSM_PS(set1)(88.7228394f),
+                                    MMSSM_PS(max)(MMSSM_PS(set1)(-87.3365479f), x));
+  const mmssm_vf n = mmssm_round(MMSSM_PS(mul)(xc, MMSSM_PS(set1)(1.44269502f)));
+  // r = x - n ln2 in two parts (ln2_hi has 9 trailing zero bits: n * ln2_hi is exact)
+  mmssm_vf r = MMSSM_PS(fnmadd)(n, MMSSM_PS(set1)(0.693145752f), xc);
+  r = MMSSM_PS(fnmadd)(n, MMSSM_PS(set1)(1.42860677e-06f), r);
+  // 2 exp(r) = sum_k 2 r^k / k!, k <= 7 (Horner); the 2 pairs with 2^(n-1) below
+  mmssm_vf p = MMSSM_PS(set1)(2.0f / 5040.0f);
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 720.0f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 120.0f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 24.0f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 6.0f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(1.0f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f));
+  // 2^(n-1): n in [-126, 128] after the clamp, so the biased exponent n + 126 is in [0, 254]
+  const mmssm_vf e = MMSSM_PS(add)(n, MMSSM_PS(set1)(126.0f));
+  return Vectorized<float>(MMSSM_PS(mul)(p, mmssm_pow2(e)));
+}
+#undef MMSSM_PS
+#endif
+
+// torch.nn.functional.softplus (x above threshold 20 is returned as is) and sigmoid.
 template <typename acc_t>
 inline Vectorized<acc_t> softplus(const Vectorized<acc_t>& x) {
   using Vec = Vectorized<acc_t>;
-  // torch.nn.functional.softplus: x above threshold 20 is returned as is
   return Vec::blendv(x.exp().log1p(), x, x > Vec(acc_t(20)));
 }
 
@@ -87,6 +149,35 @@ inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& x) {
   using Vec = Vectorized<acc_t>;
   return Vec(acc_t(1)) / (Vec(acc_t(1)) + (Vec(acc_t(0)) - x).exp());
 }
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// fp32 with the inline exp: softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1],
+// where log1p(e) = k ln2 + 2 atanh(s) with s = e / (2 + e) (k = 0) or, above
+// e = sqrt(2) - 1, s = (e - 1) / (e + 3) (k = 1: log of (1 + e) / 2); |s| <= 0.172, so
+// atanh's series to s^9 is within 2e-9 relative. ~2 ulp, against two SLEEF calls
+// (exp, log1p), which are most of the work per step at n = 1 (VMamba).
+template <>
+inline Vectorized<float> softplus<float>(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec e = exp_decay<float>(Vec(0.f) - x.abs());
+  const Vec big = e > Vec(0.414213562f);
+  const Vec s = Vec::blendv(e, e - Vec(1.f), big) / (e + Vec::blendv(Vec(2.f), Vec(3.f), big));
+  const Vec s2 = s * s;
+  Vec p = at::vec::fmadd(s2, Vec(2.f / 9.f), Vec(2.f / 7.f));
+  p = at::vec::fmadd(p, s2, Vec(2.f / 5.f));
+  p = at::vec::fmadd(p, s2, Vec(2.f / 3.f));
+  p = at::vec::fmadd(p, s2, Vec(2.f));
+  const Vec lg = at::vec::fmadd(p, s, Vec::blendv(Vec(0.f), Vec(0.693147182f), big));
+  const Vec sp = at::vec::maximum(x, Vec(0.f)) + lg;
+  return Vec::blendv(sp, x, x > Vec(20.f));
+}
+
+template <>
+inline Vectorized<float> sigmoid<float>(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  return Vec(1.f) / (Vec(1.f) + exp_decay<float>(Vec(0.f) - x));
+}
+#endif
 
 // Tasks per thread chunk: small scans run on one thread (an OpenMP region costs
 // more than they do, and far more when the cores are shared).
@@ -128,7 +219,10 @@ Geometry make_geometry(const at::Tensor& u, const at::Tensor& A, const at::Tenso
 // Per-call operands in the work dtype.
 template <typename scalar_t, typename acc_t>
 struct Operands {
-  View<scalar_t> u, delta, z, B, C;  // activations (B/C only when input-dependent)
+  View<scalar_t> u, delta, z;  // activations
+  // input-dependent B / C, transposed to (b, g, l, n) in the work dtype once per call
+  // (a tile then reads n contiguous values per step, with no per-block transpose)
+  const acc_t *Bl = nullptr, *Cl = nullptr;
   const acc_t *A = nullptr, *Bc = nullptr, *Cc = nullptr, *D = nullptr, *bias = nullptr;
   // input-dependent B / C, z gate given (explicit: an empty tensor's data pointer is null)
   bool Bv = false, Cv = false, zv = false;
@@ -140,14 +234,14 @@ template <typename acc_t>
 struct Scratch {
   int64_t n, W;
   std::vector<acc_t> A, Bc, Cc, D, bias;  // (n, W) / (W) per lane
-  std::vector<acc_t> u, raw, dt, z, y, g;  // (kChunk, W) tiles
-  std::vector<acc_t> Bt, Ct;              // (kChunk, n) group-shared B/C values
+  std::vector<acc_t> u, raw, dt, dtu, z, y, g;  // (kChunk, W) tiles
+  const acc_t *Bt = nullptr, *Ct = nullptr;  // this tile's B/C rows (step j: Bt + j * bcs)
+  int64_t bcs = 0;                            // n, or -n for a reverse scan
   std::vector<acc_t> h, h0;               // (n, W) state
   Scratch(int64_t n_, int64_t W_) : n(n_), W(W_) {
     for (auto* v : {&A, &Bc, &Cc, &h, &h0}) v->assign(n * W, 0);
     for (auto* v : {&D, &bias}) v->assign(W, 0);
-    for (auto* v : {&u, &raw, &dt, &z, &y, &g}) v->assign(kChunk * W, 0);
-    for (auto* v : {&Bt, &Ct}) v->assign(kChunk * n, 0);
+    for (auto* v : {&u, &raw, &dt, &dtu, &z, &y, &g}) v->assign(kChunk * W, 0);
   }
 };
 
@@ -174,8 +268,96 @@ void load_params(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t
   }
 }
 
-// Transpose one tile of steps [s0, s0 + T) into (step, lane) buffers (work dtype):
-// u, raw = delta + bias, dt = softplus(raw) (or raw), z; group-shared B/C values.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of an 8 x 8 fp32 block (rows r[0..7] become its columns).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], q[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    q[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    q[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    q[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    q[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(q[i], q[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(q[i], q[i + 4], 0x31);
+  }
+}
+inline __m256 reverse8(__m256 x) {
+  return _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+}
+#define MMSSM_TRANSPOSE8 1
+#endif
+
+// Steps [s0, s0 + T) of nl lanes into a (T, W) tile in the work dtype: lane i of step
+// j is src[i * ls + time(s0 + j) * ts]. Lanes >= nl are left as they are. fp32 on
+// AVX2 with a full block moves 8 x 8 blocks through registers (step-contiguous rows:
+// transposed; lane-contiguous: one vector per step); everything else goes element by
+// element.
+template <typename scalar_t, typename acc_t>
+void gather_tile(const scalar_t* src, int64_t ls, int64_t ts, const Geometry& g, bool reverse,
+                 int64_t s0, int64_t T, int64_t nl, acc_t* dst) {
+  const int64_t W = g.W;
+  int64_t j = 0;
+#ifdef MMSSM_TRANSPOSE8
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (nl == 8 && W == 8 && ts == 1) {
+      for (; j + 8 <= T; j += 8) {
+        const int64_t t = reverse ? g.l - 1 - (s0 + j) - 7 : s0 + j;  // lowest time
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+          r[i] = _mm256_loadu_ps(src + i * ls + t);
+          if (reverse) r[i] = reverse8(r[i]);
+        }
+        transpose8(r);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (j + q) * W, r[q]);
+      }
+    } else if (nl == 8 && W == 8 && ls == 1) {
+      for (; j < T; ++j)
+        _mm256_storeu_ps(dst + j * W, _mm256_loadu_ps(src + g.time(s0 + j, reverse) * ts));
+    }
+  }
+#endif
+  for (; j < T; ++j) {
+    const scalar_t* p = src + g.time(s0 + j, reverse) * ts;
+    for (int64_t i = 0; i < nl; ++i) dst[j * W + i] = static_cast<acc_t>(p[i * ls]);
+  }
+}
+
+// Inverse of gather_tile into a contiguous (b, d, l) tensor: rows of l steps per lane.
+template <typename acc_t, typename out_t>
+void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t c0, int64_t nl,
+                int64_t s0, int64_t T, const acc_t* tile) {
+  const int64_t W = g.W, l = g.l;
+  out_t* base = out + (bi * g.d + c0) * l;
+  int64_t j = 0;
+#ifdef MMSSM_TRANSPOSE8
+  if constexpr (std::is_same_v<out_t, float> && std::is_same_v<acc_t, float>) {
+    if (nl == 8 && W == 8) {
+      for (; j + 8 <= T; j += 8) {
+        const int64_t t = reverse ? l - 1 - (s0 + j) - 7 : s0 + j;
+        __m256 r[8];
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(tile + (j + q) * W);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i)
+          _mm256_storeu_ps(base + i * l + t, reverse ? reverse8(r[i]) : r[i]);
+      }
+    }
+  }
+#endif
+  for (; j < T; ++j) {
+    out_t* p = base + g.time(s0 + j, reverse);
+    for (int64_t i = 0; i < nl; ++i) p[i * l] = static_cast<out_t>(tile[j * W + i]);
+  }
+}
+
+// Load one tile of steps [s0, s0 + T) into (step, lane) buffers (work dtype): u,
+// raw = delta + bias, dt = softplus(raw) (or raw), z; and point Bt / Ct at the
+// tile's rows of the transposed B / C.
 template <typename scalar_t, typename acc_t>
 void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
                int64_t nl, int64_t s0, int64_t T, Scratch<acc_t>& s) {
@@ -186,57 +368,105 @@ void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t b
     std::fill(s.raw.begin(), s.raw.end(), acc_t(0));
     std::fill(s.z.begin(), s.z.end(), acc_t(0));
   }
-  for (int64_t i = 0; i < nl; ++i) {
-    const int64_t c = c0 + i;
-    const scalar_t* up = op.u.p + bi * op.u.s0 + c * op.u.s1;
-    const scalar_t* dp = op.delta.p + bi * op.delta.s0 + c * op.delta.s1;
-    const acc_t bias = s.bias[i];
-    for (int64_t j = 0; j < T; ++j) {
-      const int64_t t = g.time(s0 + j, op.reverse);
-      s.u[j * W + i] = static_cast<acc_t>(up[t * op.u.s2]);
-      s.raw[j * W + i] = static_cast<acc_t>(dp[t * op.delta.s2]) + bias;
-    }
-    if (op.zv) {
-      const scalar_t* zp = op.z.p + bi * op.z.s0 + c * op.z.s1;
-      for (int64_t j = 0; j < T; ++j)
-        s.z[j * W + i] = static_cast<acc_t>(zp[g.time(s0 + j, op.reverse) * op.z.s2]);
-    }
-  }
+  auto gather = [&](const View<scalar_t>& v, acc_t* dst) {
+    gather_tile(v.p + bi * v.s0 + c0 * v.s1, v.s1, v.s2, g, op.reverse, s0, T, nl, dst);
+  };
+  gather(op.u, s.u.data());
+  gather(op.delta, s.raw.data());
+  if (op.zv) gather(op.z, s.z.data());
+  const Vec bias = Vec::loadu(s.bias.data());  // 0 in dead lanes
   for (int64_t j = 0; j < T; ++j) {
-    Vec r = Vec::loadu(s.raw.data() + j * W);
+    const Vec r = Vec::loadu(s.raw.data() + j * W) + bias;
+    r.store(s.raw.data() + j * W);
     (op.softplus ? softplus<acc_t>(r) : r).store(s.dt.data() + j * W);
   }
-  const View<scalar_t>* bc[2] = {&op.B, &op.C};
-  const bool varying[2] = {op.Bv, op.Cv};
-  std::vector<acc_t>* dst[2] = {&s.Bt, &s.Ct};
-  const int64_t size[2] = {g.sizeB, g.sizeC};
-  for (int m = 0; m < 2; ++m) {
-    const View<scalar_t>& X = *bc[m];
-    if (!varying[m]) continue;
-    const scalar_t* xp = X.p + bi * X.s0 + (c0 / size[m]) * X.s1;
-    acc_t* out = dst[m]->data();
-    for (int64_t k = 0; k < n; ++k)
-      for (int64_t j = 0; j < T; ++j)
-        out[j * n + k] = static_cast<acc_t>(xp[k * X.s2 + g.time(s0 + j, op.reverse) * X.s3]);
+  s.bcs = op.reverse ? -n : n;
+  const int64_t t0 = g.time(s0, op.reverse);
+  if (op.Bv) s.Bt = op.Bl + ((bi * g.gB + c0 / g.sizeB) * g.l + t0) * n;
+  if (op.Cv) s.Ct = op.Cl + ((bi * g.gC + c0 / g.sizeC) * g.l + t0) * n;
+}
+
+// Forward recurrence of states [kb, kb + K) over one tile of T steps, the states
+// held in registers (K vectors) across the tile; y (T, W) accumulates sum_k h_k C_k.
+// BV / CV: B / C input-dependent (one broadcast scalar per (step, state)) or
+// constant (a per-lane vector per state). Buffers: dt, dtu (T, W); A, Bc, Cc, h
+// (n, W); Bt, Ct (T, n). With hs, the states of every step are stored too
+// ((T, n, W), the backward's recompute), with as the decays.
+template <typename acc_t, int K, bool BV, bool CV>
+void scan_states(int64_t T, int64_t n, int64_t W, int64_t kb, const acc_t* dt, const acc_t* dtu,
+                 const acc_t* A, const acc_t* Bc, const acc_t* Cc, const acc_t* Bt,
+                 const acc_t* Ct, int64_t bcs, acc_t* h, acc_t* y, bool first, acc_t* hs, acc_t* as) {
+  using Vec = Vectorized<acc_t>;
+  Vec hk[K], Ak[K];
+  for (int k = 0; k < K; ++k) {
+    hk[k] = Vec::loadu(h + (kb + k) * W);
+    Ak[k] = Vec::loadu(A + (kb + k) * W);
+  }
+  for (int64_t j = 0; j < T; ++j) {
+    const Vec dtv = Vec::loadu(dt + j * W), dtuv = Vec::loadu(dtu + j * W);
+    Vec yv = first ? Vec(acc_t(0)) : Vec::loadu(y + j * W);
+    for (int k = 0; k < K; ++k) {
+      const Vec a = exp_decay<acc_t>(dtv * Ak[k]);
+      const Vec bk = BV ? Vec(Bt[j * bcs + kb + k]) : Vec::loadu(Bc + (kb + k) * W);
+      const Vec ck = CV ? Vec(Ct[j * bcs + kb + k]) : Vec::loadu(Cc + (kb + k) * W);
+      hk[k] = at::vec::fmadd(a, hk[k], dtuv * bk);
+      yv = at::vec::fmadd(hk[k], ck, yv);
+      if (hs) {
+        hk[k].store(hs + (j * n + kb + k) * W);
+        a.store(as + (j * n + kb + k) * W);
+      }
+    }
+    yv.store(y + j * W);
+  }
+  for (int k = 0; k < K; ++k) hk[k].store(h + (kb + k) * W);
+}
+
+// All n states over one tile: blocks of kStates states, then the remainder.
+constexpr int kStates = 4;
+template <typename acc_t, bool BV, bool CV>
+void scan_tile(int64_t T, int64_t n, int64_t W, const acc_t* dt, const acc_t* dtu,
+               const acc_t* A, const acc_t* Bc, const acc_t* Cc, const acc_t* Bt,
+               const acc_t* Ct, int64_t bcs, acc_t* h, acc_t* y, acc_t* hs, acc_t* as) {
+  int64_t kb = 0;
+  for (; kb + kStates <= n; kb += kStates)
+    scan_states<acc_t, kStates, BV, CV>(T, n, W, kb, dt, dtu, A, Bc, Cc, Bt, Ct, bcs, h, y, kb == 0,
+                                        hs, as);
+  switch (n - kb) {
+#define MMSSM_REST(R)                                                                        \
+  case R:                                                                                    \
+    scan_states<acc_t, R, BV, CV>(T, n, W, kb, dt, dtu, A, Bc, Cc, Bt, Ct, bcs, h, y, kb == 0, hs, \
+                                  as);                                                       \
+    break;
+    MMSSM_REST(1)
+    MMSSM_REST(2)
+    MMSSM_REST(3)
+#undef MMSSM_REST
+    default:
+      break;
   }
 }
 
-// Transpose a (step, lane) tile back into a contiguous (b, d, l) tensor.
-template <typename acc_t, typename out_t>
-void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t c0, int64_t nl,
-                int64_t s0, int64_t T, const acc_t* tile) {
-  for (int64_t i = 0; i < nl; ++i) {
-    out_t* row = out + (bi * g.d + c0 + i) * g.l;
-    for (int64_t j = 0; j < T; ++j)
-      row[g.time(s0 + j, reverse)] = static_cast<out_t>(tile[j * g.W + i]);
+// scan_tile on the scratch tiles, dispatched on constant / input-dependent B and C;
+// the tile's y (without D u and the gate) ends in s.y, the states in s.h.
+template <typename scalar_t, typename acc_t>
+void scan_tile(const Operands<scalar_t, acc_t>& op, int64_t T, Scratch<acc_t>& s,
+               acc_t* hs = nullptr, acc_t* as = nullptr) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t W = s.W;
+  for (int64_t j = 0; j < T; ++j)  // dt u, shared by every state
+    (Vec::loadu(s.dt.data() + j * W) * Vec::loadu(s.u.data() + j * W)).store(s.dtu.data() + j * W);
+  auto run = [&](auto bv, auto cv) {
+    scan_tile<acc_t, decltype(bv)::value, decltype(cv)::value>(
+        T, s.n, W, s.dt.data(), s.dtu.data(), s.A.data(), s.Bc.data(), s.Cc.data(), s.Bt, s.Ct,
+        s.bcs, s.h.data(), s.y.data(), hs, as);
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  if (op.Bv) {
+    if (op.Cv) run(T_{}, T_{}); else run(T_{}, F_{});
+  } else {
+    if (op.Cv) run(F_{}, T_{}); else run(F_{}, F_{});
   }
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> bc_value(bool constant, const acc_t* per_lane, const acc_t* shared,
-                                  int64_t k, int64_t j, int64_t n, int64_t W) {
-  return constant ? Vectorized<acc_t>::loadu(per_lane + k * W)
-                  : Vectorized<acc_t>(shared[j * n + k]);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -262,19 +492,10 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
             for (int64_t k = 0; k < n; ++k)
               st_p[((bi * g.d + c0 + i) * nch + ch) * n + k] = h[k * W + i];
         load_tile(op, g, bi, c0, nl, s0, T, s);
+        scan_tile(op, T, s);
         for (int64_t j = 0; j < T; ++j) {
-          const Vec u = Vec::loadu(s.u.data() + j * W), dt = Vec::loadu(s.dt.data() + j * W);
-          const Vec dtu = dt * u;
-          Vec y(acc_t(0));
-          for (int64_t k = 0; k < n; ++k) {
-            const Vec a = (dt * Vec::loadu(s.A.data() + k * W)).exp();
-            const Vec bk = bc_value(!op.Bv, s.Bc.data(), s.Bt.data(), k, j, n, W);
-            const Vec ck = bc_value(!op.Cv, s.Cc.data(), s.Ct.data(), k, j, n, W);
-            const Vec hk = at::vec::fmadd(a, Vec::loadu(h + k * W), dtu * bk);
-            hk.store(h + k * W);
-            y = at::vec::fmadd(hk, ck, y);
-          }
-          y = at::vec::fmadd(D, u, y);
+          const Vec u = Vec::loadu(s.u.data() + j * W);
+          Vec y = at::vec::fmadd(D, u, Vec::loadu(s.y.data() + j * W));
           if (op.zv) {
             const Vec z = Vec::loadu(s.z.data() + j * W);
             y = y * z * sigmoid<acc_t>(z);
@@ -292,14 +513,115 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
   });
 }
 
+// Sums of the W lanes of m consecutive vectors: out[i] = sum_w P[i * W + w]. The
+// backward's dB/dC of an input-dependent B/C need one such sum per (step, state);
+// reducing 8 vectors at once (AVX2: a tree of horizontal adds) costs ~1/6 of 8
+// separate reductions.
+template <typename acc_t>
+void lane_sums(const acc_t* P, int64_t m, int64_t W, acc_t* out) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; i + 8 <= m; i += 8) {
+      const float* p = P + i * 8;
+      const __m256 t0 = _mm256_hadd_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8));
+      const __m256 t1 = _mm256_hadd_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24));
+      const __m256 t2 = _mm256_hadd_ps(_mm256_loadu_ps(p + 32), _mm256_loadu_ps(p + 40));
+      const __m256 t3 = _mm256_hadd_ps(_mm256_loadu_ps(p + 48), _mm256_loadu_ps(p + 56));
+      // u0 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low / high 128-bit halves of vectors 0-3)
+      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                              _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+  }
+#endif
+  for (; i < m; ++i) out[i] = hsum<acc_t>(Vectorized<acc_t>::loadu(P + i * W));
+}
+
 // Backward outputs; partial sums are reduced by the caller (fixed order).
 template <typename scalar_t, typename acc_t>
 struct Grads {
   scalar_t *du, *ddelta, *dz;       // (b, d, l) contiguous
   acc_t *dA, *dD, *dbias;           // per batch row: (b, d, n), (b, d), (b, d)
   acc_t *dBc, *dCc;                 // constant B/C: (b, d, n)
-  acc_t *dBp, *dCp;                 // input-dependent B/C: per block (b, nblk, n, l)
+  acc_t *dBp, *dCp;                 // input-dependent B/C: per block (b, nblk, l, n)
 };
+
+// Per-thread buffers of the backward, (kChunk, n, W) or (kChunk, W) / (n, W).
+template <typename acc_t>
+struct BwdScratch {
+  std::vector<acc_t> hbuf, abuf, Pb, Pc;  // states, decays, dB / dC per lane (T, n, W)
+  std::vector<acc_t> dy, du, dd, dz;      // (T, W)
+  std::vector<acc_t> G, dA, dBc, dCc;     // (n, W)
+  std::vector<acc_t> dBt;                 // (T, n) lane sums of a reverse tile
+  BwdScratch(int64_t n, int64_t W) {
+    for (auto* v : {&hbuf, &abuf, &Pb, &Pc}) v->assign(kChunk * n * W, 0);
+    for (auto* v : {&dy, &du, &dd, &dz}) v->assign(kChunk * W, 0);
+    for (auto* v : {&G, &dA, &dBc, &dCc}) v->assign(n * W, 0);
+    dBt.assign(kChunk * n, 0);
+  }
+};
+
+// Adjoint scan of states [kb, kb + K) over one tile, steps T-1 .. 0:
+//   G_s = dL/dh_s = C_s dy_s + a_{s+1} G_{s+1}   (G enters as a_T G_T of the next tile)
+// G, dA and (constant B/C) dB, dC of the block stay in registers; d(dt) and du of
+// every step accumulate over the blocks in the (T, W) buffers dd / du; dB / dC of an
+// input-dependent B/C are stored per lane (Pb / Pc) and lane-summed afterwards.
+template <typename acc_t, int K, bool BV, bool CV>
+void adjoint_states(int64_t T, int64_t n, int64_t W, int64_t kb, const Scratch<acc_t>& s,
+                    BwdScratch<acc_t>& w) {
+  using Vec = Vectorized<acc_t>;
+  Vec G[K], dA[K], dBc[K], dCc[K];
+  for (int k = 0; k < K; ++k) {
+    G[k] = Vec::loadu(w.G.data() + (kb + k) * W);
+    dA[k] = Vec::loadu(w.dA.data() + (kb + k) * W);
+    dBc[k] = Vec::loadu(w.dBc.data() + (kb + k) * W);
+    dCc[k] = Vec::loadu(w.dCc.data() + (kb + k) * W);
+  }
+  const acc_t *hbuf = w.hbuf.data(), *abuf = w.abuf.data(), *A = s.A.data();
+  for (int64_t j = T - 1; j >= 0; --j) {
+    const Vec u = Vec::loadu(s.u.data() + j * W), dt = Vec::loadu(s.dt.data() + j * W);
+    const Vec dtu = Vec::loadu(s.dtu.data() + j * W), dy = Vec::loadu(w.dy.data() + j * W);
+    Vec ddt(acc_t(0)), duv(acc_t(0));
+    const acc_t* hp = j ? hbuf + (j - 1) * n * W : s.h0.data();  // h_{s-1}
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = (j * n + kb + k) * W;
+      const Vec bk = BV ? Vec(s.Bt[j * s.bcs + kb + k]) : Vec::loadu(s.Bc.data() + (kb + k) * W);
+      const Vec ck = CV ? Vec(s.Ct[j * s.bcs + kb + k]) : Vec::loadu(s.Cc.data() + (kb + k) * W);
+      const Vec a = Vec::loadu(abuf + o), hk = Vec::loadu(hbuf + o);
+      const Vec Gk = at::vec::fmadd(ck, dy, G[k]);
+      const Vec hdy = hk * dy, gdtu = Gk * dtu, gb = Gk * bk;
+      if (CV) hdy.store(w.Pc.data() + o); else dCc[k] = dCc[k] + hdy;
+      if (BV) gdtu.store(w.Pb.data() + o); else dBc[k] = dBc[k] + gdtu;
+      ddt = at::vec::fmadd(gb, u, ddt);
+      duv = at::vec::fmadd(gb, dt, duv);
+      const Vec x = Gk * a * Vec::loadu(hp + (kb + k) * W);  // dL/d(dt A_k)
+      ddt = at::vec::fmadd(x, Vec::loadu(A + (kb + k) * W), ddt);
+      dA[k] = at::vec::fmadd(x, dt, dA[k]);
+      G[k] = a * Gk;
+    }
+    (Vec::loadu(w.dd.data() + j * W) + ddt).store(w.dd.data() + j * W);
+    (Vec::loadu(w.du.data() + j * W) + duv).store(w.du.data() + j * W);
+  }
+  for (int k = 0; k < K; ++k) {
+    G[k].store(w.G.data() + (kb + k) * W);
+    dA[k].store(w.dA.data() + (kb + k) * W);
+    dBc[k].store(w.dBc.data() + (kb + k) * W);
+    dCc[k].store(w.dCc.data() + (kb + k) * W);
+  }
+}
+
+template <typename acc_t, bool BV, bool CV>
+void adjoint_tile(int64_t T, int64_t n, int64_t W, const Scratch<acc_t>& s, BwdScratch<acc_t>& w) {
+  int64_t kb = 0;
+  for (; kb + kStates <= n; kb += kStates) adjoint_states<acc_t, kStates, BV, CV>(T, n, W, kb, s, w);
+  switch (n - kb) {
+    case 1: adjoint_states<acc_t, 1, BV, CV>(T, n, W, kb, s, w); break;
+    case 2: adjoint_states<acc_t, 2, BV, CV>(T, n, W, kb, s, w); break;
+    case 3: adjoint_states<acc_t, 3, BV, CV>(T, n, W, kb, s, w); break;
+    default: break;
+  }
+}
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, const acc_t* dout,
@@ -308,18 +630,15 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
   const int64_t W = g.W, n = g.n, nblk = g.c0.size(), nch = g.n_chunks(), l = g.l;
   at::parallel_for(0, g.b * nblk, grain(g.l, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
-    // recomputed states and decays of one chunk: (kChunk, n, W) each
-    std::vector<acc_t> hbuf(kChunk * n * W), abuf(kChunk * n * W), ypre(kChunk * W);
-    std::vector<acc_t> G(n * W), dA(n * W), dBc(n * W), dCc(n * W), dBt(kChunk * n),
-        dCt(kChunk * n), du(kChunk * W), dd(kChunk * W), dz(kChunk * W);
+    BwdScratch<acc_t> w(n, W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, blk = task % nblk, c0 = g.c0[blk], nl = g.nl[blk];
       load_params(op, g, c0, nl, s);
-      std::fill(G.begin(), G.end(), acc_t(0));
+      std::fill(w.G.begin(), w.G.end(), acc_t(0));
       if (dlast)
         for (int64_t i = 0; i < nl; ++i)
-          for (int64_t k = 0; k < n; ++k) G[k * W + i] = dlast[(bi * g.d + c0 + i) * n + k];
-      for (auto* v : {&dA, &dBc, &dCc}) std::fill(v->begin(), v->end(), acc_t(0));
+          for (int64_t k = 0; k < n; ++k) w.G[k * W + i] = dlast[(bi * g.d + c0 + i) * n + k];
+      for (auto* v : {&w.dA, &w.dBc, &w.dCc}) std::fill(v->begin(), v->end(), acc_t(0));
       Vec dD(acc_t(0)), dbias(acc_t(0));
       const Vec D = Vec::loadu(s.D.data());
       for (int64_t ch = nch - 1; ch >= 0; --ch) {
@@ -327,81 +646,63 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         load_tile(op, g, bi, c0, nl, s0, T, s);
         // dout tile (g buffer), zero in dead lanes
         if (nl < W) std::fill(s.g.begin(), s.g.end(), acc_t(0));
-        for (int64_t i = 0; i < nl; ++i) {
-          const acc_t* row = dout + (bi * g.d + c0 + i) * l;
-          for (int64_t j = 0; j < T; ++j) s.g[j * W + i] = row[g.time(s0 + j, op.reverse)];
-        }
-        // 1) recompute the chunk's states from the saved one
+        gather_tile(dout + (bi * g.d + c0) * l, l, int64_t{1}, g, op.reverse, s0, T, nl,
+                    s.g.data());
+        // 1) recompute the chunk's states (hbuf) and decays (abuf) from the saved one;
+        //    s.y gets the un-gated y without D u
         std::fill(s.h0.begin(), s.h0.end(), acc_t(0));
         for (int64_t i = 0; i < nl; ++i)
           for (int64_t k = 0; k < n; ++k)
             s.h0[k * W + i] = states[((bi * g.d + c0 + i) * nch + ch) * n + k];
+        std::copy(s.h0.begin(), s.h0.end(), s.h.begin());
+        scan_tile(op, T, s, w.hbuf.data(), w.abuf.data());
+        // 2) gate: dy (gated), dz; du starts at D dy, d(dt) at 0
         for (int64_t j = 0; j < T; ++j) {
-          const Vec u = Vec::loadu(s.u.data() + j * W), dt = Vec::loadu(s.dt.data() + j * W);
-          const Vec dtu = dt * u;
-          const acc_t* hp = j ? hbuf.data() + (j - 1) * n * W : s.h0.data();
-          Vec y(acc_t(0));
-          for (int64_t k = 0; k < n; ++k) {
-            const Vec a = (dt * Vec::loadu(s.A.data() + k * W)).exp();
-            const Vec bk = bc_value(!op.Bv, s.Bc.data(), s.Bt.data(), k, j, n, W);
-            const Vec ck = bc_value(!op.Cv, s.Cc.data(), s.Ct.data(), k, j, n, W);
-            const Vec hk = at::vec::fmadd(a, Vec::loadu(hp + k * W), dtu * bk);
-            a.store(abuf.data() + (j * n + k) * W);
-            hk.store(hbuf.data() + (j * n + k) * W);
-            y = at::vec::fmadd(hk, ck, y);
-          }
-          at::vec::fmadd(D, u, y).store(ypre.data() + j * W);
-        }
-        // 2) adjoint scan: G_s = dL/dh_s = C_s dy_s + a_{s+1} G_{s+1}
-        for (int64_t j = T - 1; j >= 0; --j) {
-          const Vec u = Vec::loadu(s.u.data() + j * W), dt = Vec::loadu(s.dt.data() + j * W);
-          const Vec dtu = dt * u;
+          const Vec u = Vec::loadu(s.u.data() + j * W);
           Vec dy = Vec::loadu(s.g.data() + j * W);
           if (op.zv) {
             const Vec z = Vec::loadu(s.z.data() + j * W), sg = sigmoid<acc_t>(z);
             const Vec one(acc_t(1));
-            const Vec y = Vec::loadu(ypre.data() + j * W);
-            (dy * y * sg * (one + z * (one - sg))).store(dz.data() + j * W);
+            const Vec y = at::vec::fmadd(D, u, Vec::loadu(s.y.data() + j * W));
+            (dy * y * sg * (one + z * (one - sg))).store(w.dz.data() + j * W);
             dy = dy * z * sg;
           }
-          Vec ddt(acc_t(0)), duv = D * dy;
-          const acc_t* hp = j ? hbuf.data() + (j - 1) * n * W : s.h0.data();
-          for (int64_t k = 0; k < n; ++k) {
-            const Vec bk = bc_value(!op.Bv, s.Bc.data(), s.Bt.data(), k, j, n, W);
-            const Vec ck = bc_value(!op.Cv, s.Cc.data(), s.Ct.data(), k, j, n, W);
-            const Vec a = Vec::loadu(abuf.data() + (j * n + k) * W);
-            const Vec hk = Vec::loadu(hbuf.data() + (j * n + k) * W);
-            const Vec Gk = at::vec::fmadd(ck, dy, Vec::loadu(G.data() + k * W));
-            const Vec hdy = hk * dy, gdtu = Gk * dtu, gb = Gk * bk;
-            if (op.Cv) dCt[j * n + k] = hsum<acc_t>(hdy);
-            else (Vec::loadu(dCc.data() + k * W) + hdy).store(dCc.data() + k * W);
-            if (op.Bv) dBt[j * n + k] = hsum<acc_t>(gdtu);
-            else (Vec::loadu(dBc.data() + k * W) + gdtu).store(dBc.data() + k * W);
-            ddt = at::vec::fmadd(gb, u, ddt);
-            duv = at::vec::fmadd(gb, dt, duv);
-            const Vec x = Gk * a * Vec::loadu(hp + k * W);  // dL/d(dt A_k)
-            const Vec Ak = Vec::loadu(s.A.data() + k * W);
-            ddt = at::vec::fmadd(x, Ak, ddt);
-            at::vec::fmadd(x, dt, Vec::loadu(dA.data() + k * W)).store(dA.data() + k * W);
-            (a * Gk).store(G.data() + k * W);
-          }
+          dy.store(w.dy.data() + j * W);
+          (D * dy).store(w.du.data() + j * W);
+          Vec(acc_t(0)).store(w.dd.data() + j * W);
           dD = at::vec::fmadd(dy, u, dD);
+        }
+        // 3) adjoint scan, per block of states
+        if (op.Bv) {
+          if (op.Cv) adjoint_tile<acc_t, true, true>(T, n, W, s, w);
+          else adjoint_tile<acc_t, true, false>(T, n, W, s, w);
+        } else {
+          if (op.Cv) adjoint_tile<acc_t, false, true>(T, n, W, s, w);
+          else adjoint_tile<acc_t, false, false>(T, n, W, s, w);
+        }
+        // 4) softplus' chain rule, delta_bias
+        for (int64_t j = 0; j < T; ++j) {
+          Vec ddt = Vec::loadu(w.dd.data() + j * W);
           if (op.softplus) ddt = ddt * sigmoid<acc_t>(Vec::loadu(s.raw.data() + j * W));
           dbias = dbias + ddt;
-          duv.store(du.data() + j * W);
-          ddt.store(dd.data() + j * W);
+          ddt.store(w.dd.data() + j * W);
         }
-        store_tile(gr.du, g, op.reverse, bi, c0, nl, s0, T, du.data());
-        store_tile(gr.ddelta, g, op.reverse, bi, c0, nl, s0, T, dd.data());
-        if (op.zv) store_tile(gr.dz, g, op.reverse, bi, c0, nl, s0, T, dz.data());
+        store_tile(gr.du, g, op.reverse, bi, c0, nl, s0, T, w.du.data());
+        store_tile(gr.ddelta, g, op.reverse, bi, c0, nl, s0, T, w.dd.data());
+        if (op.zv) store_tile(gr.dz, g, op.reverse, bi, c0, nl, s0, T, w.dz.data());
+        // dB / dC partials of this block, (l, n) rows: straight into place unless reversed
         acc_t* part[2] = {op.Bv ? gr.dBp : nullptr, op.Cv ? gr.dCp : nullptr};
-        const acc_t* tile[2] = {dBt.data(), dCt.data()};
+        const acc_t* lanes[2] = {w.Pb.data(), w.Pc.data()};
         for (int m = 0; m < 2; ++m) {
           if (!part[m]) continue;
-          acc_t* base = part[m] + (bi * nblk + blk) * n * l;
-          for (int64_t k = 0; k < n; ++k)
-            for (int64_t j = 0; j < T; ++j)
-              base[k * l + g.time(s0 + j, op.reverse)] = tile[m][j * n + k];
+          acc_t* base = part[m] + (bi * nblk + blk) * l * n;
+          if (!op.reverse) {
+            lane_sums(lanes[m], T * n, W, base + s0 * n);
+            continue;
+          }
+          lane_sums(lanes[m], T * n, W, w.dBt.data());
+          for (int64_t j = 0; j < T; ++j)
+            std::copy_n(w.dBt.data() + j * n, n, base + g.time(s0 + j, true) * n);
         }
       }
       acc_t dDa[64], dba[64];
@@ -412,9 +713,9 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         gr.dD[row] = dDa[i];
         gr.dbias[row] = dba[i];
         for (int64_t k = 0; k < n; ++k) {
-          gr.dA[row * n + k] = dA[k * W + i];
-          if (!op.Bv) gr.dBc[row * n + k] = dBc[k * W + i];
-          if (!op.Cv) gr.dCc[row * n + k] = dCc[k * W + i];
+          gr.dA[row * n + k] = w.dA[k * W + i];
+          if (!op.Bv) gr.dBc[row * n + k] = w.dBc[k * W + i];
+          if (!op.Cv) gr.dCc[row * n + k] = w.dCc[k * W + i];
         }
       }
     }
@@ -440,6 +741,12 @@ at::Tensor as_io(const at::Tensor& x, at::ScalarType st) {
   return x.scalar_type() == st ? x : x.to(st);
 }
 
+// B / C in the work dtype: constant (d, n) as is, input-dependent (b, g, n, l) as
+// (b, g, l, n) (group-shared, so this is small next to the (b, d, l) activations).
+at::Tensor bc_operand(const at::Tensor& X, at::ScalarType acc) {
+  return X.dim() == 2 ? X.to(acc).contiguous() : X.to(acc).transpose(2, 3).contiguous();
+}
+
 at::Tensor param(const c10::optional<at::Tensor>& x, at::ScalarType acc) {
   return x.has_value() && x->defined() ? x->to(acc).contiguous() : at::Tensor();
 }
@@ -457,8 +764,8 @@ Operands<scalar_t, acc_t> make_operands(const at::Tensor& u, const at::Tensor& d
   op.Bv = B.dim() == 4;
   op.Cv = C.dim() == 4;
   if (op.zv) op.z = view_of<scalar_t>(z);
-  if (op.Bv) op.B = view_of<scalar_t>(B); else op.Bc = B.data_ptr<acc_t>();
-  if (op.Cv) op.C = view_of<scalar_t>(C); else op.Cc = C.data_ptr<acc_t>();
+  if (op.Bv) op.Bl = B.data_ptr<acc_t>(); else op.Bc = B.data_ptr<acc_t>();
+  if (op.Cv) op.Cl = C.data_ptr<acc_t>(); else op.Cc = C.data_ptr<acc_t>();
   op.A = A.data_ptr<acc_t>();
   op.D = D.defined() ? D.data_ptr<acc_t>() : nullptr;
   op.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
@@ -486,8 +793,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
   const at::Tensor z_opt = z_in.has_value() ? *z_in : at::Tensor();
   const auto io = io_type(u_in, {delta_in, B_in, C_in, z_opt});
   const at::Tensor u = as_io(u_in, io), delta = as_io(delta_in, io), z = as_io(z_opt, io);
-  const at::Tensor B = B_in.dim() == 2 ? B_in.to(acc).contiguous() : as_io(B_in, io);
-  const at::Tensor C = C_in.dim() == 2 ? C_in.to(acc).contiguous() : as_io(C_in, io);
+  const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
   const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
   const auto out_t = acc == at::kDouble ? acc : (out_fp32 ? at::kFloat : u_in.scalar_type());
   // the kernel writes either the io dtype or the work dtype; anything else is cast after
@@ -519,8 +825,7 @@ std::vector<at::Tensor> scan_bwd(
   const at::Tensor z_opt = z_in.has_value() ? *z_in : at::Tensor();
   const auto io = io_type(u_in, {delta_in, B_in, C_in, z_opt});
   const at::Tensor u = as_io(u_in, io), delta = as_io(delta_in, io), z = as_io(z_opt, io);
-  const at::Tensor B = B_in.dim() == 2 ? B_in.to(acc).contiguous() : as_io(B_in, io);
-  const at::Tensor C = C_in.dim() == 2 ? C_in.to(acc).contiguous() : as_io(C_in, io);
+  const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
   const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
   const int64_t b = u.size(0), d = u.size(1), l = u.size(2), n = A.size(1);
   const int64_t nch = (l + kChunk - 1) / kChunk;
@@ -543,8 +848,8 @@ std::vector<at::Tensor> scan_bwd(
     const auto g = make_geometry(u, A, B, C, Vectorized<acc_t>::size());
     const int64_t nblk = g.c0.size();
     auto op = make_operands<scalar_t, acc_t>(u, delta, A, B, C, D, z, bias, softplus, reverse);
-    at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, n, l}, fo);
-    at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, n, l}, fo);
+    at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, l, n}, fo);
+    at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, l, n}, fo);
     Grads<scalar_t, acc_t> gr;
     gr.du = du.data_ptr<scalar_t>();
     gr.ddelta = ddelta.data_ptr<scalar_t>();
@@ -563,7 +868,7 @@ std::vector<at::Tensor> scan_bwd(
     auto reduce = [&](const at::Tensor& part, const at::Tensor& X) {
       if (X.dim() == 2) return part.sum(0);
       const int64_t groups = X.size(1);
-      return part.view({b, groups, nblk / groups, n, l}).sum(2);
+      return part.view({b, groups, nblk / groups, l, n}).sum(2).transpose(2, 3).contiguous();
     };
     dB = reduce(dBx, B);
     dC = reduce(dCx, C);
