@@ -199,13 +199,19 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, C) -> (B, L, C)."""
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L), applied once
+        # in_proj straight into the channel-major (B, 2*d_inner, L) layout that the convs
+        # read (one GEMM, as F.linear; at batch 1 xs is then contiguous: no copy per conv)
+        w = self.in_proj.weight
+        xz = torch.bmm(w.expand(x.shape[0], *w.shape), x.transpose(1, 2))
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
         xs, z = xz.chunk(2, dim=1)
         y_f = ssm_pass(xs, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         # the backward direction on the unflipped tokens (reverse scan, anti-causal conv)
         y_b = ssm_pass(xs, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
                        self.D_b, reverse=True)
         y = y_f + y_b
-        if self.divide_out:
-            y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        w = self.out_proj.weight  # (C, d_inner)
+        if self.divide_out:  # (y / 2) W^T == y (W / 2)^T exactly (a power of two), on a
+            w = w * 0.5      # (C, d_inner) weight instead of the (B, d_inner, L) activations
+        return F.linear(y.transpose(1, 2), w, self.out_proj.bias)
