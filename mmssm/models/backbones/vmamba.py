@@ -276,6 +276,11 @@ class VMamba(SSMBackbone):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """(B, C_in, H, W) -> tuple of (B, dims[i], ceil(H/2^(i+2)), ceil(W/2^(i+2)))."""
         self.check_input(x, self.in_channels)
+        if self.channel_first:
+            # (B, C, H, W) maps stored channels-last from the stem on: the 1x1
+            # projections run as GEMMs over tokens, LayerNorm2d needs no permute
+            # copies, the convs take oneDNN's NHWC kernels (outputs below: NCHW)
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         outs = []
         for i, layer in enumerate(self.layers):

@@ -13,7 +13,7 @@ constant ``ones(d_inner, N)`` (see :mod:`.v2m_mixer`). Every scan goes through
 :func:`mmssm.ops.selective_scan` so the fast backends apply.
 """
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -83,26 +83,15 @@ def _state_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
-             x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
-             varying: str = 'BC', reverse: bool = False) -> Tensor:
-    """One Mamba pass over sequences (no out_proj).
+def pass_inputs(x: Tensor, conv1d: Optional[nn.Conv1d], x_proj: nn.Linear,
+                dt_proj: nn.Linear, A_log: Tensor, varying: str = 'BC',
+                reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The scan operands of one pass: (x after the conv, dt, B, C), see :func:`ssm_pass`.
 
-    Args:
-        x: (n, d, l) scan input (before the causal conv).
-        z: (n, d, l) gate or None (no silu gate).
-        conv1d: depthwise causal conv, or None (then no conv and no silu).
-        x_proj: Linear(d, R + k*N) with k = len(varying).
-        dt_proj: Linear(R, d); its bias is the delta bias.
-        A_log, D: (d, N) and (d,).
-        varying: which of B and C come from ``x_proj`` ('BC', 'B' or 'C'); the
-            other is the constant ones(d, N).
-        reverse: the pass runs from the last token to the first; equals flipping x and z
-            along l, a forward pass and flipping the output back, without the three
-            flipped copies (the conv becomes anti-causal, the scan runs ``reverse``).
-
-    Returns:
-        (n, d, l) in x's dtype.
+    Without a conv they depend on x only, not on the direction, so two passes over the
+    same sequences in opposite directions can share them (``ssm_pass(..., inputs=)``).
+    ``x`` may be any strided (n, d, l) view; the results are views where possible (a
+    token-major ``x``, i.e. ``x.transpose(1, 2)`` contiguous, needs no copy at all).
     """
     l = x.shape[-1]
     if conv1d is not None and reverse:  # causal conv of the flipped sequence, unflipped:
@@ -125,6 +114,36 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
         B, C = ones, x_dbl[..., R:].transpose(1, 2)
     else:
         raise ValueError(f"varying must be 'BC', 'B' or 'C', got {varying!r}")
+    return x, dt, B, C
+
+
+def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
+             x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
+             varying: str = 'BC', reverse: bool = False,
+             inputs: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """One Mamba pass over sequences (no out_proj).
+
+    Args:
+        x: (n, d, l) scan input (before the causal conv); any strides.
+        z: (n, d, l) gate or None (no silu gate).
+        conv1d: depthwise causal conv, or None (then no conv and no silu).
+        x_proj: Linear(d, R + k*N) with k = len(varying).
+        dt_proj: Linear(R, d); its bias is the delta bias.
+        A_log, D: (d, N) and (d,).
+        varying: which of B and C come from ``x_proj`` ('BC', 'B' or 'C'); the
+            other is the constant ones(d, N).
+        reverse: the pass runs from the last token to the first; equals flipping x and z
+            along l, a forward pass and flipping the output back, without the three
+            flipped copies (the conv becomes anti-causal, the scan runs ``reverse``).
+        inputs: :func:`pass_inputs` of this pass, when already computed (shared by the
+            two directions of a pass without conv).
+
+    Returns:
+        (n, d, l) in x's dtype.
+    """
+    if inputs is None:
+        inputs = pass_inputs(x, conv1d, x_proj, dt_proj, A_log, varying, reverse)
+    x, dt, B, C = inputs
     f = _state_dtype(A_log)  # fp32 (fp64 models stay fp64)
     A = -torch.exp(A_log.to(f))
     return ops.selective_scan(x, dt, A, B, C, D.to(f), z,
@@ -180,13 +199,19 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, L, C) -> (B, L, C)."""
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L), applied once
+        # in_proj straight into the channel-major (B, 2*d_inner, L) layout that the convs
+        # read (one GEMM, as F.linear; at batch 1 xs is then contiguous: no copy per conv)
+        w = self.in_proj.weight
+        xz = torch.bmm(w.expand(x.shape[0], *w.shape), x.transpose(1, 2))
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
         xs, z = xz.chunk(2, dim=1)
         y_f = ssm_pass(xs, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         # the backward direction on the unflipped tokens (reverse scan, anti-causal conv)
         y_b = ssm_pass(xs, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
                        self.D_b, reverse=True)
         y = y_f + y_b
-        if self.divide_out:
-            y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        w = self.out_proj.weight  # (C, d_inner)
+        if self.divide_out:  # (y / 2) W^T == y (W / 2)^T exactly (a power of two), on a
+            w = w * 0.5      # (C, d_inner) weight instead of the (B, d_inner, L) activations
+        return F.linear(y.transpose(1, 2), w, self.out_proj.bias)

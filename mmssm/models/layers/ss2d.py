@@ -28,8 +28,17 @@ _V2_TYPES = ('v02', 'v03', 'v04', 'v05', 'v2', 'v3')
 FORWARD_TYPES = ('v0', ) + _V2_TYPES + tuple(t + '_noz' for t in _V2_TYPES)
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """(B, C, H, W) stored as (B, H, W, C): its ``permute(0, 2, 3, 1)`` is contiguous."""
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
+
+
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map (VMamba's ``ln2d``)."""
+    """LayerNorm over the channels of a (B, C, H, W) map (VMamba's ``ln2d``).
+
+    The result is channels-last in memory (a (B, H, W, C) tensor seen as
+    (B, C, H, W)); on a channels-last input the norm runs without a copy.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape,
@@ -38,9 +47,18 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class Linear2d(nn.Linear):
-    """A ``nn.Linear`` (same weight shape/keys) applied over dim 1 of (B, C, H, W)."""
+    """A ``nn.Linear`` (same weight shape/keys) applied over dim 1 of (B, C, H, W).
+
+    On a channels-last map (what VMamba's v2 blocks pass around) this is one
+    GEMM over the (B*H*W, C) tokens and the output stays channels-last; a
+    1x1 convolution there costs ~2x (oneDNN reorders the map and the weight to
+    its blocked layout on every call). A plain NCHW map keeps the 1x1 conv
+    (the GEMM would first need a transposed copy).
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_channels_last(x):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
 
@@ -143,7 +161,9 @@ class SS2D(nn.Module):
         if not self.channel_first:
             x = x.permute(0, 3, 1, 2)
         if self.conv2d is not None:
-            x = self.conv2d(x.contiguous())
+            # depthwise conv on the (B, H, W, D) memory as it is: oneDNN's
+            # channels-last depthwise kernel, no NCHW copy (copies only the z-split view)
+            x = self.conv2d(x.contiguous(memory_format=torch.channels_last))
         y = self.forward_core(self.act(x))                                   # (B, D, H, W) fp32
         if not self.channel_first:
             y = y.permute(0, 2, 3, 1)

@@ -26,14 +26,19 @@ applied after both passes (``gate='both'``); ``gate='last'`` gates once.
 """
 from typing import Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssm.ops import CORNERS, corner_merge_all, corner_rotate_all
-from .mamba_mixer import (make_conv1d, make_dt_proj, ones_D, resolve_dt_rank,
+from mmssm.ops import CORNERS
+from .mamba_mixer import (make_conv1d, make_dt_proj, ones_D, pass_inputs, resolve_dt_rank,
                           s4d_real_A_log, ssm_pass)
 
 CornerSpec = Union[int, Sequence[str]]
+# corner -> (row pass reversed, column pass reversed): the scan directions that start
+# the 2-D recurrence at that corner (ul: left to right, top down; lr: both reversed)
+_CORNER_DIRS = {'ul': (False, False), 'ur': (True, False), 'll': (False, True),
+                'lr': (True, True)}
 
 
 def parse_corners(corners: CornerSpec) -> Tuple[str, ...]:
@@ -153,19 +158,58 @@ class V2MMixer2D(SSM2D):
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
+        """x: (B, H, W, C) -> (B, H, W, C).
+
+        Corners by scan directions instead of re-oriented copies: a corner's row pass
+        runs left to right (ul, ll) or right to left (ur, lr) along every row, the rows
+        being independent, so the four corners need only two row passes (forward and
+        ``reverse`` scans of the same rows); the column pass then runs top-down (ul, ur)
+        or bottom-up (ll, lr) over the latent of its row direction. Every output already
+        sits on its own token: no rotation, no un-rotation, and without a conv1d the
+        projections of a pass are shared by its two directions. Same maths as rotating
+        the grid per corner (``SSM2D.scan2d``), up to fp32 rounding.
+        """
         if x.dim() != 4:
             raise ValueError(f'V2MMixer2D expects (B, H, W, C), got {tuple(x.shape)}')
-        xz = self.in_proj(x).permute(0, 3, 1, 2)  # (B, 2*d_inner, H, W)
-        xs, z = xz.chunk(2, dim=1)
-        if self.conv2d is not None:
-            xs = F.silu(self.conv2d(xs))
-        k = len(self.corners)
-        # (k*B, d_inner, H, W) each: corner c's grid has that corner at (0, 0)
-        xs = corner_rotate_all(xs, self.corners)
-        z = corner_rotate_all(z, self.corners) if self.use_z else None
-        y = self.scan2d(xs, z)
-        y = corner_merge_all(y, self.corners)  # (B, d_inner, H, W), summed
-        if k > 1:
-            y = y / k
-        return self.out_proj(y.permute(0, 2, 3, 1))
+        b, h, w, _ = x.shape
+        d = self.d_inner
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) views of one tensor
+        if self.conv2d is not None:  # on the channels-last memory as it is (NHWC kernel)
+            xs = F.silu(self.conv2d(xs.permute(0, 3, 1, 2).contiguous(
+                memory_format=torch.channels_last))).permute(0, 2, 3, 1)
+        if not self.use_z:
+            z = None
+
+        def rows(t: Tensor) -> Tensor:  # tokens (B, H, W, d) -> rows (B*H, d, W), a view
+            return t.reshape(b * h, w, d).transpose(1, 2)
+
+        def cols(t: Tensor) -> Tensor:  # rows (B*H, d, W) -> columns (B*W, d, H)
+            return t.view(b, h, d, w).permute(0, 3, 2, 1).reshape(b * w, d, h)
+
+        x_r = rows(xs)
+        z_r = rows(z) if z is not None and self.gate == 'both' else None
+        z_c = None if z is None else z.permute(0, 2, 3, 1).reshape(b * w, d, h)
+        shared = None
+        if self.conv1d is None:  # no conv: dt, B of the rows are direction-independent
+            shared = pass_inputs(x_r, None, self.x_proj, self.dt_proj, self.A_log, 'B')
+        latent = {}  # row direction (reverse?) -> (B*H, d, W)
+        for rev in sorted({_CORNER_DIRS[c][0] for c in self.corners}):
+            latent[rev] = ssm_pass(x_r, z_r, self.conv1d, self.x_proj, self.dt_proj,
+                                   self.A_log, self.D, varying='B', reverse=rev, inputs=shared)
+        y = None
+        for rev in sorted(latent):
+            x_c = cols(latent[rev])
+            shared = None
+            if self.conv1d_2 is None:
+                shared = pass_inputs(x_c, None, self.x_proj_2, self.dt_proj_2, self.A_2_log,
+                                     'C')
+            for c in self.corners:
+                if _CORNER_DIRS[c][0] != rev:
+                    continue
+                y_c = ssm_pass(x_c, z_c, self.conv1d_2, self.x_proj_2, self.dt_proj_2,
+                               self.A_2_log, self.D_2, varying='C',
+                               reverse=_CORNER_DIRS[c][1], inputs=shared)  # (B*W, d, H)
+                y = y_c if y is None else y + y_c
+        if len(self.corners) > 1:
+            y = y / len(self.corners)
+        return self.out_proj(y.view(b, w, d, h).permute(0, 3, 1, 2))  # tokens (B, H, W, d)

@@ -14,8 +14,11 @@ SMALL = dict(embed_dims=32, num_layers=2)
 
 
 def _fake_scan(kind):
-    def scan(u, delta, A, B, C, D=None, z=None, **kw):
-        return u if kind == 'id' else u.cumsum(-1)
+    def scan(u, delta, A, B, C, D=None, z=None, reverse=False, **kw):
+        if kind == 'id':
+            return u
+        # a reverse scan accumulates from the last step (V2M's right / bottom corners)
+        return u.flip(-1).cumsum(-1).flip(-1) if reverse else u.cumsum(-1)
     return scan
 
 

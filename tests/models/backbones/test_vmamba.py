@@ -213,6 +213,31 @@ def test_out_indices_and_layout():
     assert all(o.is_contiguous() for o in outs)
 
 
+def test_channels_last_path_equals_nchw():
+    """Linear2d / LayerNorm2d on a channels-last map (the v2 fast path: one GEMM over the
+    tokens, no permute copies) equal the NCHW results, and the map stays channels-last."""
+    from mmssm.models.layers.ss2d import LayerNorm2d, Linear2d, is_channels_last
+    lin, norm = Linear2d(12, 20), LayerNorm2d(12)
+    x = torch.randn(2, 12, 5, 7)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert is_channels_last(xcl) and not is_channels_last(x)
+    y, ycl = lin(x), lin(xcl)
+    assert is_channels_last(ycl) and not is_channels_last(y)
+    torch.testing.assert_close(ycl, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ycl, F.conv2d(x, lin.weight[:, :, None, None], lin.bias),
+                               rtol=1e-5, atol=1e-5)
+    n, ncl = norm(x), norm(xcl)
+    assert is_channels_last(ncl)
+    torch.testing.assert_close(ncl, n)
+    # the backbone runs channels-last inside and still returns NCHW-contiguous maps
+    m = VMamba(arch=_small('tiny')).eval()
+    x = torch.randn(1, 3, 64, 64)
+    outs, outs_cl = m(x), m(x.contiguous(memory_format=torch.channels_last))
+    for o, ocl in zip(outs, outs_cl):
+        assert o.is_contiguous()
+        torch.testing.assert_close(o, ocl)
+
+
 def test_frozen_stages():
     m = VMamba(arch=_small('tiny'), frozen_stages=2)
     m.train()

@@ -20,10 +20,13 @@ def _identity_mixer(c, corners):
 
 
 def _fake_scan(kind, log):
-    def scan(u, delta, A, B, C, D=None, z=None, **kw):
+    def scan(u, delta, A, B, C, D=None, z=None, reverse=False, **kw):
         # the constant of each pass is passed as (d, n), never materialised
-        log.append((tuple(u.shape), tuple(B.shape), tuple(C.shape)))
-        return u if kind == 'id' else u.cumsum(-1)
+        log.append((tuple(u.shape), tuple(B.shape), tuple(C.shape), reverse))
+        if kind == 'id':
+            return u
+        # a reverse scan accumulates from the last step (the right / bottom corners)
+        return u.flip(-1).cumsum(-1).flip(-1) if reverse else u.cumsum(-1)
     return scan
 
 
@@ -41,11 +44,16 @@ def test_identity_scans_keep_every_token_in_place(monkeypatch, corners):
     x = _onehot_grid(h, w)
     y = m(x)
     torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
-    k = len(parse_corners(corners))
+    names = parse_corners(corners)
     d = h * w
-    # pass 1 runs along rows (length w) with C constant, pass 2 along columns with B constant
-    assert log[0] == ((k * h, d, w), (k * h, 2, w), (d, 2))
-    assert log[1] == ((k * w, d, h), (d, 2), (k * w, 2, h))
+    # pass 1 runs along rows (length w) with C constant, once per row direction the
+    # corners need (left to right for ul/ll, reversed for ur/lr); pass 2 along the
+    # columns of each row latent with B constant, top down (ul/ur) or reversed (ll/lr)
+    row_dirs = sorted({c in ('ur', 'lr') for c in names})
+    n_rows = len(row_dirs)
+    assert log[:n_rows] == [((h, d, w), (h, 2, w), (d, 2), r) for r in row_dirs]
+    assert sorted(log[n_rows:]) == sorted(((w, d, h), (d, 2), (w, 2, h), c in ('ll', 'lr'))
+                                          for c in names)
 
 
 @pytest.mark.parametrize('corner', CORNER_NAMES)
@@ -196,3 +204,40 @@ def test_matches_explicit_2d_recurrence():
             parts.append(m(xf).flip(dims) if dims else m(xf))
         m.corners = ('ul', 'lr', 'ur', 'll')
         torch.testing.assert_close(m(x), sum(parts) / 4, atol=1e-10, rtol=1e-8)
+
+
+def _rotated_corners_reference(m, x):
+    """The mixer the way the paper draws it: in_proj, the grid re-oriented for every
+    corner (batched), SSM2D.scan2d, rotated back, averaged, out_proj."""
+    from mmssm.ops import corner_merge_all, corner_rotate_all
+    xs, z = m.in_proj(x).permute(0, 3, 1, 2).chunk(2, dim=1)
+    if m.conv2d is not None:
+        xs = torch.nn.functional.silu(m.conv2d(xs))
+    xs = corner_rotate_all(xs, m.corners)
+    z = corner_rotate_all(z, m.corners) if m.use_z else None
+    y = corner_merge_all(m.scan2d(xs, z), m.corners) / len(m.corners)
+    return m.out_proj(y.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize('kw', [dict(d_conv=0, d_conv2d=3), dict(d_conv=3, gate='last'),
+                                dict(d_conv=0, use_z=False, corners=('ur', 'll')),
+                                dict(d_conv=4, corners=('lr', ))])
+def test_direction_scans_equal_rotated_corners(kw):
+    """Corners as forward / reverse scans (no rotated copies, shared projections) equal
+    re-orienting the grid per corner, values and gradients, batch > 1, h != w."""
+    torch.manual_seed(0)
+    m = V2MMixer2D(8, d_state=3, **kw)
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    y = m(x)
+    g = torch.randn_like(y)
+    gx, *gp = torch.autograd.grad(y, [x, *m.parameters()], g)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = _rotated_corners_reference(m, x2)
+    gx2, *gp2 = torch.autograd.grad(y2, [x2, *m.parameters()], g, allow_unused=True)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx2, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(m.named_parameters(), gp, gp2):
+        if b is None:  # a parameter the reference does not use either way
+            assert a is None or not a.abs().any(), name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
