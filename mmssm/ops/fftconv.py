@@ -282,6 +282,76 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     return _skip(y, x, D, heads, d).to(dtype)
 
 
+def pooled_axis_taps(k_fwd: Tensor, k_bwd: Optional[Tensor], stride: int) -> Tensor:
+    """Taps of "1-D convolution, then average pooling (kernel = stride = ``stride``)" as one
+    strided correlation.
+
+    With ``k`` the two-sided kernel (``k_fwd`` at offsets 0..lf-1, ``k_bwd`` at -1..-lb),
+    ``y[p] = (1/s) sum_{r<s} sum_o k(o) x[s p + r - o] = sum_m w[m] x[s p + m - (lf - 1)]``
+    (x zero outside), where ``w`` is the box-filtered kernel read backwards:
+    ``w[m] = g(lf - 1 - m)``, ``g(o) = (1/s) sum_{r<s} k(o + r)``. Exact: the pooled output
+    of the full-resolution convolution, without computing it.
+
+    Shapes: (..., lf), (..., lb) -> (..., lf + lb + s - 1).
+    """
+    k2 = k_fwd if k_bwd is None else torch.cat([k_bwd.flip(-1), k_fwd], -1)  # offsets -lb..
+    if stride > 1:  # g: sliding sums of s taps (zero beyond both ends)
+        k2 = F.pad(k2, (stride - 1, stride - 1)).unfold(-1, stride, 1).sum(-1) / stride
+    return k2.flip(-1)
+
+
+def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int],
+                          strides: Sequence[int]) -> Tensor:
+    """Dense separable convolution followed by average pooling (kernel = stride, floor), as
+    one strided depthwise conv per axis: ``avg_pool(sum_h k_0[:, h] (x) .. (x) k_{d-1}[:, h]
+    * u[:, h], strides)``.
+
+    For short kernels (the ConvNeXt-S4ND stem: 16 taps per side at 224^2 or more) this costs
+    O(taps) per pooled output and never builds the full-resolution (B, C, *L) output or a
+    padded spectrum. Input channels are processed one at a time (the dense layers this
+    serves have few: 3 for an image stem), so the largest temporary is one channel's
+    (B, C, L_0, .., L_{d-1} // s_{d-1}) after the first pass.
+
+    Args:
+        u: (B, H, *L) fp32/fp64.
+        taps: d correlation weights (C, H, K_i) from :func:`pooled_axis_taps`.
+        lefts: d left offsets ``lf_i - 1`` (the causal length of axis i's kernel minus 1).
+        strides: d pooling sizes.
+
+    Returns:
+        (B, C, L_0 // s_0, .., L_{d-1} // s_{d-1}) (a permuted view for d > 1).
+    """
+    d = len(taps)
+    _check(u, d)
+    B, H = u.shape[:2]
+    C = taps[0].shape[0]
+    l_in = list(u.shape[2:])
+    for i, (n, s) in enumerate(zip(l_in, strides)):
+        if n // s == 0:
+            raise ValueError(f'axis {i} of length {n} is shorter than its pooling size {s}')
+    out = None
+    for h in range(H):
+        y = u[:, h:h + 1]  # (B, 1, *L)
+        order = list(range(d))  # order[j]: the axis held at position j of y's spatial dims
+        for i in reversed(range(d)):  # last (contiguous) axis first: one pass per axis
+            s, left = strides[i], lefts[i]
+            w = taps[i][:, h].to(y.dtype)  # (C, K)
+            K, L, Lo = w.shape[-1], l_in[i], l_in[i] // s
+            if order[-1] != i:  # axis i to the end: one copy of the (B, C, ..) intermediate
+                j = order.index(i)
+                y = y.movedim(2 + j, -1).contiguous()
+                order.append(order.pop(j))
+            shape = y.shape
+            y = y.reshape(shape[0], shape[1], -1, L)  # (B, 1|C, rest, L); 1-D: rest = 1
+            right = max(s * (Lo - 1) + K - 1 - left - (L - 1), 0)
+            # first pass: 1 -> C heads; later passes: depthwise over the C heads
+            y = F.conv2d(F.pad(y, (left, right)), w.reshape(C, 1, 1, K), stride=(1, s),
+                         groups=y.shape[1])
+            y = y[..., :Lo].reshape(B, C, *shape[2:-1], Lo)
+        out = y if out is None else out.add_(y)  # (B, C, *Lo) in the axis order ``order``
+    return out.permute(0, 1, *[2 + order.index(i) for i in range(d)])
+
+
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
     """Explicit 1-D kernel over offsets -length..length (index j <-> offset j - length)."""
     k_fwd = k_fwd[..., :length + 1]
