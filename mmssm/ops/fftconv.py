@@ -212,26 +212,36 @@ def toeplitz_matrix(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tens
     Row i is the two-sided kernel read backwards from offset i, so T is a sliding window
     (``unfold``) of the reversed kernel: no gather, and a cheap backward.
     """
-    k2 = two_sided_kernel(k_fwd, k_bwd, length - 1)  # (..., 2L-1), index = offset + L-1
+    return _window_matrix(two_sided_kernel(k_fwd, k_bwd, length - 1))
+
+
+def _window_matrix(k2: Tensor) -> Tensor:
+    """Toeplitz matrix (..., L, L) of a two-sided kernel (..., 2L-1), index = offset + L-1."""
+    length = (k2.shape[-1] + 1) // 2
     # window s of the reversed kernel holds offsets L-1-s .. -s; row i = window L-1-i
     return k2.flip(-1).unfold(-1, length, 1).flip(-2)
 
 
 def axis_operators(l_in: Sequence[int], kernels: Sequence[Tensor],
                    backward_kernels: Optional[Sequence[Tensor]] = None,
-                   toeplitz_max: int = 256) -> list:
+                   toeplitz_max: int = 256, compact: bool = False) -> list:
     """Per-axis linear operators of a separable convolution.
 
     Axis i becomes ``('toeplitz', T_i)`` (a dense (.., L_i, L_i) matrix) if
     ``L_i <= toeplitz_max``, else ``('fft', spectrum_i, F_i)`` (an ``rfft`` kernel
     spectrum). Kernels are (H, L_k) or (C, H, L_k); the operators are batch independent.
+    ``compact=True`` returns ``('window', k2_i)`` instead of a Toeplitz matrix: the
+    two-sided kernel (.., 2 L_i - 1) that :func:`separable_conv` expands into T_i when it
+    applies it (L_i times less memory to keep, e.g. in an inference cache).
     """
     kernels, backward_kernels, sizes = prepare_kernels(l_in, kernels, backward_kernels)
     ops = []
     for i, (k, n, length) in enumerate(zip(kernels, sizes, l_in)):
         kb = None if backward_kernels is None else backward_kernels[i]
         k, kb = _work(k), None if kb is None else _work(kb)
-        if length <= toeplitz_max:
+        if length <= toeplitz_max and compact:
+            ops.append(('window', two_sided_kernel(k, kb, length - 1)))
+        elif length <= toeplitz_max:
             ops.append(('toeplitz', toeplitz_matrix(k, kb, length)))
         else:
             ops.append(('fft', torch.fft.rfft(_place_kernel(k, kb, n), n=n), n))
@@ -255,6 +265,7 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     x = _work(u)
     l_in = list(x.shape[2:])
     heads = ops[0][1].dim() == (4 if ops[0][0] == 'toeplitz' else 3)
+    ops = [('toeplitz', _window_matrix(op[1])) if op[0] == 'window' else op for op in ops]
     y = x.unsqueeze(1)  # (B, 1, H, *L); becomes (B, C, H, *L) with kernel heads
     axes = _AXES[:d]
     for i in reversed(range(d)):  # last (contiguous) axis first

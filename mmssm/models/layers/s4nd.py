@@ -152,14 +152,16 @@ class S4ND(nn.Module):
         return [l if lm is None else min(l, max(1, int(round(lm / rate))))
                 for l, lm in zip(l_in, self.l_max)]
 
-    def kernel_operators(self, l_in: Sequence[int], rate: float = 1.0) -> Tuple[list, list]:
+    def kernel_operators(self, l_in: Sequence[int], rate: float = 1.0,
+                         compact: bool = False) -> Tuple[list, list]:
         """Batch-independent convolution operators for an input of size ``l_in``.
 
         Separable path (``trank == 1``, depthwise): per-axis operators (dense Toeplitz
         matrices or rfft spectra, see :func:`mmssm.ops.fftconv.axis_operators`).
         Otherwise: one N-D spectrum (c', H, F_0, .., F_last//2+1) in a 1-list, the outer
         product of the per-axis spectra averaged over the ``trank`` rank-1 terms
-        (c' = out_channels*channels), and the FFT sizes.
+        (c' = out_channels*channels), and the FFT sizes. ``compact``: Toeplitz axes as
+        their two-sided kernels (expanded when applied; what the inference cache keeps).
         """
         l_k = self.kernel_lengths(l_in, rate)
         if all(isinstance(k, SSMKernelDPLR) for k in self.kernel):  # axes stacked along H
@@ -171,7 +173,7 @@ class S4ND(nn.Module):
             fwd, bwd = zip(*[k.chunk(2, dim=0) for k in ks])
         if self._separable:
             limit = {'toeplitz': 1 << 30, 'axes': 0}.get(self.conv_mode, self.toeplitz_max)
-            return axis_operators(l_in, fwd, bwd, toeplitz_max=limit), []
+            return axis_operators(l_in, fwd, bwd, toeplitz_max=limit, compact=compact), []
         fwd, bwd, sizes = prepare_kernels(l_in, fwd, bwd)
         if self._dense_axes:  # per-axis spectra (c', H, F_i): no N-D spectrum is stored
             return axis_spectra(fwd, sizes, bwd), sizes
@@ -195,8 +197,10 @@ class S4ND(nn.Module):
 
     def _cached_operators(self, l_in: Sequence[int], rate: float):
         """Kernel operators, cached while no autograd graph is needed (inference)."""
+        # the cache keeps two-sided kernels, not the dense Toeplitz matrices they expand to
+        # (L times smaller: ~20 MB less resident for ConvNeXt-S4ND-T at 224^2)
         return self._cached(('ops', tuple(l_in), float(rate), self._separable),
-                            lambda: self.kernel_operators(l_in, rate))
+                            lambda: self.kernel_operators(l_in, rate, compact=True))
 
     def _cached(self, tag: tuple, build):
         """``build()``, cached under ``tag`` while no autograd graph is needed (inference).
