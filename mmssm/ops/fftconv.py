@@ -212,26 +212,36 @@ def toeplitz_matrix(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tens
     Row i is the two-sided kernel read backwards from offset i, so T is a sliding window
     (``unfold``) of the reversed kernel: no gather, and a cheap backward.
     """
-    k2 = two_sided_kernel(k_fwd, k_bwd, length - 1)  # (..., 2L-1), index = offset + L-1
+    return _window_matrix(two_sided_kernel(k_fwd, k_bwd, length - 1))
+
+
+def _window_matrix(k2: Tensor) -> Tensor:
+    """Toeplitz matrix (..., L, L) of a two-sided kernel (..., 2L-1), index = offset + L-1."""
+    length = (k2.shape[-1] + 1) // 2
     # window s of the reversed kernel holds offsets L-1-s .. -s; row i = window L-1-i
     return k2.flip(-1).unfold(-1, length, 1).flip(-2)
 
 
 def axis_operators(l_in: Sequence[int], kernels: Sequence[Tensor],
                    backward_kernels: Optional[Sequence[Tensor]] = None,
-                   toeplitz_max: int = 256) -> list:
+                   toeplitz_max: int = 256, compact: bool = False) -> list:
     """Per-axis linear operators of a separable convolution.
 
     Axis i becomes ``('toeplitz', T_i)`` (a dense (.., L_i, L_i) matrix) if
     ``L_i <= toeplitz_max``, else ``('fft', spectrum_i, F_i)`` (an ``rfft`` kernel
     spectrum). Kernels are (H, L_k) or (C, H, L_k); the operators are batch independent.
+    ``compact=True`` returns ``('window', k2_i)`` instead of a Toeplitz matrix: the
+    two-sided kernel (.., 2 L_i - 1) that :func:`separable_conv` expands into T_i when it
+    applies it (L_i times less memory to keep, e.g. in an inference cache).
     """
     kernels, backward_kernels, sizes = prepare_kernels(l_in, kernels, backward_kernels)
     ops = []
     for i, (k, n, length) in enumerate(zip(kernels, sizes, l_in)):
         kb = None if backward_kernels is None else backward_kernels[i]
         k, kb = _work(k), None if kb is None else _work(kb)
-        if length <= toeplitz_max:
+        if length <= toeplitz_max and compact:
+            ops.append(('window', two_sided_kernel(k, kb, length - 1)))
+        elif length <= toeplitz_max:
             ops.append(('toeplitz', toeplitz_matrix(k, kb, length)))
         else:
             ops.append(('fft', torch.fft.rfft(_place_kernel(k, kb, n), n=n), n))
@@ -255,6 +265,7 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     x = _work(u)
     l_in = list(x.shape[2:])
     heads = ops[0][1].dim() == (4 if ops[0][0] == 'toeplitz' else 3)
+    ops = [('toeplitz', _window_matrix(op[1])) if op[0] == 'window' else op for op in ops]
     y = x.unsqueeze(1)  # (B, 1, H, *L); becomes (B, C, H, *L) with kernel heads
     axes = _AXES[:d]
     for i in reversed(range(d)):  # last (contiguous) axis first
@@ -280,6 +291,76 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     if not heads:
         y = y.squeeze(1)
     return _skip(y, x, D, heads, d).to(dtype)
+
+
+def pooled_axis_taps(k_fwd: Tensor, k_bwd: Optional[Tensor], stride: int) -> Tensor:
+    """Taps of "1-D convolution, then average pooling (kernel = stride = ``stride``)" as one
+    strided correlation.
+
+    With ``k`` the two-sided kernel (``k_fwd`` at offsets 0..lf-1, ``k_bwd`` at -1..-lb),
+    ``y[p] = (1/s) sum_{r<s} sum_o k(o) x[s p + r - o] = sum_m w[m] x[s p + m - (lf - 1)]``
+    (x zero outside), where ``w`` is the box-filtered kernel read backwards:
+    ``w[m] = g(lf - 1 - m)``, ``g(o) = (1/s) sum_{r<s} k(o + r)``. Exact: the pooled output
+    of the full-resolution convolution, without computing it.
+
+    Shapes: (..., lf), (..., lb) -> (..., lf + lb + s - 1).
+    """
+    k2 = k_fwd if k_bwd is None else torch.cat([k_bwd.flip(-1), k_fwd], -1)  # offsets -lb..
+    if stride > 1:  # g: sliding sums of s taps (zero beyond both ends)
+        k2 = F.pad(k2, (stride - 1, stride - 1)).unfold(-1, stride, 1).sum(-1) / stride
+    return k2.flip(-1)
+
+
+def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int],
+                          strides: Sequence[int]) -> Tensor:
+    """Dense separable convolution followed by average pooling (kernel = stride, floor), as
+    one strided depthwise conv per axis: ``avg_pool(sum_h k_0[:, h] (x) .. (x) k_{d-1}[:, h]
+    * u[:, h], strides)``.
+
+    For short kernels (the ConvNeXt-S4ND stem: 16 taps per side at 224^2 or more) this costs
+    O(taps) per pooled output and never builds the full-resolution (B, C, *L) output or a
+    padded spectrum. Input channels are processed one at a time (the dense layers this
+    serves have few: 3 for an image stem), so the largest temporary is one channel's
+    (B, C, L_0, .., L_{d-1} // s_{d-1}) after the first pass.
+
+    Args:
+        u: (B, H, *L) fp32/fp64.
+        taps: d correlation weights (C, H, K_i) from :func:`pooled_axis_taps`.
+        lefts: d left offsets ``lf_i - 1`` (the causal length of axis i's kernel minus 1).
+        strides: d pooling sizes.
+
+    Returns:
+        (B, C, L_0 // s_0, .., L_{d-1} // s_{d-1}) (a permuted view for d > 1).
+    """
+    d = len(taps)
+    _check(u, d)
+    B, H = u.shape[:2]
+    C = taps[0].shape[0]
+    l_in = list(u.shape[2:])
+    for i, (n, s) in enumerate(zip(l_in, strides)):
+        if n // s == 0:
+            raise ValueError(f'axis {i} of length {n} is shorter than its pooling size {s}')
+    out = None
+    for h in range(H):
+        y = u[:, h:h + 1]  # (B, 1, *L)
+        order = list(range(d))  # order[j]: the axis held at position j of y's spatial dims
+        for i in reversed(range(d)):  # last (contiguous) axis first: one pass per axis
+            s, left = strides[i], lefts[i]
+            w = taps[i][:, h].to(y.dtype)  # (C, K)
+            K, L, Lo = w.shape[-1], l_in[i], l_in[i] // s
+            if order[-1] != i:  # axis i to the end: one copy of the (B, C, ..) intermediate
+                j = order.index(i)
+                y = y.movedim(2 + j, -1).contiguous()
+                order.append(order.pop(j))
+            shape = y.shape
+            y = y.reshape(shape[0], shape[1], -1, L)  # (B, 1|C, rest, L); 1-D: rest = 1
+            right = max(s * (Lo - 1) + K - 1 - left - (L - 1), 0)
+            # first pass: 1 -> C heads; later passes: depthwise over the C heads
+            y = F.conv2d(F.pad(y, (left, right)), w.reshape(C, 1, 1, K), stride=(1, s),
+                         groups=y.shape[1])
+            y = y[..., :Lo].reshape(B, C, *shape[2:-1], Lo)
+        out = y if out is None else out.add_(y)  # (B, C, *Lo) in the axis order ``order``
+    return out.permute(0, 1, *[2 + order.index(i) for i in range(d)])
 
 
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:

@@ -156,7 +156,12 @@ class S4NDPatchStem(nn.Module):
             TransposedLinear(stem_channels, 2 * out_ch), nn.GLU(dim=1), LayerNormCF(out_ch))
 
     def forward(self, x: Tensor, rate: float = 1.0) -> Tensor:
-        return self.post_stem(self.stem(x, rate))
+        # S4ND + AvgPool in one pass (S4ND.pooled): the full-resolution stem output is
+        # never built
+        x = self.stem.pooled(x, self.post_stem[0].kernel_size, rate)
+        for m in self.post_stem[1:]:
+            x = m(x)
+        return x
 
 
 class S4NDPatchStem3D(nn.Module):
@@ -172,8 +177,8 @@ class S4NDPatchStem3D(nn.Module):
             TransposedLinear(stem_channels, 2 * out_ch), nn.GLU(dim=1), LayerNormCF(out_ch))
 
     def forward(self, x: Tensor, rate: float = 1.0) -> Tensor:
-        x = self.stem[0](x, rate)
-        for m in self.stem[1:]:
+        x = self.stem[0].pooled(x, self.stem[1].kernel_size, rate)  # S4ND + AvgPool3d
+        for m in self.stem[2:]:
             x = m(x)
         return x
 

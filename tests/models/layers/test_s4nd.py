@@ -323,3 +323,80 @@ def test_dense_mode_per_axis_path_equals_official_outer(dim, l_in):
     g, = torch.autograd.grad(y.square().sum(), u)
     g_ref, = torch.autograd.grad(y_ref.square().sum(), u)
     _close(g, g_ref, rel=1e-5)
+
+
+@pytest.mark.parametrize('dim,l_in,pool,rate', [
+    (2, (20, 17), (4, 4), 1.0),  # 17: the pooling floors (drops the last column)
+    (2, (12, 16), (2, 4), 0.5),  # rate < 1: longer kernels
+    (1, (23,), (3,), 1.0),
+    (3, (4, 9, 8), (2, 4, 4), 1.0)])
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_pooled_dense_layer_equals_pooling_of_forward(dim, l_in, pool, rate, bidirectional):
+    """S4ND.pooled (the stem's S4ND + AvgPool as strided per-axis convs) gives the pooled
+    forward: values and gradients (input and SSM parameters), and it caches in no_grad."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    kw = dict(d_state=8, l_max=[max(n // 3, 2) for n in l_in], dim=dim, out_channels=4,
+              channels=2, dt_min=0.1, dt_max=1.0, bidirectional=bidirectional)
+    m = S4ND(3, **kw)
+    u = torch.randn(2, 3, *l_in, dtype=torch.float64).float().requires_grad_()
+    assert m._pool_direct(u, pool, rate)
+    y = m.pooled(u, pool, rate)
+    ref = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dim - 1](m(u, rate), pool)
+    assert y.shape == ref.shape == (2, 8, *[n // p for n, p in zip(l_in, pool)])
+    _close(y, ref, rel=1e-5)
+    w = torch.randn_like(ref)
+    g = torch.autograd.grad((y * w).sum(), [u, m.kernel[0].C, m.kernel[-1].inv_dt])
+    g_ref = torch.autograd.grad((ref * w).sum(), [u, m.kernel[0].C, m.kernel[-1].inv_dt])
+    for a, b in zip(g, g_ref):
+        _close(a, b, rel=1e-4)
+    with torch.no_grad():
+        y1 = m.pooled(u, pool, rate)
+        assert m._spec_cache is not None and m._spec_cache[0][0] == 'pool'
+        _close(y1, ref, rel=1e-5)
+        assert torch.equal(m.pooled(u, pool, rate), y1)  # from the cache
+
+
+def test_pooled_falls_back_for_other_layers():
+    """Depthwise layers, long kernels and non-transposed layouts still give pooled forward."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    u = torch.randn(1, 3, 12, 10)
+    dw = S4ND(3, d_state=8, l_max=[12, 10], dim=2)
+    long = S4ND(3, d_state=8, l_max=[12, 10], dim=2, out_channels=2)
+    long.pool_taps_max = 8  # force the FFT path
+    for m in (dw, long):
+        assert not m._pool_direct(u, (2, 2), 1.0)
+        with torch.no_grad():
+            _close(m.pooled(u, (2, 2)), F.avg_pool2d(m(u), 2), rel=1e-6)
+    t = S4ND(3, d_state=8, l_max=[4, 4], dim=2, out_channels=2, transposed=False)
+    x = u.movedim(1, -1)
+    with torch.no_grad():
+        y = t.pooled(x, (2, 2))
+        _close(y, F.avg_pool2d(t(x).movedim(-1, 1), 2).movedim(1, -1), rel=1e-5)
+    with pytest.raises(ValueError, match='pool needs 2 sizes'):
+        t.pooled(x, (2,))
+
+
+@pytest.mark.parametrize('shape,klen,pool', [((11,), (4,), (3,)), ((9, 13), (5, 3), (2, 4)),
+                                             ((6, 7, 5), (3, 7, 2), (2, 3, 1))])
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_pooled_separable_conv_matches_reference(shape, klen, pool, bidirectional):
+    """The op behind S4ND.pooled: float64, against avg_pool of the explicit conv reference
+    summed over input channels (kernels longer than the input included)."""
+    import torch.nn.functional as F
+
+    from mmssm.ops.fftconv import pooled_axis_taps, pooled_separable_conv, prepare_kernels
+    g = torch.Generator().manual_seed(sum(shape))
+    H, C = 3, 2
+    u = torch.randn(2, H, *shape, generator=g, dtype=torch.float64)
+    ks = [torch.randn(C, H, k + 3, generator=g, dtype=torch.float64) for k in klen]
+    kb = [torch.randn(C, H, k, generator=g, dtype=torch.float64) for k in klen] \
+        if bidirectional else None
+    ref = conv_reference_nd(u, ks, kb).sum(2)  # (B, C, *L)
+    ref = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(shape) - 1](ref, pool)
+    fwd, bwd, _ = prepare_kernels(list(shape), ks, kb)
+    taps = [pooled_axis_taps(f, None if bwd is None else bwd[i], p)
+            for i, (f, p) in enumerate(zip(fwd, pool))]
+    y = pooled_separable_conv(u, taps, [f.shape[-1] - 1 for f in fwd], pool)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
