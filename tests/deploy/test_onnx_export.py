@@ -94,11 +94,9 @@ def test_backbone_exports_and_matches(name, tmp_path):
 
 
 # one representative per scan-order kind, exported at two fixed sizes (4x the tokens):
-# the node count must not change, so no scan order / window / corner was unrolled per
-# token or per window. The local windows (on V2M's corner scans) are the default-tier
-# case; the flips (Vim) and VMamba's cross-scan in the slow tier.
-@pytest.mark.parametrize('name', ['v2m_local', pytest.param('vim', marks=pytest.mark.slow),
-                                  pytest.param('vmamba_v2', marks=pytest.mark.slow)])
+# the node count must not change, so no flip (Vim), cross-scan (VMamba), corner scan
+# (V2M) or local window (V2M local) was unrolled per token or per window
+@pytest.mark.parametrize('name', ['vim', 'vmamba_v2', 'v2m_middle', 'v2m_local'])
 def test_node_count_does_not_grow_with_the_sequence(name, tmp_path):
     cfg, size, _ = FAMILIES[name]
     torch.manual_seed(0)

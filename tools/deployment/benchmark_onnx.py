@@ -4,14 +4,15 @@
         --shape 64 64 --batch 8 --iters 20 [--part backbone] [--onnx model.onnx]
 
 The model is exported first (or ``--onnx`` names a file exported with the same config,
-part and input size), then both backends run the same random (B, 3, H, W) input (the
+part and input size), then every backend runs the same random (B, 3, H, W) input (the
 data preprocessor's output) with the same number of threads: ``--warmup`` untimed then
 ``--iters`` timed iterations each. PyTorch runs twice, in eager mode: with the pure-PyTorch
 chunked scan (``pytorch-eager``, scan backend ``cpu``) and with the compiled CPU scan
-(``pytorch-cpp``, the default when the extension is built; left out when it is not). Peak memory is the process' peak RSS above its level
-just before each backend's warm-up (sampled every 2 ms; the PyTorch weights and the ONNX
-session are loaded before that level is taken; the session has not run yet, so its memory
-arena is counted). Outputs are compared once, with a separate session.
+(``pytorch-cpp``, the default when the extension is built; left out when it is not).
+Peak memory is the process' peak RSS above its level just before each backend's warm-up
+(sampled every 2 ms; the PyTorch weights and the ONNX session are loaded before that level
+is taken; the session has not run yet, so its memory arena is counted). Outputs are
+compared once, with a separate session.
 """
 import argparse
 import contextlib
