@@ -1,17 +1,22 @@
-"""Throughput and peak memory: onnxruntime (CPU) vs PyTorch eager, side by side, one run.
+"""Throughput and peak memory: onnxruntime (CPU) vs PyTorch, side by side, one run.
 
     python tools/deployment/benchmark_onnx.py configs/vim/vim_in1k_tiny.py \\
         --shape 64 64 --batch 8 --iters 20 [--part backbone] [--onnx model.onnx]
 
 The model is exported first (or ``--onnx`` names a file exported with the same config,
-part and input size), then both backends run the same random (B, 3, H, W) input (the
+part and input size), then every backend runs the same random (B, 3, H, W) input (the
 data preprocessor's output) with the same number of threads: ``--warmup`` untimed then
-``--iters`` timed iterations each. Peak memory is the process' peak RSS above its level
-just before each backend's warm-up (sampled every 2 ms; the PyTorch weights and the ONNX
-session are loaded before that level is taken; the session has not run yet, so its memory
-arena is counted). Outputs are compared once, with a separate session.
+``--iters`` timed iterations each. PyTorch runs twice, in eager mode: with the pure-PyTorch
+chunked scan (``pytorch-eager``, scan backend ``cpu``) and with the compiled CPU scan
+(``pytorch-cpp``, the default when the extension is built; left out when it is not).
+Peak memory is the process' peak RSS above its level just before each backend's warm-up
+(sampled every 2 ms; the PyTorch weights and the ONNX session are loaded before that level
+is taken; the session has not run yet, so its memory arena is counted). Outputs are
+compared once, with a separate session.
 """
 import argparse
+import contextlib
+import os
 import os.path as osp
 import sys
 import tempfile
@@ -44,7 +49,7 @@ def _time(step, warmup: int, iters: int):
 
 
 def run(argv=None) -> list:
-    p = argparse.ArgumentParser(description='onnxruntime vs PyTorch eager (CPU)')
+    p = argparse.ArgumentParser(description='onnxruntime vs PyTorch (CPU)')
     p.add_argument('config')
     p.add_argument('checkpoint', nargs='?', default=None)
     p.add_argument('--shape', type=int, nargs='+', default=[224, 224])
@@ -77,14 +82,20 @@ def run(argv=None) -> list:
     # is counted like PyTorch's activations
     sess = make_session(path, threads)
 
-    def torch_step():
-        with torch.no_grad():
-            model(x)
+    def torch_step(scan_backend):
+        def step():
+            with _scan_backend(scan_backend), torch.no_grad():
+                model(x)
+        return step
 
     feed = {sess.get_inputs()[0].name: x.numpy()}
+    backends = [('pytorch-eager', torch_step('cpu'))]
+    from mmssm.ops import selective_scan_cpp
+    if selective_scan_cpp.available():
+        backends.append(('pytorch-cpp', torch_step('cpp')))
+    backends.append(('onnxruntime-cpu', lambda: sess.run(None, feed)))
     rows = []
-    for name, step in (('pytorch-eager', torch_step),
-                       ('onnxruntime-cpu', lambda: sess.run(None, feed))):
+    for name, step in backends:
         dt, mem = _time(step, args.warmup, args.iters)
         rows.append(dict(backend=name, batch=args.batch, shape='x'.join(map(str, shape)),
                          threads=threads, img_per_s=round(args.batch * args.iters / dt, 2),
@@ -95,6 +106,20 @@ def run(argv=None) -> list:
           f'err {err["max_abs"]:.2e}, max rel err {err["max_rel"]:.2e}')
     print(format_table(rows))
     return rows
+
+
+@contextlib.contextmanager
+def _scan_backend(name: str):
+    """Force mmssm's selective-scan backend (``cpu``: chunked PyTorch, ``cpp``: compiled)."""
+    old = os.environ.get('MMSSM_SCAN_BACKEND')
+    os.environ['MMSSM_SCAN_BACKEND'] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ['MMSSM_SCAN_BACKEND']
+        else:
+            os.environ['MMSSM_SCAN_BACKEND'] = old
 
 
 def format_table(rows: list) -> str:
