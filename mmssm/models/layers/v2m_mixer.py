@@ -65,8 +65,9 @@ class SSM2D(nn.Module):
 
     ``scan2d(x, z)`` maps grids (n, d_inner, h, w) -> (n, d_inner, h, w) with a
     row pass then a column pass, both starting at grid position (0, 0).
-    Used by :class:`V2MMixer2D` and by the local-window V2M mixer (one per
-    scan direction). Key names follow the official V2M mixer.
+    The local-window V2M mixer calls it once per scan direction; :class:`V2MMixer2D`
+    shares these parameters but runs its corners as scan directions (see its
+    ``forward``). Key names follow the official V2M mixer.
     """
 
     def __init__(self, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 1,
@@ -119,8 +120,10 @@ class V2MMixer2D(SSM2D):
     """V2M's 2-D SSM token mixer over a grid, (B, H, W, C) -> (B, H, W, C).
 
     ``in_proj`` (x and gate z, applied once) -> optional depthwise conv2d + silu
-    -> re-orient the grid for every corner (batched along B) -> row pass ->
-    column pass -> re-orient back -> mean over corners -> ``out_proj``.
+    -> row passes (forward and/or reverse, one per row direction the corners need)
+    -> column passes (top-down or bottom-up per corner) -> mean over corners ->
+    ``out_proj``. Equal to re-orienting the grid per corner and running
+    ``scan2d`` (the paper's aligned version), without the re-oriented copies.
 
     Args:
         d_model: channels C.
