@@ -80,13 +80,31 @@ inline acc_t hsum(const Vectorized<acc_t>& x) {
 // inner-loop cost. ATen's Vectorized::exp is an out-of-line SLEEF call (u10), and a
 // call clobbers every vector register (SysV ABI), so the states kept in registers
 // across the time loop would be spilled around each exp. fp32 on AVX2 / AVX-512
-// gets this inline version instead: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-// and the degree-7 Taylor polynomial of exp(r) (truncation < 1e-8 relative, so the
-// result is within ~2 ulp, like SLEEF's u10); float64 (gradcheck) and the baseline
-// build keep ATen's exp. Range: the result is scaled by 2^(n-1) * 2, so inputs below
-// ~-87.0 flush to 0 (ATen gives denormals there), above 88.72 give inf; NaN propagates.
+// gets inline versions instead; float64 (gradcheck) and the baseline build keep
+// ATen's exp.
+//
+// decay(dt, A2): the kernels keep A2 = A log2(e) per lane (rounded once from double:
+// the same relative error as the rounding of dt * A it replaces), so the decay is
+// 2^t, t = dt A2: n = round(t) by the 1.5 * 2^23 shifter (no round / convert
+// instructions), r = t - n in [-1/2, 1/2] exactly, 2^r by a degree-6 minimax polynomial
+// (1.6e-8 relative with its fp32 coefficients, under the fp32 rounding of t), and 2^n
+// added to the result's exponent bits (an integer add instead of a multiply). 10
+// FMA-port operations per update instead of 15 (v2: Cody-Waite reduction, degree-7
+// Taylor, scaling multiply), for ~1 ulp more at large |dt A| (measured over dt in
+// [0.0025, 7], A in [-55, -0.37]: 1.9 ulp mean against 1.4 for v2; below the 2 ulp of
+// the softplus dt feeds it). t is clamped to [-126, 127]: decays below 2^-126 return
+// ~1.2e-38 (v2: 0), above 2^127 ~1.7e38 (v2: ~3.4e38); NaN propagates.
 template <typename acc_t>
-inline Vectorized<acc_t> exp_decay(const Vectorized<acc_t>& x) {
+constexpr bool kLog2Decay = false;  // A2 == A log2(e) (fast path) or A2 == A (ATen exp)
+
+template <typename acc_t>
+inline Vectorized<acc_t> decay(const Vectorized<acc_t>& dt, const Vectorized<acc_t>& A2) {
+  return (dt * A2).exp();
+}
+
+// exp(x) of the softplus and sigmoid (general x).
+template <typename acc_t>
+inline Vectorized<acc_t> exp_fast(const Vectorized<acc_t>& x) {
   return x.exp();
 }
 
@@ -94,45 +112,71 @@ inline Vectorized<acc_t> exp_decay(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
 #define MMSSM_PS(op) _mm512_##op##_ps
 using mmssm_vf = __m512;
-using mmssm_vi = __m512i;
-inline mmssm_vf mmssm_round(mmssm_vf x) {
-  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-inline mmssm_vf mmssm_pow2(mmssm_vf e) {  // 2^e for integral e in [-127, 127], e = -127 -> 0
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtps_epi32(e), 23));
+// p * 2^n with n the integer in the low mantissa bits of the shifter sum s (n in
+// [-126, 127], p in [0.7, 1.5]): n << 23 added to p's exponent field
+inline mmssm_vf mmssm_scale(mmssm_vf p, mmssm_vf s) {
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p),
+                                              _mm512_slli_epi32(_mm512_castps_si512(s), 23)));
 }
 #else
 #define MMSSM_PS(op) _mm256_##op##_ps
 using mmssm_vf = __m256;
-inline mmssm_vf mmssm_round(mmssm_vf x) {
-  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-inline mmssm_vf mmssm_pow2(mmssm_vf e) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtps_epi32(e), 23));
+inline mmssm_vf mmssm_scale(mmssm_vf p, mmssm_vf s) {
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p),
+                                              _mm256_slli_epi32(_mm256_castps_si256(s), 23)));
 }
 #endif
+// max(a, b) without ATen's NaN blend (returns b when a is NaN; the callers' other
+// terms carry the NaN)
+inline mmssm_vf mmssm_max(mmssm_vf a, mmssm_vf b) { return MMSSM_PS(max)(a, b); }
+constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: x + kShifter rounds x to an integer
+
 template <>
-inline Vectorized<float> exp_decay<float>(const Vectorized<float>& xv) {
-  const mmssm_vf x = xv;
-  // max(lo, x) / min(hi, x) return x when it is NaN (the second operand)
-  const mmssm_vf xc = MMSSM_PS(min)(MMSSM_PS(set1)(88.7228394f),
-                                    MMSSM_PS(max)(MMSSM_PS(set1)(-87.3365479f), x));
-  const mmssm_vf n = mmssm_round(MMSSM_PS(mul)(xc, MMSSM_PS(set1)(1.44269502f)));
-  // r = x - n ln2 in two parts (ln2_hi has 9 trailing zero bits: n * ln2_hi is exact)
-  mmssm_vf r = MMSSM_PS(fnmadd)(n, MMSSM_PS(set1)(0.693145752f), xc);
-  r = MMSSM_PS(fnmadd)(n, MMSSM_PS(set1)(1.42860677e-06f), r);
-  // 2 exp(r) = sum_k 2 r^k / k!, k <= 7 (Horner); the 2 pairs with 2^(n-1) below
-  mmssm_vf p = MMSSM_PS(set1)(2.0f / 5040.0f);
-  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 720.0f));
-  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 120.0f));
-  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 24.0f));
-  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f / 6.0f));
+constexpr bool kLog2Decay<float> = true;
+
+template <>
+inline Vectorized<float> decay<float>(const Vectorized<float>& dt, const Vectorized<float>& A2) {
+  // max(lo, t) / min(hi, t) return t when it is NaN (the second operand)
+  mmssm_vf t = MMSSM_PS(mul)(dt, A2);
+  t = MMSSM_PS(min)(MMSSM_PS(set1)(127.0f), MMSSM_PS(max)(MMSSM_PS(set1)(-126.0f), t));
+  const mmssm_vf s = MMSSM_PS(add)(t, MMSSM_PS(set1)(kShifter));
+  const mmssm_vf r = MMSSM_PS(sub)(t, MMSSM_PS(sub)(s, MMSSM_PS(set1)(kShifter)));  // exact
+  // 2^r, |r| <= 1/2: minimax, constant term 1 exactly
+  mmssm_vf p = MMSSM_PS(set1)(1.535334159e-04f);
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(1.339887269e-03f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(9.618437849e-03f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(5.550332367e-02f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.402264774e-01f));
+  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(6.931471825e-01f));
   p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(1.0f));
-  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f));
-  p = MMSSM_PS(fmadd)(p, r, MMSSM_PS(set1)(2.0f));
-  // 2^(n-1): n in [-126, 128] after the clamp, so the biased exponent n + 126 is in [0, 254]
-  const mmssm_vf e = MMSSM_PS(add)(n, MMSSM_PS(set1)(126.0f));
-  return Vectorized<float>(MMSSM_PS(mul)(p, mmssm_pow2(e)));
+  return Vectorized<float>(mmssm_scale(p, s));
+}
+
+// exp(x) = 2^n e^r: n = round(x log2 e) by the shifter (fused into one FMA), Cody-Waite
+// r = x - n ln2 in two parts (ln2_hi has 9 trailing zero bits: n ln2_hi is exact),
+// |r| <= ln2 / 2, e^r by a degree-6 minimax polynomial; ~1 ulp. x is clamped to
+// [-87.34, 88.03] (n in [-126, 127]): below, ~1.2e-38 (not 0); above, ~1.7e38.
+template <>
+inline Vectorized<float> exp_fast<float>(const Vectorized<float>& xv) {
+  const mmssm_vf x = MMSSM_PS(min)(MMSSM_PS(set1)(88.0296919f),
+                                   MMSSM_PS(max)(MMSSM_PS(set1)(-87.3365479f), xv));
+  const mmssm_vf s =
+      MMSSM_PS(fmadd)(x, MMSSM_PS(set1)(1.44269502f), MMSSM_PS(set1)(kShifter));
+  const mmssm_vf n = MMSSM_PS(sub)(s, MMSSM_PS(set1)(kShifter));
+  mmssm_vf r = MMSSM_PS(fnmadd)(n, MMSSM_PS(set1)(0.693145752f), x);
+  r = MMSSM_PS(fnmadd)(n, MMSSM_PS(set1)(1.42860677e-06f), r);
+  // Estrin's scheme (3 dependent FMAs after r^2, not 6): the softplus of the n = 1 scan
+  // (VMamba) is latency-bound, one chain per step
+  const mmssm_vf r2 = MMSSM_PS(mul)(r, r);
+  const mmssm_vf p01 = MMSSM_PS(fmadd)(r, MMSSM_PS(set1)(1.0f), MMSSM_PS(set1)(1.0f));
+  const mmssm_vf p23 =
+      MMSSM_PS(fmadd)(r, MMSSM_PS(set1)(1.666643173e-01f), MMSSM_PS(set1)(4.999999404e-01f));
+  const mmssm_vf p45 =
+      MMSSM_PS(fmadd)(r, MMSSM_PS(set1)(8.374153636e-03f), MMSSM_PS(set1)(4.166800156e-02f));
+  const mmssm_vf p46 = MMSSM_PS(fmadd)(r2, MMSSM_PS(set1)(1.384363626e-03f), p45);
+  const mmssm_vf p03 = MMSSM_PS(fmadd)(r2, p23, p01);
+  const mmssm_vf r4 = MMSSM_PS(mul)(r2, r2);
+  return Vectorized<float>(mmssm_scale(MMSSM_PS(fmadd)(r4, p46, p03), s));
 }
 #undef MMSSM_PS
 #endif
@@ -159,23 +203,22 @@ inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& x) {
 template <>
 inline Vectorized<float> softplus<float>(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
-  const Vec e = exp_decay<float>(Vec(0.f) - x.abs());
+  const Vec e = exp_fast<float>(Vec(0.f) - x.abs());
   const Vec big = e > Vec(0.414213562f);
   const Vec s = Vec::blendv(e, e - Vec(1.f), big) / (e + Vec::blendv(Vec(2.f), Vec(3.f), big));
-  const Vec s2 = s * s;
-  Vec p = at::vec::fmadd(s2, Vec(2.f / 9.f), Vec(2.f / 7.f));
-  p = at::vec::fmadd(p, s2, Vec(2.f / 5.f));
-  p = at::vec::fmadd(p, s2, Vec(2.f / 3.f));
-  p = at::vec::fmadd(p, s2, Vec(2.f));
+  const Vec s2 = s * s, s4 = s2 * s2;  // Estrin, as in exp_fast
+  const Vec p = at::vec::fmadd(
+      s4, at::vec::fmadd(s4, Vec(2.f / 9.f), at::vec::fmadd(s2, Vec(2.f / 7.f), Vec(2.f / 5.f))),
+      at::vec::fmadd(s2, Vec(2.f / 3.f), Vec(2.f)));
   const Vec lg = at::vec::fmadd(p, s, Vec::blendv(Vec(0.f), Vec(0.693147182f), big));
-  const Vec sp = at::vec::maximum(x, Vec(0.f)) + lg;
+  const Vec sp = Vec(mmssm_max(x, Vec(0.f))) + lg;
   return Vec::blendv(sp, x, x > Vec(20.f));
 }
 
 template <>
 inline Vectorized<float> sigmoid<float>(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
-  return Vec(1.f) / (Vec(1.f) + exp_decay<float>(Vec(0.f) - x));
+  return Vec(1.f) / (Vec(1.f) + exp_fast<float>(Vec(0.f) - x));
 }
 #endif
 
@@ -233,13 +276,13 @@ struct Operands {
 template <typename acc_t>
 struct Scratch {
   int64_t n, W;
-  std::vector<acc_t> A, Bc, Cc, D, bias;  // (n, W) / (W) per lane
+  std::vector<acc_t> A, A2, Bc, Cc, D, bias;  // (n, W) / (W) per lane; A2: decay()'s A
   std::vector<acc_t> u, raw, dt, dtu, z, y, g;  // (kChunk, W) tiles
   const acc_t *Bt = nullptr, *Ct = nullptr;  // this tile's B/C rows (step j: Bt + j * bcs)
   int64_t bcs = 0;                            // n, or -n for a reverse scan
   std::vector<acc_t> h, h0;               // (n, W) state
   Scratch(int64_t n_, int64_t W_) : n(n_), W(W_) {
-    for (auto* v : {&A, &Bc, &Cc, &h, &h0}) v->assign(n * W, 0);
+    for (auto* v : {&A, &A2, &Bc, &Cc, &h, &h0}) v->assign(n * W, 0);
     for (auto* v : {&D, &bias}) v->assign(W, 0);
     for (auto* v : {&u, &raw, &dt, &dtu, &z, &y, &g}) v->assign(kChunk * W, 0);
   }
@@ -252,6 +295,7 @@ void load_params(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t
                  Scratch<acc_t>& s) {
   const int64_t W = g.W, n = g.n;
   std::fill(s.A.begin(), s.A.end(), acc_t(0));
+  std::fill(s.A2.begin(), s.A2.end(), acc_t(0));
   std::fill(s.Bc.begin(), s.Bc.end(), acc_t(0));
   std::fill(s.Cc.begin(), s.Cc.end(), acc_t(0));
   std::fill(s.D.begin(), s.D.end(), acc_t(0));
@@ -260,6 +304,9 @@ void load_params(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t
     const int64_t c = c0 + i;
     for (int64_t k = 0; k < n; ++k) {
       s.A[k * W + i] = op.A[c * n + k];
+      s.A2[k * W + i] = kLog2Decay<acc_t>
+                            ? static_cast<acc_t>(double(op.A[c * n + k]) * 1.4426950408889634)
+                            : op.A[c * n + k];
       if (op.Bc) s.Bc[k * W + i] = op.Bc[c * n + k];
       if (op.Cc) s.Cc[k * W + i] = op.Cc[c * n + k];
     }
@@ -355,6 +402,31 @@ void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t
   }
 }
 
+// Prefetch steps [s0, s0 + T) of nl time-contiguous rows (b, rows, l) into cache. The
+// tiles read 8 rows of 256 bytes 4 KB+ apart, u / delta / z / dout at once: at the
+// Vim-T shapes (1.5 MB each at 512^2, beyond L2) the gathers waited on L3 for ~40%
+// of the tile loads' time; prefetching the next tile while this one is scanned hides it.
+template <typename T_>
+void prefetch_rows(const T_* base, int64_t ls, int64_t ts, const Geometry& g, bool reverse,
+                   int64_t s0, int64_t T, int64_t nl) {
+  if (ts != 1 || T <= 0 || !base) return;
+  const int64_t lo = reverse ? g.l - s0 - T : s0;  // lowest time of the tile
+  const char* p0 = reinterpret_cast<const char*>(base + lo);
+  const int64_t bytes = T * int64_t(sizeof(T_));
+  for (int64_t i = 0; i < nl; ++i) {
+    const char* p = p0 + i * ls * int64_t(sizeof(T_));
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    __builtin_prefetch(p + bytes - 1, 0, 3);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void prefetch_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi,
+                   int64_t c0, int64_t nl, int64_t s0, int64_t T) {
+  for (const View<scalar_t>* v : {&op.u, &op.delta, &op.z})
+    if (v->p) prefetch_rows(v->p + bi * v->s0 + c0 * v->s1, v->s1, v->s2, g, op.reverse, s0, T, nl);
+}
+
 // Load one tile of steps [s0, s0 + T) into (step, lane) buffers (work dtype): u,
 // raw = delta + bias, dt = softplus(raw) (or raw), z; and point Bt / Ct at the
 // tile's rows of the transposed B / C.
@@ -390,8 +462,9 @@ void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t b
 // held in registers (K vectors) across the tile; y (T, W) accumulates sum_k h_k C_k.
 // BV / CV: B / C input-dependent (one broadcast scalar per (step, state)) or
 // constant (a per-lane vector per state). Buffers: dt, dtu (T, W); A, Bc, Cc, h
-// (n, W); Bt, Ct (T, n). With hs, the states of every step are stored too
-// ((T, n, W), the backward's recompute), with as the decays.
+// (n, W) (A: A2 of decay()); Bt, Ct (T, n). With hs, the states of every step are stored too
+// ((T, K, W) for this block: the backward's recompute, which runs the adjoint scan of
+// the block right after, while they are in L1), with as the decays.
 template <typename acc_t, int K, bool BV, bool CV>
 void scan_states(int64_t T, int64_t n, int64_t W, int64_t kb, const acc_t* dt, const acc_t* dtu,
                  const acc_t* A, const acc_t* Bc, const acc_t* Cc, const acc_t* Bt,
@@ -406,14 +479,14 @@ void scan_states(int64_t T, int64_t n, int64_t W, int64_t kb, const acc_t* dt, c
     const Vec dtv = Vec::loadu(dt + j * W), dtuv = Vec::loadu(dtu + j * W);
     Vec yv = first ? Vec(acc_t(0)) : Vec::loadu(y + j * W);
     for (int k = 0; k < K; ++k) {
-      const Vec a = exp_decay<acc_t>(dtv * Ak[k]);
+      const Vec a = decay<acc_t>(dtv, Ak[k]);
       const Vec bk = BV ? Vec(Bt[j * bcs + kb + k]) : Vec::loadu(Bc + (kb + k) * W);
       const Vec ck = CV ? Vec(Ct[j * bcs + kb + k]) : Vec::loadu(Cc + (kb + k) * W);
       hk[k] = at::vec::fmadd(a, hk[k], dtuv * bk);
       yv = at::vec::fmadd(hk[k], ck, yv);
       if (hs) {
-        hk[k].store(hs + (j * n + kb + k) * W);
-        a.store(as + (j * n + kb + k) * W);
+        hk[k].store(hs + (j * K + k) * W);
+        a.store(as + (j * K + k) * W);
       }
     }
     yv.store(y + j * W);
@@ -422,7 +495,10 @@ void scan_states(int64_t T, int64_t n, int64_t W, int64_t kb, const acc_t* dt, c
 }
 
 // All n states over one tile: blocks of kStates states, then the remainder.
-constexpr int kStates = 4;
+#ifndef MMSSM_KSTATES
+#define MMSSM_KSTATES 4
+#endif
+constexpr int kStates = MMSSM_KSTATES;
 template <typename acc_t, bool BV, bool CV>
 void scan_tile(int64_t T, int64_t n, int64_t W, const acc_t* dt, const acc_t* dtu,
                const acc_t* A, const acc_t* Bc, const acc_t* Cc, const acc_t* Bt,
@@ -440,6 +516,12 @@ void scan_tile(int64_t T, int64_t n, int64_t W, const acc_t* dt, const acc_t* dt
     MMSSM_REST(1)
     MMSSM_REST(2)
     MMSSM_REST(3)
+#if MMSSM_KSTATES > 4
+    MMSSM_REST(4)
+    MMSSM_REST(5)
+    MMSSM_REST(6)
+    MMSSM_REST(7)
+#endif
 #undef MMSSM_REST
     default:
       break;
@@ -457,7 +539,7 @@ void scan_tile(const Operands<scalar_t, acc_t>& op, int64_t T, Scratch<acc_t>& s
     (Vec::loadu(s.dt.data() + j * W) * Vec::loadu(s.u.data() + j * W)).store(s.dtu.data() + j * W);
   auto run = [&](auto bv, auto cv) {
     scan_tile<acc_t, decltype(bv)::value, decltype(cv)::value>(
-        T, s.n, W, s.dt.data(), s.dtu.data(), s.A.data(), s.Bc.data(), s.Cc.data(), s.Bt, s.Ct,
+        T, s.n, W, s.dt.data(), s.dtu.data(), s.A2.data(), s.Bc.data(), s.Cc.data(), s.Bt, s.Ct,
         s.bcs, s.h.data(), s.y.data(), hs, as);
   };
   using T_ = std::true_type;
@@ -492,6 +574,7 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
             for (int64_t k = 0; k < n; ++k)
               st_p[((bi * g.d + c0 + i) * nch + ch) * n + k] = h[k * W + i];
         load_tile(op, g, bi, c0, nl, s0, T, s);
+        if (ch + 1 < nch) prefetch_tile(op, g, bi, c0, nl, s0 + kChunk, std::min(kChunk, g.l - s0 - kChunk));
         scan_tile(op, T, s);
         for (int64_t j = 0; j < T; ++j) {
           const Vec u = Vec::loadu(s.u.data() + j * W);
@@ -550,7 +633,7 @@ struct Grads {
 // Per-thread buffers of the backward, (kChunk, n, W) or (kChunk, W) / (n, W).
 template <typename acc_t>
 struct BwdScratch {
-  std::vector<acc_t> hbuf, abuf, Pb, Pc;  // states, decays, dB / dC per lane (T, n, W)
+  std::vector<acc_t> hbuf, abuf, Pb, Pc;  // states, decays of a block (T, K, W); dB / dC per lane (T, n, W)
   std::vector<acc_t> dy, du, dd, dz;      // (T, W)
   std::vector<acc_t> G, dA, dBc, dCc;     // (n, W)
   std::vector<acc_t> dBt;                 // (T, n) lane sums of a reverse tile
@@ -582,26 +665,28 @@ void adjoint_states(int64_t T, int64_t n, int64_t W, int64_t kb, const Scratch<a
   for (int64_t j = T - 1; j >= 0; --j) {
     const Vec u = Vec::loadu(s.u.data() + j * W), dt = Vec::loadu(s.dt.data() + j * W);
     const Vec dtu = Vec::loadu(s.dtu.data() + j * W), dy = Vec::loadu(w.dy.data() + j * W);
-    Vec ddt(acc_t(0)), duv(acc_t(0));
-    const acc_t* hp = j ? hbuf + (j - 1) * n * W : s.h0.data();  // h_{s-1}
+    // sgb = sum_k G_k B_k: d(dt) gets sgb u, du gets sgb dt, once per step
+    Vec ddt(acc_t(0)), sgb(acc_t(0));
+    // h_{s-1}: this block's previous step, or the state entering the tile
+    const acc_t* hp = j ? hbuf + (j - 1) * K * W : s.h0.data() + kb * W;
     for (int k = 0; k < K; ++k) {
-      const int64_t o = (j * n + kb + k) * W;
+      const int64_t o = (j * n + kb + k) * W, ob = (j * K + k) * W;
       const Vec bk = BV ? Vec(s.Bt[j * s.bcs + kb + k]) : Vec::loadu(s.Bc.data() + (kb + k) * W);
       const Vec ck = CV ? Vec(s.Ct[j * s.bcs + kb + k]) : Vec::loadu(s.Cc.data() + (kb + k) * W);
-      const Vec a = Vec::loadu(abuf + o), hk = Vec::loadu(hbuf + o);
+      const Vec a = Vec::loadu(abuf + ob), hk = Vec::loadu(hbuf + ob);
       const Vec Gk = at::vec::fmadd(ck, dy, G[k]);
-      const Vec hdy = hk * dy, gdtu = Gk * dtu, gb = Gk * bk;
+      const Vec hdy = hk * dy, gdtu = Gk * dtu;
       if (CV) hdy.store(w.Pc.data() + o); else dCc[k] = dCc[k] + hdy;
       if (BV) gdtu.store(w.Pb.data() + o); else dBc[k] = dBc[k] + gdtu;
-      ddt = at::vec::fmadd(gb, u, ddt);
-      duv = at::vec::fmadd(gb, dt, duv);
-      const Vec x = Gk * a * Vec::loadu(hp + (kb + k) * W);  // dL/d(dt A_k)
+      sgb = at::vec::fmadd(Gk, bk, sgb);
+      const Vec x = Gk * a * Vec::loadu(hp + k * W);  // dL/d(dt A_k)
       ddt = at::vec::fmadd(x, Vec::loadu(A + (kb + k) * W), ddt);
       dA[k] = at::vec::fmadd(x, dt, dA[k]);
       G[k] = a * Gk;
     }
+    ddt = at::vec::fmadd(sgb, u, ddt);
     (Vec::loadu(w.dd.data() + j * W) + ddt).store(w.dd.data() + j * W);
-    (Vec::loadu(w.du.data() + j * W) + duv).store(w.du.data() + j * W);
+    at::vec::fmadd(sgb, dt, Vec::loadu(w.du.data() + j * W)).store(w.du.data() + j * W);
   }
   for (int k = 0; k < K; ++k) {
     G[k].store(w.G.data() + (kb + k) * W);
@@ -611,14 +696,33 @@ void adjoint_states(int64_t T, int64_t n, int64_t W, int64_t kb, const Scratch<a
   }
 }
 
+// Recompute (states, decays, un-gated y) and adjoint scan of one tile, one block of
+// K states at a time: the block's (T, K, W) states and decays stay in L1 between the
+// two (v2 recomputed all n states into (T, n, W) buffers first: 64 KB at n = 16,
+// twice L1, so the adjoint read them back from L2).
+template <typename acc_t, int K, bool BV, bool CV>
+void block_backward(int64_t T, int64_t n, int64_t W, int64_t kb, Scratch<acc_t>& s,
+                    BwdScratch<acc_t>& w) {
+  scan_states<acc_t, K, BV, CV>(T, n, W, kb, s.dt.data(), s.dtu.data(), s.A2.data(),
+                                s.Bc.data(), s.Cc.data(), s.Bt, s.Ct, s.bcs, s.h.data(),
+                                s.y.data(), kb == 0, w.hbuf.data(), w.abuf.data());
+  adjoint_states<acc_t, K, BV, CV>(T, n, W, kb, s, w);
+}
+
 template <typename acc_t, bool BV, bool CV>
-void adjoint_tile(int64_t T, int64_t n, int64_t W, const Scratch<acc_t>& s, BwdScratch<acc_t>& w) {
+void backward_tile(int64_t T, int64_t n, int64_t W, Scratch<acc_t>& s, BwdScratch<acc_t>& w) {
   int64_t kb = 0;
-  for (; kb + kStates <= n; kb += kStates) adjoint_states<acc_t, kStates, BV, CV>(T, n, W, kb, s, w);
+  for (; kb + kStates <= n; kb += kStates) block_backward<acc_t, kStates, BV, CV>(T, n, W, kb, s, w);
   switch (n - kb) {
-    case 1: adjoint_states<acc_t, 1, BV, CV>(T, n, W, kb, s, w); break;
-    case 2: adjoint_states<acc_t, 2, BV, CV>(T, n, W, kb, s, w); break;
-    case 3: adjoint_states<acc_t, 3, BV, CV>(T, n, W, kb, s, w); break;
+    case 1: block_backward<acc_t, 1, BV, CV>(T, n, W, kb, s, w); break;
+    case 2: block_backward<acc_t, 2, BV, CV>(T, n, W, kb, s, w); break;
+    case 3: block_backward<acc_t, 3, BV, CV>(T, n, W, kb, s, w); break;
+#if MMSSM_KSTATES > 4
+    case 4: block_backward<acc_t, 4, BV, CV>(T, n, W, kb, s, w); break;
+    case 5: block_backward<acc_t, 5, BV, CV>(T, n, W, kb, s, w); break;
+    case 6: block_backward<acc_t, 6, BV, CV>(T, n, W, kb, s, w); break;
+    case 7: block_backward<acc_t, 7, BV, CV>(T, n, W, kb, s, w); break;
+#endif
     default: break;
   }
 }
@@ -648,38 +752,50 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         if (nl < W) std::fill(s.g.begin(), s.g.end(), acc_t(0));
         gather_tile(dout + (bi * g.d + c0) * l, l, int64_t{1}, g, op.reverse, s0, T, nl,
                     s.g.data());
-        // 1) recompute the chunk's states (hbuf) and decays (abuf) from the saved one;
-        //    s.y gets the un-gated y without D u
-        std::fill(s.h0.begin(), s.h0.end(), acc_t(0));
-        for (int64_t i = 0; i < nl; ++i)
-          for (int64_t k = 0; k < n; ++k)
-            s.h0[k * W + i] = states[((bi * g.d + c0 + i) * nch + ch) * n + k];
-        std::copy(s.h0.begin(), s.h0.end(), s.h.begin());
-        scan_tile(op, T, s, w.hbuf.data(), w.abuf.data());
-        // 2) gate: dy (gated), dz; du starts at D dy, d(dt) at 0
+        if (ch > 0) {  // the next tile (earlier steps)
+          prefetch_tile(op, g, bi, c0, nl, s0 - kChunk, kChunk);
+          prefetch_rows(dout + (bi * g.d + c0) * l, l, int64_t{1}, g, op.reverse, s0 - kChunk,
+                        kChunk, nl);
+        }
+        // 1) gate: dy (gated); du starts at D dy, d(dt) at 0; sigmoid(z) parked in dz
         for (int64_t j = 0; j < T; ++j) {
           const Vec u = Vec::loadu(s.u.data() + j * W);
           Vec dy = Vec::loadu(s.g.data() + j * W);
           if (op.zv) {
             const Vec z = Vec::loadu(s.z.data() + j * W), sg = sigmoid<acc_t>(z);
-            const Vec one(acc_t(1));
-            const Vec y = at::vec::fmadd(D, u, Vec::loadu(s.y.data() + j * W));
-            (dy * y * sg * (one + z * (one - sg))).store(w.dz.data() + j * W);
+            sg.store(w.dz.data() + j * W);
             dy = dy * z * sg;
           }
           dy.store(w.dy.data() + j * W);
           (D * dy).store(w.du.data() + j * W);
           Vec(acc_t(0)).store(w.dd.data() + j * W);
+          (Vec::loadu(s.dt.data() + j * W) * u).store(s.dtu.data() + j * W);
           dD = at::vec::fmadd(dy, u, dD);
         }
-        // 3) adjoint scan, per block of states
+        // 2) per block of states: recompute the tile's states and decays from the saved
+        //    state (s.y gets the un-gated y without D u), then the adjoint scan
+        std::fill(s.h0.begin(), s.h0.end(), acc_t(0));
+        for (int64_t i = 0; i < nl; ++i)
+          for (int64_t k = 0; k < n; ++k)
+            s.h0[k * W + i] = states[((bi * g.d + c0 + i) * nch + ch) * n + k];
+        std::copy(s.h0.begin(), s.h0.end(), s.h.begin());
         if (op.Bv) {
-          if (op.Cv) adjoint_tile<acc_t, true, true>(T, n, W, s, w);
-          else adjoint_tile<acc_t, true, false>(T, n, W, s, w);
+          if (op.Cv) backward_tile<acc_t, true, true>(T, n, W, s, w);
+          else backward_tile<acc_t, true, false>(T, n, W, s, w);
         } else {
-          if (op.Cv) adjoint_tile<acc_t, false, true>(T, n, W, s, w);
-          else adjoint_tile<acc_t, false, false>(T, n, W, s, w);
+          if (op.Cv) backward_tile<acc_t, false, true>(T, n, W, s, w);
+          else backward_tile<acc_t, false, false>(T, n, W, s, w);
         }
+        // 3) dz = dout y sg (1 + z (1 - sg)), y = D u + sum_k h_k C_k
+        if (op.zv)
+          for (int64_t j = 0; j < T; ++j) {
+            const Vec z = Vec::loadu(s.z.data() + j * W), sg = Vec::loadu(w.dz.data() + j * W);
+            const Vec one(acc_t(1));
+            const Vec y = at::vec::fmadd(D, Vec::loadu(s.u.data() + j * W),
+                                         Vec::loadu(s.y.data() + j * W));
+            (Vec::loadu(s.g.data() + j * W) * y * sg * (one + z * (one - sg)))
+                .store(w.dz.data() + j * W);
+          }
         // 4) softplus' chain rule, delta_bias
         for (int64_t j = 0; j < T; ++j) {
           Vec ddt = Vec::loadu(w.dd.data() + j * W);
