@@ -129,7 +129,6 @@ inline mmssm_vf mmssm_scale(mmssm_vf p, mmssm_vf s) {
 // max(a, b) without ATen's NaN blend (returns b when a is NaN; the callers' other
 // terms carry the NaN)
 inline mmssm_vf mmssm_max(mmssm_vf a, mmssm_vf b) { return MMSSM_PS(max)(a, b); }
-inline mmssm_vf mmssm_or(mmssm_vf a, mmssm_vf b) { return MMSSM_PS(or)(a, b); }
 constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: x + kShifter rounds x to an integer
 
 template <>
@@ -195,26 +194,16 @@ inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& x) {
   return Vec(acc_t(1)) / (Vec(acc_t(1)) + (Vec(acc_t(0)) - x).exp());
 }
 
-// softplus(x) and, for the backward's chain rule, its derivative sigmoid(x) in *dsp
-template <typename acc_t>
-inline Vectorized<acc_t> softplus_d(const Vectorized<acc_t>& x, Vectorized<acc_t>* dsp) {
-  *dsp = sigmoid<acc_t>(x);
-  return softplus<acc_t>(x);
-}
-
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // fp32 with the inline exp: softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1],
 // where log1p(e) = k ln2 + 2 atanh(s) with s = e / (2 + e) (k = 0) or, above
 // e = sqrt(2) - 1, s = (e - 1) / (e + 3) (k = 1: log of (1 + e) / 2); |s| <= 0.172, so
 // atanh's series to s^9 is within 2e-9 relative. ~2 ulp, against two SLEEF calls
 // (exp, log1p), which are most of the work per step at n = 1 (VMamba).
-// e = exp(-|x|) in (0, 1]; with dsp, also sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e) from
-// the same e (the backward needs both: one exp per step instead of two)
-inline Vectorized<float> softplus_fast(const Vectorized<float>& x, Vectorized<float>* dsp) {
+template <>
+inline Vectorized<float> softplus<float>(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
-  // -|x| by setting the sign bit (one op, vs abs then negate)
-  const Vec e = exp_fast<float>(Vec(mmssm_or(x, Vec(-0.f))));
-  if (dsp) *dsp = Vec::blendv(e, Vec(1.f), x >= Vec(0.f)) / (Vec(1.f) + e);
+  const Vec e = exp_fast<float>(Vec(0.f) - x.abs());
   const Vec big = e > Vec(0.414213562f);
   const Vec s = Vec::blendv(e, e - Vec(1.f), big) / (e + Vec::blendv(Vec(2.f), Vec(3.f), big));
   const Vec s2 = s * s, s4 = s2 * s2;  // Estrin, as in exp_fast
@@ -224,16 +213,6 @@ inline Vectorized<float> softplus_fast(const Vectorized<float>& x, Vectorized<fl
   const Vec lg = at::vec::fmadd(p, s, Vec::blendv(Vec(0.f), Vec(0.693147182f), big));
   const Vec sp = Vec(mmssm_max(x, Vec(0.f))) + lg;
   return Vec::blendv(sp, x, x > Vec(20.f));
-}
-
-template <>
-inline Vectorized<float> softplus<float>(const Vectorized<float>& x) {
-  return softplus_fast(x, nullptr);
-}
-
-template <>
-inline Vectorized<float> softplus_d<float>(const Vectorized<float>& x, Vectorized<float>* dsp) {
-  return softplus_fast(x, dsp);
 }
 
 template <>
@@ -449,12 +428,11 @@ void prefetch_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64
 }
 
 // Load one tile of steps [s0, s0 + T) into (step, lane) buffers (work dtype): u,
-// raw = delta + bias (with dsp and softplus: sigmoid(raw), the backward's
-// d dt / d raw), dt = softplus(raw) (or raw), z; and point Bt / Ct at the
+// raw = delta + bias, dt = softplus(raw) (or raw), z; and point Bt / Ct at the
 // tile's rows of the transposed B / C.
 template <typename scalar_t, typename acc_t>
 void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
-               int64_t nl, int64_t s0, int64_t T, Scratch<acc_t>& s, bool dsp = false) {
+               int64_t nl, int64_t s0, int64_t T, Scratch<acc_t>& s) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, n = g.n;
   if (nl < W) {
@@ -471,12 +449,6 @@ void load_tile(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t b
   const Vec bias = Vec::loadu(s.bias.data());  // 0 in dead lanes
   for (int64_t j = 0; j < T; ++j) {
     const Vec r = Vec::loadu(s.raw.data() + j * W) + bias;
-    if (op.softplus && dsp) {  // the backward: raw gets d softplus / d raw
-      Vec d;
-      softplus_d<acc_t>(r, &d).store(s.dt.data() + j * W);
-      d.store(s.raw.data() + j * W);
-      continue;
-    }
     r.store(s.raw.data() + j * W);
     (op.softplus ? softplus<acc_t>(r) : r).store(s.dt.data() + j * W);
   }
@@ -775,7 +747,7 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
       const Vec D = Vec::loadu(s.D.data());
       for (int64_t ch = nch - 1; ch >= 0; --ch) {
         const int64_t s0 = ch * kChunk, T = std::min(kChunk, l - s0);
-        load_tile(op, g, bi, c0, nl, s0, T, s, true);
+        load_tile(op, g, bi, c0, nl, s0, T, s);
         // dout tile (g buffer), zero in dead lanes
         if (nl < W) std::fill(s.g.begin(), s.g.end(), acc_t(0));
         gather_tile(dout + (bi * g.d + c0) * l, l, int64_t{1}, g, op.reverse, s0, T, nl,
@@ -827,7 +799,7 @@ void backward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, con
         // 4) softplus' chain rule, delta_bias
         for (int64_t j = 0; j < T; ++j) {
           Vec ddt = Vec::loadu(w.dd.data() + j * W);
-          if (op.softplus) ddt = ddt * Vec::loadu(s.raw.data() + j * W);  // sigmoid(raw)
+          if (op.softplus) ddt = ddt * sigmoid<acc_t>(Vec::loadu(s.raw.data() + j * W));
           dbias = dbias + ddt;
           ddt.store(w.dd.data() + j * W);
         }
