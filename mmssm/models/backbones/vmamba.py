@@ -237,6 +237,14 @@ class VMamba(SSMBackbone):
         self.out_channels = tuple(dims[i] for i in self.out_indices)
         self.out_strides = tuple(4 * 2 ** i for i in self.out_indices)
         self._freeze_stages()
+        # The convs see channels-last maps (see forward); with NCHW-strided weights
+        # oneDNN copies each weight to channels-last on every call (10.6 MB, a fresh
+        # allocation and its page faults, for the last (768, 384, 3, 3) downsample
+        # of VMamba-T). Same shapes and keys; in-place inits and load_state_dict
+        # keep these strides.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -276,11 +284,12 @@ class VMamba(SSMBackbone):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """(B, C_in, H, W) -> tuple of (B, dims[i], ceil(H/2^(i+2)), ceil(W/2^(i+2)))."""
         self.check_input(x, self.in_channels)
-        if self.channel_first:
-            # (B, C, H, W) maps stored channels-last from the stem on: the 1x1
-            # projections run as GEMMs over tokens, LayerNorm2d needs no permute
-            # copies, the convs take oneDNN's NHWC kernels (outputs below: NCHW)
-            x = x.contiguous(memory_format=torch.channels_last)
+        # (B, C, H, W) maps stored channels-last from the stem on: the 1x1
+        # projections run as GEMMs over tokens, LayerNorm2d needs no permute
+        # copies, the convs take oneDNN's NHWC kernels (outputs below: NCHW).
+        # The channel-last families ('ln') get (B, H, W, C) tokens from the stem
+        # without a copy the same way.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         outs = []
         for i, layer in enumerate(self.layers):

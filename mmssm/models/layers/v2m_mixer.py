@@ -176,10 +176,16 @@ class V2MMixer2D(SSM2D):
             raise ValueError(f'V2MMixer2D expects (B, H, W, C), got {tuple(x.shape)}')
         b, h, w, _ = x.shape
         d = self.d_inner
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) views of one tensor
-        if self.conv2d is not None:  # on the channels-last memory as it is (NHWC kernel)
-            xs = F.silu(self.conv2d(xs.permute(0, 3, 1, 2).contiguous(
-                memory_format=torch.channels_last))).permute(0, 2, 3, 1)
+        if self.conv2d is not None:
+            # x and z halves of in_proj as two GEMMs: xs comes out contiguous
+            # (B, H, W, d), i.e. the channels-last map the NHWC depthwise kernel
+            # takes as it is (a chunk of one GEMM output would be copied first)
+            w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
+            b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+            xs, z = F.linear(x, w_x, b_x), F.linear(x, w_z, b_z)
+            xs = F.silu(self.conv2d(xs.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        else:
+            xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) views of one tensor
         if not self.use_z:
             z = None
 
@@ -192,6 +198,8 @@ class V2MMixer2D(SSM2D):
         x_r = rows(xs)
         z_r = rows(z) if z is not None and self.gate == 'both' else None
         z_c = None if z is None else z.permute(0, 2, 3, 1).reshape(b * w, d, h)
+        # sum / mean over corners in place when nothing needs the per-corner outputs
+        inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
         shared = None
         if self.conv1d is None:  # no conv: dt, B of the rows are direction-independent
             shared = pass_inputs(x_r, None, self.x_proj, self.dt_proj, self.A_log, 'B')
@@ -212,7 +220,12 @@ class V2MMixer2D(SSM2D):
                 y_c = ssm_pass(x_c, z_c, self.conv1d_2, self.x_proj_2, self.dt_proj_2,
                                self.A_2_log, self.D_2, varying='C',
                                reverse=_CORNER_DIRS[c][1], inputs=shared)  # (B*W, d, H)
-                y = y_c if y is None else y + y_c
+                if y is None:
+                    y = y_c
+                elif inplace:  # y is a scan output of this call: no new (B*W, d, H) buffer
+                    y.add_(y_c)
+                else:
+                    y = y + y_c
         if len(self.corners) > 1:
-            y = y / len(self.corners)
+            y = y.div_(len(self.corners)) if inplace else y / len(self.corners)
         return self.out_proj(y.view(b, w, d, h).permute(0, 3, 1, 2))  # tokens (B, H, W, d)
