@@ -126,9 +126,10 @@ def test_toeplitz_matrix_and_mixed_axes():
 @pytest.mark.parametrize('heads', [False, True])
 @pytest.mark.parametrize('with_D', [False, True])
 def test_toeplitz_2d_gemm_paths(shape, heads, with_D):
-    # 2-D Toeplitz operators with one kernel per channel take batched GEMMs: image by image
-    # (>= 576 positions, B > 1, no autograd) or all images in one GEMM pair; both equal the
-    # conv reference, from full matrices, compact kernels, and non-contiguous inputs
+    # 2-D Toeplitz operators with one kernel per channel take batched GEMMs: image by
+    # image (>= 576 positions, B > 1, no autograd, 1 thread) or all images in one GEMM
+    # pair; both equal the conv reference, from full matrices, compact kernels, and
+    # non-contiguous inputs
     B, Y, X = shape
     g = torch.Generator().manual_seed(Y * X + B)
     lead = (1,) if heads else ()
@@ -137,10 +138,16 @@ def test_toeplitz_2d_gemm_paths(shape, heads, with_D):
     kb = [torch.randn(*lead, 3, n - 1, generator=g, dtype=torch.float64) for n in (Y, X)]
     D = torch.randn(*lead, 3, generator=g, dtype=torch.float64) if with_D else None
     ref = conv_reference_nd(u, ks, kb, D)
+    threads = torch.get_num_threads()
     for compact in (False, True):
         ops = axis_operators([Y, X], ks, kb, compact=compact)
         with torch.no_grad():
             torch.testing.assert_close(separable_conv(u, ops, D), ref)
+            torch.set_num_threads(1)  # the per-image path runs single-threaded only
+            try:
+                torch.testing.assert_close(separable_conv(u, ops, D), ref)
+            finally:
+                torch.set_num_threads(threads)
         ug = u.detach().requires_grad_()
         y = separable_conv(ug, ops, D)
         torch.testing.assert_close(y, ref)
