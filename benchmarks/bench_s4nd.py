@@ -81,7 +81,8 @@ def bench_pair(fns, repeat: int):
 
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-MODELS = {'convnext-s4nd-t': osp.join(REPO, 'configs/convnext_s4nd/convnext-s4nd-tiny_8xb128_in1k.py'),
+MODELS = {'convnext-s4nd-t': osp.join(REPO, 'configs', 'convnext_s4nd',
+                                      'convnext-s4nd-tiny_8xb128_in1k.py'),
           'convnext-t': 'mmpretrain::convnext/convnext-tiny_32xb128_in1k.py'}
 
 
