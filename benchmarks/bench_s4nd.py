@@ -5,8 +5,20 @@ S4ND / conv in one run. Not a test. Usage:
 
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 7]
         [--conv-mode auto|toeplitz|axes|outer] [--stem]
+    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --models [--threads 1 2] [--batch 1 8]
+    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --memory [--threads 1 2] [--batch 1 8]
+
+``--models``: whole ConvNeXt-S4ND-T against mmpretrain's ConvNeXt-T (224^2, inference),
+interleaved in one process, best of ``--repeat``: process CPU time (the honest number on a
+loaded machine at 1 thread) and wall time. ``--memory``: peak RSS above the level before
+the first forward, in a fresh subprocess per (model, threads, batch): the first forward
+of a freshly built model (for S4ND: C -> C~ conversion, kernel generation, caches) and
+then 3 steady forwards.
 """
 import argparse
+import os.path as osp
+import subprocess
+import sys
 import time
 
 import torch
@@ -68,17 +80,107 @@ def bench_pair(fns, repeat: int):
     return best
 
 
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+MODELS = {'convnext-s4nd-t': osp.join(REPO, 'configs', 'convnext_s4nd',
+                                      'convnext-s4nd-tiny_8xb128_in1k.py'),
+          'convnext-t': 'mmpretrain::convnext/convnext-tiny_32xb128_in1k.py'}
+
+
+def _build(name: str, batch: int):
+    """(model in eval mode, its ``mode='tensor'`` forward) as ``bench_models.py`` builds it."""
+    sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
+    from _model_utils import build_model, load_config, task_of, tensor_forward
+    cfg = load_config(MODELS[name])
+    model = build_model(cfg, device='cpu').eval()
+    return model, tensor_forward(model, task_of(cfg), batch, 224, 224)
+
+
+def bench_models(batches, threads, repeat: int) -> None:
+    """Whole-model inference, the two models interleaved, best of ``repeat``."""
+    print('whole models, 224^2 inference (no_grad), best of %d, interleaved; ratio = '
+          'ConvNeXt-T time / ConvNeXt-S4ND-T time (speed of S4ND-T relative to ConvNeXt-T)'
+          % repeat)
+    print(f'{"thr":>3} {"B":>2} | {"s4nd cpu":>9} {"cnx cpu":>8} {"ratio":>6} | '
+          f'{"s4nd wall":>9} {"cnx wall":>8} {"ratio":>6}')
+    for B in batches:
+        fwds = [_build(n, B)[1] for n in MODELS]
+        x = torch.randn(B, 3, 224, 224)
+        for th in threads:
+            torch.set_num_threads(th)
+            cpu, wall = [float('inf')] * 2, [float('inf')] * 2
+            with torch.no_grad():
+                for f in fwds:
+                    f(x)
+                for _ in range(repeat):
+                    for i, f in enumerate(fwds):
+                        c, w = time.process_time(), time.perf_counter()
+                        f(x)
+                        cpu[i] = min(cpu[i], time.process_time() - c)
+                        wall[i] = min(wall[i], time.perf_counter() - w)
+            print(f'{th:>3} {B:>2} | {1e3 * cpu[0]:9.1f} {1e3 * cpu[1]:8.1f} '
+                  f'{cpu[1] / cpu[0]:6.3f} | {1e3 * wall[0]:9.1f} {1e3 * wall[1]:8.1f} '
+                  f'{wall[1] / wall[0]:6.3f}', flush=True)
+
+
+def _memory_child(name: str, batch: int, threads: int) -> None:
+    """Prints 'first steady' peak RSS deltas (MB) of one freshly built model."""
+    sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
+    from benchmark import RSSPeak, _malloc_trim
+    torch.set_num_threads(threads)
+    _, fwd = _build(name, batch)
+    x = torch.randn(batch, 3, 224, 224)
+    out = []
+    with torch.no_grad():
+        for n in (1, 3):
+            _malloc_trim()
+            with RSSPeak() as mem:
+                for _ in range(n):
+                    fwd(x)
+            out.append(mem.peak_delta_mb)
+    print('MEM %.1f %.1f' % tuple(out))
+
+
+def bench_memory(batches, threads) -> None:
+    print('peak RSS above the pre-forward level (MB), fresh process each: first forward of a '
+          'new model, then 3 steady forwards')
+    print(f'{"thr":>3} {"B":>2} | {"s4nd 1st":>8} {"cnx 1st":>8} {"ratio":>6} | '
+          f'{"s4nd st":>8} {"cnx st":>8} {"ratio":>6}')
+    for th in threads:
+        for B in batches:
+            res = []
+            for name in MODELS:
+                r = subprocess.run([sys.executable, osp.abspath(__file__), '--memory-child', name,
+                                    str(B), str(th)], capture_output=True, text=True, check=True)
+                line = [ln for ln in r.stdout.splitlines() if ln.startswith('MEM ')][-1]
+                res.append([float(v) for v in line.split()[1:]])
+            (a1, a2), (b1, b2) = res
+            print(f'{th:>3} {B:>2} | {a1:8.1f} {b1:8.1f} {a1 / b1:6.2f} | {a2:8.1f} {b2:8.1f} '
+                  f'{a2 / b2:6.2f}', flush=True)
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == '--memory-child':
+        return _memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--threads', type=int, nargs='+', default=[1])
     p.add_argument('--batch', type=int, nargs='+', default=[1, 8])
     p.add_argument('--repeat', type=int, default=7)
     p.add_argument('--conv-mode', default='auto', choices=['auto', 'toeplitz', 'axes', 'outer'],
                    help="S4ND evaluation: 'outer' is the official N-D FFT algorithm")
     p.add_argument('--stem', action='store_true',
                    help='also time the ConvNeXt-S4ND-T stem against ConvNeXt-T\'s (224^2)')
+    p.add_argument('--models', action='store_true',
+                   help='whole ConvNeXt-S4ND-T vs ConvNeXt-T inference (224^2), interleaved')
+    p.add_argument('--memory', action='store_true',
+                   help='first-forward / steady peak RSS of both models, fresh process each')
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.models or args.memory:
+        if args.models:
+            bench_models(args.batch, args.threads, args.repeat)
+        if args.memory:
+            bench_memory(args.batch, args.threads)
+        return
+    torch.set_num_threads(args.threads[0])
     torch.manual_seed(0)
     print(f'torch {torch.__version__}, CPU threads {torch.get_num_threads()}, '
           f'best of {args.repeat}, S4ND conv_mode={args.conv_mode!r}, times in ms.')

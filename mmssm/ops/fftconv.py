@@ -266,6 +266,14 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     l_in = list(x.shape[2:])
     heads = ops[0][1].dim() == (4 if ops[0][0] == 'toeplitz' else 3)
     ops = [('toeplitz', _window_matrix(op[1])) if op[0] == 'window' else op for op in ops]
+    if (d == 2 and all(op[0] == 'toeplitz' for op in ops) and (not heads or all(
+            op[1].shape[0] == 1 for op in ops)) and not _tracing()):
+        # one kernel per channel (S4ND's channels=1): batched GEMMs without permute copies
+        Ty, Tx = [op[1][0] if heads else op[1] for op in ops]
+        if x.dtype == torch.float64:
+            Ty, Tx = Ty.to(torch.float64), Tx.to(torch.float64)
+        y = _toeplitz_conv2d(x, Ty, Tx, None if D is None else D.reshape(-1))
+        return (y.unsqueeze(1) if heads else y).to(dtype)
     y = x.unsqueeze(1)  # (B, 1, H, *L); becomes (B, C, H, *L) with kernel heads
     axes = _AXES[:d]
     for i in reversed(range(d)):  # last (contiguous) axis first
@@ -291,6 +299,72 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     if not heads:
         y = y.squeeze(1)
     return _skip(y, x, D, heads, d).to(dtype)
+
+
+def _tracing() -> bool:
+    """Under ``torch.jit`` tracing / ONNX export the generic einsum path is kept (no Python
+    loop over the batch, whose size an exported graph may leave dynamic)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+# at 1 thread, maps with at least this many positions run one GEMM pair per image (no
+# permute copy of x); smaller ones (and every map at > 1 thread) fold the batch into the
+# GEMMs' M and N (one copy of x, B x fewer GEMM calls)
+_PER_IMAGE_MIN = 576
+
+
+def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> Tensor:
+    """``y[b, h] = Ty[h] @ x[b, h] @ Tx[h]^T + D[h] * x[b, h]``: a depthwise 2-D separable
+    convolution as two batched GEMMs (batch = channels).
+
+    Args:
+        x: (B, H, Y, X).
+        Ty, Tx: (H, Y, Y), (H, X, X) Toeplitz matrices (any strides).
+        D: optional skip (H,).
+
+    Returns:
+        (B, H, Y, X); for small maps at B > 1 a permuted view of an (H, Y, X, B) tensor
+        (its consumers, a LayerNorm over channels or a pooling, copy it anyway).
+
+    Why this layout: the einsum form batches the GEMMs over (C, H) and puts B into M,
+    which needs a permute copy of x (and of its output) per axis at B > 1, and then an
+    elementwise skip on a permuted tensor. Here, for maps of >= ``_PER_IMAGE_MIN``
+    positions, x[b] (H, Y, X) is used as it is, image by image: the X axis is
+    ``x[b] @ Tx^T``, the Y axis ``Ty @ z``, the skip is the second GEMM's accumulator.
+    Small maps (14^2, 7^2: many tiny GEMMs) take all images in one GEMM pair, each
+    written as ``T @ (wide matrix)`` through transposed views, after one copy of x.
+    """
+    B, H, Y, X = x.shape
+    TxT = Tx.transpose(-1, -2)  # (H, X, X) view: the GEMM reads it transposed
+    grad = torch.is_grad_enabled() and (x.requires_grad or Ty.requires_grad
+                                        or Tx.requires_grad)
+    Dv = None if D is None else D.to(x.dtype).reshape(H, 1, 1)
+    if B > 1 and Y * X >= _PER_IMAGE_MIN and not grad and torch.get_num_threads() == 1:
+        # large maps: image by image, in place into the output (no copy of x). Single
+        # thread only: with several threads each GEMM is a parallel region, and 2B of them
+        # measured 2.4x slower than one batched pair on a loaded 2-core machine
+        out = x * Dv if Dv is not None else torch.zeros_like(x)
+        for b in range(B):
+            out[b].baddbmm_(Ty, torch.bmm(x[b], TxT))
+        return out
+    # all images at once, both GEMMs as T @ (wide matrix): MKL is slow for outputs only
+    # X = 7 wide (768 x (56, 7) @ (7, 7) takes 4x longer than (7, 7) @ (7, 56))
+    xp = x.transpose(0, 1)  # (H, B, Y, X): a view for B = 1, else one copy
+    if B > 1:
+        xp = xp.contiguous()
+    # X axis: zT[h] = Tx[h] @ x[h]^T, (X, B*Y), i.e. an (H, X, B, Y) layout
+    zT = torch.bmm(Tx, xp.reshape(H, B * Y, X).transpose(1, 2))
+    zT = zT.view(H, X * B, Y).transpose(1, 2)  # (H, Y, X*B) view, columns (x, b)
+    if Dv is None:  # Y axis: out[h] = Ty[h] @ z[h], (Y, X*B), i.e. an (H, Y, X, B) layout
+        out = torch.bmm(Ty, zT)
+    else:  # skip as the accumulator, laid out like the output
+        xt = x.permute(1, 2, 3, 0)  # (H, Y, X, B) view
+        if grad:  # (out= has no autograd)
+            out = torch.baddbmm((xt * Dv.unsqueeze(-1)).reshape(H, Y, X * B), Ty, zT)
+        else:
+            skip = torch.mul(xt, Dv.unsqueeze(-1), out=x.new_empty(H, Y, X, B))
+            out = skip.view(H, Y, X * B).baddbmm_(Ty, zT)
+    return out.view(H, Y, X, B).permute(3, 0, 1, 2)
 
 
 def pooled_axis_taps(k_fwd: Tensor, k_bwd: Optional[Tensor], stride: int) -> Tensor:

@@ -120,3 +120,51 @@ def test_toeplitz_matrix_and_mixed_axes():
     ops = axis_operators([6, 300], ks, ks, toeplitz_max=256)  # axis 0 matmul, axis 1 FFT
     assert [o[0] for o in ops] == ['toeplitz', 'fft']
     torch.testing.assert_close(separable_conv(u, ops), conv_reference_nd(u, ks, ks))
+
+
+@pytest.mark.parametrize('shape', [(3, 24, 25), (3, 5, 7), (1, 24, 25), (1, 7, 7)])
+@pytest.mark.parametrize('heads', [False, True])
+@pytest.mark.parametrize('with_D', [False, True])
+def test_toeplitz_2d_gemm_paths(shape, heads, with_D):
+    # 2-D Toeplitz operators with one kernel per channel take batched GEMMs: image by
+    # image (>= 576 positions, B > 1, no autograd, 1 thread) or all images in one GEMM
+    # pair; both equal the conv reference, from full matrices, compact kernels, and
+    # non-contiguous inputs
+    B, Y, X = shape
+    g = torch.Generator().manual_seed(Y * X + B)
+    lead = (1,) if heads else ()
+    u = torch.randn(B, 3, X, Y, generator=g, dtype=torch.float64).transpose(-1, -2)
+    ks = [torch.randn(*lead, 3, n, generator=g, dtype=torch.float64) for n in (Y, X)]
+    kb = [torch.randn(*lead, 3, n - 1, generator=g, dtype=torch.float64) for n in (Y, X)]
+    D = torch.randn(*lead, 3, generator=g, dtype=torch.float64) if with_D else None
+    ref = conv_reference_nd(u, ks, kb, D)
+    threads = torch.get_num_threads()
+    for compact in (False, True):
+        ops = axis_operators([Y, X], ks, kb, compact=compact)
+        with torch.no_grad():
+            torch.testing.assert_close(separable_conv(u, ops, D), ref)
+            torch.set_num_threads(1)  # the per-image path runs single-threaded only
+            try:
+                torch.testing.assert_close(separable_conv(u, ops, D), ref)
+            finally:
+                torch.set_num_threads(threads)
+        ug = u.detach().requires_grad_()
+        y = separable_conv(ug, ops, D)
+        torch.testing.assert_close(y, ref)
+        y.pow(2).sum().backward()
+        uf = u.detach().requires_grad_()
+        conv_reference_nd(uf, ks, kb, D).pow(2).sum().backward()
+        torch.testing.assert_close(ug.grad, uf.grad)
+    traced = torch.jit.trace(lambda v: separable_conv(v, ops, D), u)  # einsum path
+    torch.testing.assert_close(traced(u), ref)
+
+
+def test_toeplitz_2d_gradcheck_batched():
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ks = [torch.randn(2, n, generator=g, dtype=torch.float64, requires_grad=True)
+          for n in (4, 5)]
+    D = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, k0, k1, d: toeplitz_conv_separable(a, [k0, k1], [k0, k1], d),
+        (u, *ks, D))
