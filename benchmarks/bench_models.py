@@ -3,6 +3,8 @@
     PYTHONPATH=. python benchmarks/bench_models.py --quick          # subset, a few minutes
     PYTHONPATH=. python benchmarks/bench_models.py                  # every pair, size, batch
     PYTHONPATH=. python benchmarks/bench_models.py --pairs vim-deit --sizes 1024 --batch 1
+    PYTHONPATH=. python benchmarks/bench_models.py --pairs v2m-vmamba --sizes 224 --batch 1 \\
+        --modes inference --iters 10 --rounds 5   # median ratio of 5 (ours, theirs) rounds
 
 Pairs (issue 14; the alternatives are mmpretrain's own configs, built through its registry):
 
@@ -20,6 +22,7 @@ faster), peak-memory ratio, and the issue-14 target where there is one.
 """
 import argparse
 import os.path as osp
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -133,6 +136,8 @@ def main():
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--iters', type=int, help='timed iterations (default: by size)')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='(ours, theirs) rounds per row; the speed ratio is their median')
     p.add_argument('--device', choices=['cpu', 'cuda'],
                    default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--md', help='also write the ratio table (markdown) to this file')
@@ -163,6 +168,18 @@ def main():
         a = measure(ours, size, batch, mode, args, cache)  # adjacent runs: same load
         b = measure(theirs, size, batch, mode, args, cache)
         speed = a['img_per_s'] / b['img_per_s']
+        if args.rounds > 1:
+            # more (ours, theirs) rounds, freshly built: on a VM whose speed drifts between
+            # runs, the median of per-round ratios is steadier than one pair of means (the
+            # memory columns stay the first round's: later rounds reuse the heap)
+            ratios = [speed]
+            for _ in range(args.rounds - 1):
+                a_r = measure(ours, size, batch, mode, args, {})
+                b_r = measure(theirs, size, batch, mode, args, {})
+                ratios.append(a_r['img_per_s'] / b_r['img_per_s'])
+            speed = statistics.median(ratios)
+            print(f'  {pair} {size}^2 b{batch} {mode}: ratios per round '
+                  + ' '.join(f'{r:.2f}' for r in ratios), file=sys.stderr, flush=True)
         mem = a['peak_mem_MB'] / b['peak_mem_MB'] if b['peak_mem_MB'] > 0 else None
         rows.append((f'{ours} / {theirs}', f'{size}^2', str(batch), mode,
                      f'{a["ms_per_iter"]:.1f}', f'{b["ms_per_iter"]:.1f}', f'{speed:.2f}x',
@@ -180,7 +197,9 @@ def main():
     mem_kind = ('CUDA max_memory_allocated' if args.device == 'cuda'
                 else 'CPU peak RSS above the pre-warm-up level')
     text = '\n'.join([header, f'end of run:{load_end}',
-                      f'speed ratio = ours img/s / theirs img/s (> 1: ours faster); '
+                      f'speed ratio = ours img/s / theirs img/s (> 1: ours faster)'
+                      + (f', median of {args.rounds} rounds (ms, MB: the first round)'
+                         if args.rounds > 1 else '') + '; '
                       f'MB = {mem_kind}', *lines])
     print(text)
     if args.md:
