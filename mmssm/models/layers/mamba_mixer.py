@@ -107,6 +107,18 @@ def causal_conv1d(x: Tensor, conv1d: nn.Conv1d, reverse: bool = False) -> Tensor
     return y[..., k - 1:] if reverse else y[..., :l]
 
 
+def in_proj_halves(in_proj: nn.Linear, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """The x and z halves of a Mamba ``in_proj`` as two GEMMs: (..., C) -> two (..., d_inner).
+
+    Each half comes out contiguous, i.e. token-major / channels-last memory that a
+    following depthwise conv reads as it is; the halves of one GEMM's output would be
+    strided views, copied by the conv first.
+    """
+    w_x, w_z = in_proj.weight.chunk(2, dim=0)
+    b_x, b_z = (None, None) if in_proj.bias is None else in_proj.bias.chunk(2)
+    return F.linear(x, w_x, b_x), F.linear(x, w_z, b_z)
+
+
 def pass_inputs(x: Tensor, conv1d: Optional[nn.Conv1d], x_proj: nn.Linear,
                 dt_proj: nn.Linear, A_log: Tensor, varying: str = 'BC',
                 reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -222,10 +234,8 @@ class BiMambaMixer(nn.Module):
         # (B, L, d_inner) that the convs (channels-last, see causal_conv1d) and
         # x_proj read as it is; the scans read xs and z through (B, d_inner, L)
         # views. (One GEMM into the channel-major layout was ~1.4x slower.)
-        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
-        b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        xs = F.linear(x, w_x, b_x).transpose(1, 2)                            # (B, d, L) view
-        z = F.linear(x, w_z, b_z).transpose(1, 2)
+        xs, z = in_proj_halves(self.in_proj, x)
+        xs, z = xs.transpose(1, 2), z.transpose(1, 2)                         # (B, d, L) views
         y_f = ssm_pass(xs, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         # the backward direction on the unflipped tokens (reverse scan, anti-causal conv)
         y_b = ssm_pass(xs, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,

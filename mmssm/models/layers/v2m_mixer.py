@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssm.ops import CORNERS
-from .mamba_mixer import (make_conv1d, make_dt_proj, ones_D, pass_inputs, resolve_dt_rank,
-                          s4d_real_A_log, ssm_pass)
+from .mamba_mixer import (in_proj_halves, make_conv1d, make_dt_proj, ones_D, pass_inputs,
+                          resolve_dt_rank, s4d_real_A_log, ssm_pass)
 
 CornerSpec = Union[int, Sequence[str]]
 # corner -> (row pass reversed, column pass reversed): the scan directions that start
@@ -177,12 +177,9 @@ class V2MMixer2D(SSM2D):
         b, h, w, _ = x.shape
         d = self.d_inner
         if self.conv2d is not None:
-            # x and z halves of in_proj as two GEMMs: xs comes out contiguous
-            # (B, H, W, d), i.e. the channels-last map the NHWC depthwise kernel
-            # takes as it is (a chunk of one GEMM output would be copied first)
-            w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
-            b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-            xs, z = F.linear(x, w_x, b_x), F.linear(x, w_z, b_z)
+            # xs: a contiguous (B, H, W, d), the channels-last map the NHWC
+            # depthwise kernel takes as it is
+            xs, z = in_proj_halves(self.in_proj, x)
             xs = F.silu(self.conv2d(xs.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         else:
             xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) views of one tensor
