@@ -340,6 +340,9 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
                                         or Tx.requires_grad)
     Dv = None if D is None else D.to(x.dtype).reshape(H, 1, 1)
     if B > 1 and Y * X >= _PER_IMAGE_MIN and not grad and torch.get_num_threads() == 1:
+        # a channels-last x (a ConvNeXt block's residual sum) has no unit stride in its
+        # (Y, X) matrices: bmm would copy them one by one (H small copies per GEMM)
+        x = x.contiguous()
         # large maps: image by image, in place into the output (no copy of x). Single
         # thread only: with several threads each GEMM is a parallel region, and 2B of them
         # measured 2.4x slower than one batched pair on a loaded 2-core machine
@@ -349,9 +352,9 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
         return out
     # all images at once, both GEMMs as T @ (wide matrix): MKL is slow for outputs only
     # X = 7 wide (768 x (56, 7) @ (7, 7) takes 4x longer than (7, 7) @ (7, 56))
-    xp = x.transpose(0, 1)  # (H, B, Y, X): a view for B = 1, else one copy
-    if B > 1:
-        xp = xp.contiguous()
+    # (H, B, Y, X): a view for a contiguous x at B = 1, else one copy (also of a
+    # channels-last x at B = 1, for which bmm would copy each (Y, X) matrix separately)
+    xp = x.transpose(0, 1).contiguous()
     # X axis: zT[h] = Tx[h] @ x[h]^T, (X, B*Y), i.e. an (H, X, B, Y) layout
     zT = torch.bmm(Tx, xp.reshape(H, B * Y, X).transpose(1, 2))
     zT = zT.view(H, X * B, Y).transpose(1, 2)  # (H, Y, X*B) view, columns (x, b)
@@ -364,7 +367,27 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
         else:
             skip = torch.mul(xt, Dv.unsqueeze(-1), out=x.new_empty(H, Y, X, B))
             out = skip.view(H, Y, X * B).baddbmm_(Ty, zT)
+    if grad:
+        out = _ContiguousGrad.apply(out)
     return out.view(H, Y, X, B).permute(3, 0, 1, 2)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    The gradient of :func:`_toeplitz_conv2d`'s (H, Y, X*B) GEMM output arrives in its
+    consumer's layout: a ConvNeXt block's channels-last LayerNorm gives (H, Y, X) matrices
+    with no unit stride, and the backward GEMMs (``bmm`` with such operands) would copy them
+    one by one (H small copies each, ~2-25x slower at 56^2-14^2). One copy here instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g.contiguous()
 
 
 def pooled_axis_taps(k_fwd: Tensor, k_bwd: Optional[Tensor], stride: int) -> Tensor:

@@ -168,3 +168,38 @@ def test_toeplitz_2d_gradcheck_batched():
     assert torch.autograd.gradcheck(
         lambda a, k0, k1, d: toeplitz_conv_separable(a, [k0, k1], [k0, k1], d),
         (u, *ks, D))
+
+
+@pytest.mark.parametrize('B', [1, 3])
+def test_toeplitz_2d_channels_last_input_and_gradient(B):
+    # a ConvNeXt block feeds a channels-last residual sum and sends back the gradient of a
+    # channels-last LayerNorm; the GEMM paths copy both once into their own layout (bmm
+    # would otherwise copy every (Y, X) matrix separately): same values and gradients
+    g = torch.Generator().manual_seed(B)
+    H, Y, X = 4, 24, 25
+    u = torch.randn(B, H, Y, X, generator=g, dtype=torch.float64)
+    ks = [torch.randn(H, n, generator=g, dtype=torch.float64) for n in (Y, X)]
+    kb = [torch.randn(H, n - 1, generator=g, dtype=torch.float64) for n in (Y, X)]
+    D = torch.randn(H, generator=g, dtype=torch.float64)
+    ref = conv_reference_nd(u, ks, kb, D)
+    ops = axis_operators([Y, X], ks, kb, compact=True)
+    u_cl = u.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # B > 1: the per-image path
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(separable_conv(u_cl, ops, D), ref)
+    finally:
+        torch.set_num_threads(threads)
+    w = torch.randn(B, Y, X, H, generator=g, dtype=torch.float64)  # channels-last consumer
+    grads = []
+    for x in (u, u_cl):
+        xg = x.detach().requires_grad_()
+        y = separable_conv(xg, ops, D)
+        torch.testing.assert_close(y, ref)
+        (y.movedim(1, -1) * w).sum().backward()
+        grads.append(xg.grad)
+    uf = u.detach().requires_grad_()
+    (conv_reference_nd(uf, ks, kb, D).movedim(1, -1) * w).sum().backward()
+    torch.testing.assert_close(grads[0], uf.grad)
+    torch.testing.assert_close(grads[1], uf.grad)
