@@ -342,13 +342,16 @@ class _CauchyOuter(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 gC = (gV * Bs.conj().unsqueeze(-2)).sum(1)  # (H, Bc, N)
         if ctx.needs_input_grad[3]:
-            # gw = sum_l g_r1 conj(r1^2) + conj(g_r2) r2^2; with E = M built from r^2
-            # (same block layout as M) this is, per n, Re = sum (gM * E) over rows n, N+n
-            # and Im = sum (gM_top * E_bot - gM_bot * E_top)
-            gM = torch.bmm(X.transpose(1, 2), gout)  # (H, 2N, 2Lf)
+            # gw = sum_l G1 conj(r1)^2 + conj(G2) r2^2 with G1 = sum_k conj(V_k) g_k and
+            # G2 = sum_k V_k g_k (k = pair (a, b)), i.e. gw = sum_k conj(V_k) U_k with
+            # U = g conj(r1^2) + conj(g) r2^2: gV's formula with E (M built from r^2, same
+            # block layout) in place of M. One (H, K, 2Lf) @ (H, 2Lf, 2N) GEMM and small
+            # (H, K, 2N) products instead of the (H, 2N, 2Lf) matrix X^T g and three
+            # elementwise passes over it
             E = _cauchy_real(z, w, square=True)
-            re = (gM * E).sum(-1)
-            im = (gM[:, :N] * E[:, N:]).sum(-1) - (gM[:, N:] * E[:, :N]).sum(-1)
+            U = torch.bmm(gout, E.transpose(1, 2))  # (H, K, 2N): [Re U, Im U]
+            re = (X * U).sum(1)  # Re conj(V) U = Re V Re U + Im V Im U
+            im = (X[..., :N] * U[..., N:]).sum(1) - (X[..., N:] * U[..., :N]).sum(1)
             gw = torch.complex(re[:, :N] + re[:, N:], im)
         return gB, gC, None, gw
 
