@@ -5,12 +5,13 @@ S4ND / conv in one run. Not a test. Usage:
 
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 7]
         [--conv-mode auto|toeplitz|axes|outer] [--stem]
-    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --models [--threads 1 2] [--batch 1 8]
+    PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --models [--train] [--threads 1 2] [--batch 1 8]
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --memory [--threads 1 2] [--batch 1 8]
 
 ``--models``: whole ConvNeXt-S4ND-T against mmpretrain's ConvNeXt-T (224^2, inference),
 interleaved in one process, best of ``--repeat``: process CPU time (the honest number on a
-loaded machine at 1 thread) and wall time. ``--memory``: peak RSS above the level before
+loaded machine at 1 thread) and wall time; with ``--train``, training steps (loss, backward,
+SGD step) instead. ``--memory``: peak RSS above the level before
 the first forward, in a fresh subprocess per (model, threads, batch): the first forward
 of a freshly built model (for S4ND: C -> C~ conversion, kernel generation, caches) and
 then 3 steady forwards.
@@ -95,20 +96,39 @@ def _build(name: str, batch: int):
     return model, tensor_forward(model, task_of(cfg), batch, 224, 224)
 
 
-def bench_models(batches, threads, repeat: int) -> None:
-    """Whole-model inference, the two models interleaved, best of ``repeat``."""
-    print('whole models, 224^2 inference (no_grad), best of %d, interleaved; ratio = '
+def _train_step(name: str):
+    """A training step as ``tools/analysis_tools/benchmark.py`` times it: loss on random
+    labels, backward and an SGD step (lr 0: the weights keep their values)."""
+    sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
+    from _model_utils import build_model, load_config, loss_forward, num_classes_of, task_of
+    cfg = load_config(MODELS[name])
+    model = build_model(cfg, device='cpu').train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    task, n_cls = task_of(cfg), num_classes_of(cfg)
+
+    def step(x):
+        opt.zero_grad(set_to_none=True)
+        loss_forward(model, task, x, n_cls).backward()
+        opt.step()
+    return step
+
+
+def bench_models(batches, threads, repeat: int, train: bool = False) -> None:
+    """Whole-model inference (or training steps), the two models interleaved, best of
+    ``repeat``."""
+    what = 'training step (loss, backward, SGD step)' if train else 'inference (no_grad)'
+    print('whole models, 224^2 %s, best of %d, interleaved; ratio = '
           'ConvNeXt-T time / ConvNeXt-S4ND-T time (speed of S4ND-T relative to ConvNeXt-T)'
-          % repeat)
+          % (what, repeat))
     print(f'{"thr":>3} {"B":>2} | {"s4nd cpu":>9} {"cnx cpu":>8} {"ratio":>6} | '
           f'{"s4nd wall":>9} {"cnx wall":>8} {"ratio":>6}')
     for B in batches:
-        fwds = [_build(n, B)[1] for n in MODELS]
+        fwds = [_train_step(n) if train else _build(n, B)[1] for n in MODELS]
         x = torch.randn(B, 3, 224, 224)
         for th in threads:
             torch.set_num_threads(th)
             cpu, wall = [float('inf')] * 2, [float('inf')] * 2
-            with torch.no_grad():
+            with torch.set_grad_enabled(train):
                 for f in fwds:
                     f(x)
                 for _ in range(repeat):
@@ -171,12 +191,14 @@ def main():
                    help='also time the ConvNeXt-S4ND-T stem against ConvNeXt-T\'s (224^2)')
     p.add_argument('--models', action='store_true',
                    help='whole ConvNeXt-S4ND-T vs ConvNeXt-T inference (224^2), interleaved')
+    p.add_argument('--train', action='store_true',
+                   help='with --models: time training steps instead of inference')
     p.add_argument('--memory', action='store_true',
                    help='first-forward / steady peak RSS of both models, fresh process each')
     args = p.parse_args()
     if args.models or args.memory:
         if args.models:
-            bench_models(args.batch, args.threads, args.repeat)
+            bench_models(args.batch, args.threads, args.repeat, args.train)
         if args.memory:
             bench_memory(args.batch, args.threads)
         return
