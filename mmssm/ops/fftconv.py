@@ -329,7 +329,8 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
     Why this layout: the einsum form batches the GEMMs over (C, H) and puts B into M,
     which needs a permute copy of x (and of its output) per axis at B > 1, and then an
     elementwise skip on a permuted tensor. Here, for maps of >= ``_PER_IMAGE_MIN``
-    positions, x[b] (H, Y, X) is used as it is, image by image: the X axis is
+    positions at 1 thread (with or without autograd), x[b] (H, Y, X) is used as it is,
+    image by image: the X axis is
     ``x[b] @ Tx^T``, the Y axis ``Ty @ z``, the skip is the second GEMM's accumulator.
     Small maps (14^2, 7^2: many tiny GEMMs) take all images in one GEMM pair, each
     written as ``T @ (wide matrix)`` through transposed views, after one copy of x.
@@ -339,17 +340,23 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
     grad = torch.is_grad_enabled() and (x.requires_grad or Ty.requires_grad
                                         or Tx.requires_grad)
     Dv = None if D is None else D.to(x.dtype).reshape(H, 1, 1)
-    if B > 1 and Y * X >= _PER_IMAGE_MIN and not grad and torch.get_num_threads() == 1:
-        # a channels-last x (a ConvNeXt block's residual sum) has no unit stride in its
-        # (Y, X) matrices: bmm would copy them one by one (H small copies per GEMM)
+    if B > 1 and Y * X >= _PER_IMAGE_MIN and torch.get_num_threads() == 1:
+        # large maps: image by image on x[b] (H, Y, X), output in x's (B, H, Y, X) layout.
+        # Single thread only: with several threads each GEMM is a parallel region, and 2B
+        # of them measured 2.4x slower than one batched pair on a loaded 2-core machine.
+        # A channels-last x (a ConvNeXt block's residual sum) is copied once: bmm would
+        # copy its (Y, X) matrices (no unit stride) one by one. (B, H, Y, X) <->
+        # channels-last copies cost ~2 ms at 96@56^2, B=8, where the batched path's
+        # (H, Y, X, B) layout needs ~9-12 ms per transposing copy (input, output, gradient)
         x = x.contiguous()
-        # large maps: image by image, in place into the output (no copy of x). Single
-        # thread only: with several threads each GEMM is a parallel region, and 2B of them
-        # measured 2.4x slower than one batched pair on a loaded 2-core machine
-        out = x * Dv if Dv is not None else torch.zeros_like(x)
-        for b in range(B):
-            out[b].baddbmm_(Ty, torch.bmm(x[b], TxT))
-        return out
+        if not grad:  # in place into the output
+            out = x * Dv if Dv is not None else torch.zeros_like(x)
+            for b in range(B):
+                out[b].baddbmm_(Ty, torch.bmm(x[b], TxT))
+            return out
+        outs = [torch.bmm(Ty, z) if Dv is None else torch.baddbmm(x[b] * Dv, Ty, z)
+                for b, z in ((b, torch.bmm(x[b], TxT)) for b in range(B))]
+        return _ContiguousGrad.apply(torch.stack(outs))
     # all images at once, both GEMMs as T @ (wide matrix): MKL is slow for outputs only
     # X = 7 wide (768 x (56, 7) @ (7, 7) takes 4x longer than (7, 7) @ (7, 56))
     # (H, B, Y, X): a view for a contiguous x at B = 1, else one copy (also of a

@@ -192,14 +192,20 @@ def test_toeplitz_2d_channels_last_input_and_gradient(B):
     finally:
         torch.set_num_threads(threads)
     w = torch.randn(B, Y, X, H, generator=g, dtype=torch.float64)  # channels-last consumer
-    grads = []
-    for x in (u, u_cl):
-        xg = x.detach().requires_grad_()
-        y = separable_conv(xg, ops, D)
-        torch.testing.assert_close(y, ref)
-        (y.movedim(1, -1) * w).sum().backward()
-        grads.append(xg.grad)
     uf = u.detach().requires_grad_()
-    (conv_reference_nd(uf, ks, kb, D).movedim(1, -1) * w).sum().backward()
-    torch.testing.assert_close(grads[0], uf.grad)
-    torch.testing.assert_close(grads[1], uf.grad)
+    kf = [k.detach().requires_grad_() for k in ks]
+    (conv_reference_nd(uf, kf, kb, D).movedim(1, -1) * w).sum().backward()
+    for n_threads in (threads, 1):  # B > 1 at 1 thread: the per-image path with autograd
+        torch.set_num_threads(n_threads)
+        try:
+            for x in (u, u_cl):
+                xg = x.detach().requires_grad_()
+                kg = [k.detach().requires_grad_() for k in ks]
+                y = separable_conv(xg, axis_operators([Y, X], kg, kb, compact=True), D)
+                torch.testing.assert_close(y, ref)
+                (y.movedim(1, -1) * w).sum().backward()
+                torch.testing.assert_close(xg.grad, uf.grad)
+                for a, b in zip(kg, kf):
+                    torch.testing.assert_close(a.grad, b.grad)
+        finally:
+            torch.set_num_threads(threads)
