@@ -996,6 +996,8 @@ std::string capability() { return MMSSM_STR(CPU_CAPABILITY); }
 
 }  // namespace
 
+#include "cross_selective_scan.h"  // the direction-aware entry (VMamba), on the above
+
 TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus, bool out_fp32, bool reverse, "
@@ -1003,6 +1005,10 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("bwd(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor chunk_states, "
         "bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def("cross_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? delta_bias, bool delta_softplus, bool save_states) -> (Tensor, Tensor)");
+  m.def("cross_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? delta_bias, Tensor states, bool delta_softplus) -> Tensor[]");
   m.def("cross_scan(Tensor x) -> Tensor");
   m.def("cross_merge(Tensor y, int h, int w) -> Tensor");
   m.def("corner_rotate_all(Tensor x, int[] flips) -> Tensor");
@@ -1014,6 +1020,8 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
 TORCH_LIBRARY_IMPL(MMSSM_SCAN_NS, CPU, m) {
   m.impl("fwd", &scan_fwd);
   m.impl("bwd", &scan_bwd);
+  m.impl("cross_fwd", &cross_scan_fwd);
+  m.impl("cross_bwd", &cross_scan_bwd);
   m.impl("cross_scan", &cross_scan_cpu);
   m.impl("cross_merge", &cross_merge_cpu);
   m.impl("corner_rotate_all", &corner_rotate_all_cpu);
