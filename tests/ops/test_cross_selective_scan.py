@@ -148,3 +148,18 @@ def test_flop_count_is_unchanged():
         totals.append((analyzer.total(), dict(analyzer.by_operator())))
     assert totals[0][0] == totals[1][0], totals
     assert totals[0][1]['selective_scan'] == totals[1][1]['selective_scan'] > 0
+
+
+@needs_ext
+def test_one_pass_n1_path_equals_tiled_path():
+    """n = 1 full channel blocks take the one-pass loop, a partial block the tiled
+    path; channels are independent, so dropping the last channel moves channels
+    16..30 from one to the other: the results must be bit-identical."""
+    u, delta, A, B, C, D, bias = make_inputs(1, 9, 10, 32, 1)
+
+    def cut(d):  # the first d channels of every direction
+        return (u[..., :d], delta[..., :d], A.view(4, 32, 1)[:, :d].reshape(4 * d, 1), B, C,
+                D.view(4, 32)[:, :d].reshape(-1), bias.view(4, 32)[:, :d].reshape(-1))
+    with torch.no_grad():
+        full, part = cross_selective_scan(*cut(32)), cross_selective_scan(*cut(31))
+    assert torch.equal(full[..., :31], part)

@@ -134,6 +134,44 @@ void load_cross_tile(const CrossOperands<scalar_t, acc_t>& op, int64_t k, int64_
   s.bcs = n;
 }
 
+// Direction k of one full block at n = 1 (VMamba v2) in one pass per step: load u and
+// delta at the step's grid position, softplus, decay, state update, readout, merge.
+// The tiled path stages each of these through (kChunk, W) buffers (6 passes over L1
+// per step); here only the state is carried between steps, so the out-of-order core
+// overlaps the softplus / decay of the next steps with the current one. Same
+// operations in the same order as the tiled path: bit-identical results.
+template <typename acc_t>
+void cross_forward_n1(const CrossOperands<acc_t, acc_t>& op, int64_t k, int64_t bi, int64_t c0,
+                      int64_t nch, const Scratch<acc_t>& s, acc_t* y, acc_t* states) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t L = op.L, d = op.d, W = Vec::size();
+  const acc_t* u = op.u + bi * L * d + c0;
+  const acc_t* dl = op.delta + (k * op.b + bi) * L * d + c0;
+  const acc_t* Bp = op.B + bi * L * kDirs + k;  // (b, L, K, 1): position p at p K
+  const acc_t* Cp = op.C + bi * L * kDirs + k;
+  const int64_t* pos = op.pos + k * L;
+  acc_t* yo = y + bi * L * d + c0;
+  const Vec A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
+  const Vec bias = Vec::loadu(s.bias.data());
+  Vec h(acc_t(0));
+  for (int64_t t = 0; t < L; ++t) {
+    if (states && t % kChunk == 0) {  // state entering chunk t / kChunk: (b, K d, nch, 1)
+      acc_t hv[64];
+      h.store(hv);
+      acc_t* st = states + (bi * kDirs * d + k * d + c0) * nch + t / kChunk;
+      for (int64_t i = 0; i < W; ++i) st[i * nch] = hv[i];
+    }
+    const int64_t p = pos[t];
+    const Vec uv = Vec::loadu(u + p * d);
+    const Vec r = Vec::loadu(dl + p * d) + bias;
+    const Vec dt = op.softplus ? softplus<acc_t>(r) : r;
+    h = at::vec::fmadd(decay<acc_t>(dt, A2), h, (dt * uv) * Vec(Bp[p * kDirs]));
+    const Vec yv = at::vec::fmadd(D, uv, h * Vec(Cp[p * kDirs]));
+    acc_t* yp = yo + p * d;
+    (k ? Vec::loadu(yp) + yv : yv).store(yp);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void cross_forward_kernel(const CrossOperands<scalar_t, acc_t>& op, const Geometry& g, acc_t* y,
                           acc_t* states) {
@@ -147,6 +185,12 @@ void cross_forward_kernel(const CrossOperands<scalar_t, acc_t>& op, const Geomet
       for (int64_t k = 0; k < kDirs; ++k) {
         const auto opk = op.direction(k);
         load_params(opk, g, c0, nl, s);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (n == 1 && nl == W) {
+            cross_forward_n1<acc_t>(op, k, bi, c0, nch, s, y, states);
+            continue;
+          }
+        }
         std::fill(s.h.begin(), s.h.end(), acc_t(0));
         const Vec D = Vec::loadu(s.D.data());
         for (int64_t ch = 0; ch < nch; ++ch) {
