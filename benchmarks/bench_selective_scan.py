@@ -359,7 +359,8 @@ def bench_cross_selective_scan(batch, reps=7):
     The composition (cross_scan -> selective_scan -> cross_merge, the operands put
     into the scan orders first) against :func:`mmssm.ops.cross_selective_scan` on
     the VMamba-T stage grids (D = C, n = 1; and n = 16 as in v0 models), inference
-    (no grad) and fwd+bwd, the two interleaved, median of ``reps``.
+    (no grad) and fwd+bwd, the two interleaved, median of ``reps`` (with one torch
+    thread: the thread's CPU time).
     """
     from mmssm.ops import cross_selective_scan, cross_selective_scan_ref, selective_scan_cpp
     if not selective_scan_cpp.available():
@@ -374,17 +375,19 @@ def bench_cross_selective_scan(batch, reps=7):
         ops = (u, delta, A, xd[..., 6:6 + n], xd[..., 6 + n:], torch.randn(4 * d, generator=g),
                torch.randn(4 * d, generator=g) * 0.3)
         times = {}
+        # one thread: its CPU time, which a loaded machine distorts less than wall time
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
         for _ in range(reps):
             for name, fn in (('composition', cross_selective_scan_ref),
                              ('kernel', cross_selective_scan)):
                 for grad in (False, True):
                     args = [x.detach().requires_grad_(grad) for x in ops]
-                    t = time.perf_counter()
+                    t = clock()
                     with torch.set_grad_enabled(grad):
                         y = fn(*args)
                         if grad:
                             y.backward(torch.ones_like(y))
-                    times.setdefault((name, grad), []).append(time.perf_counter() - t)
+                    times.setdefault((name, grad), []).append(clock() - t)
         med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
         upd = 4 * batch * h * h * d * n
         print(f'  (b={batch}, {h}x{h}, D={d}, n={n}): inference {med["composition", False]:7.2f}'

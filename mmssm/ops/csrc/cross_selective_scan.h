@@ -140,6 +140,8 @@ void load_cross_tile(const CrossOperands<scalar_t, acc_t>& op, int64_t k, int64_
 // per step); here only the state is carried between steps, so the out-of-order core
 // overlaps the softplus / decay of the next steps with the current one. Same
 // operations in the same order as the tiled path: bit-identical results.
+constexpr int64_t kAhead = 16;  // steps of prefetch distance in cross_forward_n1
+
 template <typename acc_t>
 void cross_forward_n1(const CrossOperands<acc_t, acc_t>& op, int64_t k, int64_t bi, int64_t c0,
                       int64_t nch, const Scratch<acc_t>& s, acc_t* y, acc_t* states) {
@@ -161,6 +163,12 @@ void cross_forward_n1(const CrossOperands<acc_t, acc_t>& op, int64_t k, int64_t 
       acc_t* st = states + (bi * kDirs * d + k * d + c0) * nch + t / kChunk;
       for (int64_t i = 0; i < W; ++i) st[i * nch] = hv[i];
     }
+    if (t + kAhead < L) {  // column-major steps jump w D elements: prefetch ahead
+      const int64_t q = pos[t + kAhead] * d;
+      __builtin_prefetch(u + q, 0, 3);
+      __builtin_prefetch(dl + q, 0, 3);
+      __builtin_prefetch(yo + q, 1, 3);
+    }
     const int64_t p = pos[t];
     const Vec uv = Vec::loadu(u + p * d);
     const Vec r = Vec::loadu(dl + p * d) + bias;
@@ -169,6 +177,24 @@ void cross_forward_n1(const CrossOperands<acc_t, acc_t>& op, int64_t k, int64_t 
     const Vec yv = at::vec::fmadd(D, uv, h * Vec(Cp[p * kDirs]));
     acc_t* yp = yo + p * d;
     (k ? Vec::loadu(yp) + yv : yv).store(yp);
+  }
+}
+
+// Prefetch the W-lane rows of steps [s0, s0 + T) of direction k (u, delta and one more
+// grid tensor: y in the forward, dy in the backward): the tiled paths' next tile.
+template <typename scalar_t, typename acc_t>
+void prefetch_cross_tile(const CrossOperands<scalar_t, acc_t>& op, int64_t k, int64_t bi,
+                         int64_t c0, int64_t s0, int64_t T, const acc_t* grid) {
+  const int64_t L = op.L, d = op.d;
+  const int64_t* pos = op.pos + k * L;
+  const scalar_t* u = op.u + bi * L * d + c0;
+  const scalar_t* dl = op.delta + (k * op.b + bi) * L * d + c0;
+  const acc_t* g = grid + bi * L * d + c0;
+  for (int64_t j = s0; j < std::min(s0 + T, L); ++j) {
+    const int64_t q = pos[j] * d;
+    __builtin_prefetch(u + q, 0, 3);
+    __builtin_prefetch(dl + q, 0, 3);
+    __builtin_prefetch(g + q, 0, 3);
   }
 }
 
@@ -200,6 +226,7 @@ void cross_forward_kernel(const CrossOperands<scalar_t, acc_t>& op, const Geomet
               for (int64_t m = 0; m < n; ++m)
                 states[((bi * kDirs * d + k * d + c0 + i) * nch + ch) * n + m] = s.h[m * W + i];
           load_cross_tile(op, k, bi, c0, nl, s0, T, s, x);
+          prefetch_cross_tile(op, k, bi, c0, s0 + kChunk, kChunk, y);
           scan_tile(opk, T, s);
           for (int64_t j = 0; j < T; ++j)
             at::vec::fmadd(D, Vec::loadu(s.u.data() + j * W), Vec::loadu(s.y.data() + j * W))
@@ -241,6 +268,7 @@ void cross_backward_kernel(const CrossOperands<scalar_t, acc_t>& op, const Geome
           const int64_t s0 = ch * kChunk, T = std::min(kChunk, L - s0);
           const int64_t* pos = op.pos + k * L + s0;
           load_cross_tile(op, k, bi, c0, nl, s0, T, s, x);
+          if (ch > 0) prefetch_cross_tile(op, k, bi, c0, s0 - kChunk, kChunk, dy);
           if (nl < W) std::fill(w.dy.begin(), w.dy.end(), acc_t(0));
           gather_pos(dy + bi * L * d + c0, d, pos, T, nl, W, w.dy.data());
           // dy of every direction is the merged output's gradient at its position
