@@ -10,8 +10,11 @@ One module covers both released families:
 
 Parameters keep the names of the released checkpoints (``x_proj_weight``
 (K, R+2N, D), ``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D),
-``A_logs`` (K*D, N), ``Ds`` (K*D)) so they load without renaming. The scan goes
-through :func:`mmssm.ops.selective_scan`; the official fused kernels are not used.
+``A_logs`` (K*D, N), ``Ds`` (K*D)) so they load without renaming. On CPU with the
+compiled scan built, the four directions run as one direction-aware kernel on the
+token grid (:func:`mmssm.ops.cross_selective_scan`); elsewhere (and while
+``torch.export`` traces) as cross_scan -> :func:`mmssm.ops.selective_scan` ->
+cross_merge. The official fused kernels are not used.
 """
 import math
 from typing import Union

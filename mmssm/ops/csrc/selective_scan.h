@@ -4,8 +4,10 @@
 // by setup.py (baseline, AVX2+FMA, AVX-512) into
 // mmssm/ops/_scan_cpu_{default,avx2,avx512}; mmssm/ops/selective_scan_cpp.py
 // loads the best one the CPU supports. Each build registers its kernels as the
-// private ops MMSSM_SCAN_NS::fwd / ::bwd; the public op mmssm::selective_scan_fwd
-// (Python, torch.library) calls them.
+// private ops MMSSM_SCAN_NS::fwd / ::bwd (and ::cross_fwd / ::cross_bwd, VMamba's
+// direction-aware entry: cross_selective_scan.h); the public ops
+// mmssm::selective_scan_fwd / mmssm::cross_selective_scan_fwd (Python, torch.library)
+// call them.
 //
 // Math (per channel c, state k, scan step s; see selective_scan.py):
 //   dt_s = softplus(delta_s + bias)        a_s = exp(dt_s A_k)
