@@ -203,6 +203,7 @@ void cross_forward_kernel(const CrossOperands<scalar_t, acc_t>& op, const Geomet
                           acc_t* states) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, n = g.n, nblk = g.c0.size(), nch = g.n_chunks(), L = op.L, d = op.d;
+  const bool one_pass = one_pass_enabled();  // MMSSM_SCAN_TILED_ONLY (selective_scan.h)
   at::parallel_for(0, op.b * nblk, grain(kDirs * L, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
     CrossScratch<acc_t> x(n);
@@ -212,7 +213,7 @@ void cross_forward_kernel(const CrossOperands<scalar_t, acc_t>& op, const Geomet
         const auto opk = op.direction(k);
         load_params(opk, g, c0, nl, s);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (n == 1 && nl == W) {
+          if (one_pass && n == 1 && nl == W) {
             cross_forward_n1<acc_t>(op, k, bi, c0, nch, s, y, states);
             continue;
           }
