@@ -4,6 +4,7 @@
         [--shapes vim_t,vim_t_1025,vim_t_4097,vmamba_t_s1,v2m_rows,v2m_cols] [--with-ref]
     PYTHONPATH=. python benchmarks/bench_selective_scan.py --kernel-ab REV [--threads 1]
     PYTHONPATH=. python benchmarks/bench_selective_scan.py --cross-only [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py --v2m-only [--threads 1]
 
 ``--kernel-ab REV`` compares the compiled kernel of the working tree with the one of
 git revision REV (its mmssm/ops/csrc built here with torch's JIT loader, same flags
@@ -254,10 +255,14 @@ def _build_kernel(rev):
         ['git', 'rev-parse', '--short', rev], cwd=root, text=True).strip()
     name = f'mmssm_scan_ab_{tag}_{level}'
     src = tempfile.mkdtemp(prefix=name)
-    for f in ('selective_scan.h', 'scan_order.h'):
+    for f in ('selective_scan.h', 'scan_order.h', 'cross_selective_scan.h'):
         rel = f'mmssm/ops/csrc/{f}'
-        text = (open(os.path.join(root, rel)).read() if rev == 'worktree' else
-                subprocess.check_output(['git', 'show', f'{rev}:{rel}'], cwd=root, text=True))
+        try:  # cross_selective_scan.h: revisions from session 6 on
+            text = (open(os.path.join(root, rel)).read() if rev == 'worktree' else
+                    subprocess.check_output(['git', 'show', f'{rev}:{rel}'], cwd=root,
+                                            text=True, stderr=subprocess.DEVNULL))
+        except (OSError, subprocess.CalledProcessError):
+            continue
         with open(os.path.join(src, f), 'w') as fh:
             fh.write(text)
     with open(os.path.join(src, f'{name}.cpp'), 'w') as fh:
@@ -397,6 +402,52 @@ def bench_cross_selective_scan(batch, reps=7):
               f'({med["composition", True] / med["kernel", True]:.2f}x)', flush=True)
 
 
+def bench_v2m_passes(reps=7):
+    """V2M-S*'s scans (n = 1, token-major views, z gate): one-pass vs tiled kernel path.
+
+    The row passes read (lines, d, W) views of (lines, W, d) tokens with B input-
+    dependent and C = ones, the column passes (W, d, H) views of (H, W, d) tokens
+    (time steps W d apart) with B = ones and C input-dependent; both reverse=False,
+    batch 1 at 224^2 (the V2M-S* stage grids). The compiled kernel's one-pass n = 1
+    loop against its tiled path (``MMSSM_SCAN_TILED_ONLY=1``), inference, the two
+    interleaved, median of ``reps`` bests of 5 (one torch thread: its CPU time).
+    """
+    from mmssm.ops import selective_scan_cpp
+    if not selective_scan_cpp.available():
+        return
+    ext = selective_scan_cpp._EXT
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    print('\nV2M-S* scans (n = 1, token-major u / delta / z, gated), tiled -> one-pass:')
+    for h, d in ((56, 96), (28, 192), (14, 384), (7, 768)):
+        g = torch.Generator().manual_seed(0)
+        for kind in ('row', 'col'):
+            def tok(scale=1.0):
+                t = torch.randn(h, h, d, generator=g) * scale  # (lines, steps, d) / (H, W, d)
+                return t.transpose(1, 2) if kind == 'row' else t.permute(1, 2, 0)
+            u, delta, z = tok(), tok(0.5), tok()
+            A = -torch.rand(d, 1, generator=g) - 0.2
+            var, ones = torch.randn(h, 1, 1, h, generator=g), torch.ones(d, 1)
+            B, C = (var, ones) if kind == 'row' else (ones, var)
+            args = (u, delta, A, B, C, torch.randn(d, generator=g),
+                    z, torch.randn(d, generator=g) * 0.3, True, False, False, False)
+            times = {}
+            for _ in range(reps):
+                for name, flag in (('tiled', '1'), ('one-pass', '0')):
+                    os.environ['MMSSM_SCAN_TILED_ONLY'] = flag
+                    best = float('inf')
+                    for _ in range(5):
+                        t = clock()
+                        ext.fwd(*args)
+                        best = min(best, clock() - t)
+                    times.setdefault(name, []).append(best)
+            os.environ.pop('MMSSM_SCAN_TILED_ONLY')
+            med = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in times.items()}
+            upd = u.numel()
+            print(f'  {kind} pass {h} lines x {h} steps, d={d}: {med["tiled"]:7.1f} -> '
+                  f'{med["one-pass"]:7.1f} us ({med["tiled"] / med["one-pass"]:.2f}x, '
+                  f'{med["one-pass"] * 1e3 / upd:.2f} ns/update)', flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--batch', type=int, default=None,
@@ -410,6 +461,8 @@ def main():
     ap.add_argument('--no-scan-order', action='store_true', help='skip the cross-scan section')
     ap.add_argument('--cross-only', action='store_true',
                     help='only the direction-aware VMamba scan vs its composition (CPU)')
+    ap.add_argument('--v2m-only', action='store_true',
+                    help="only V2M-S*'s n = 1 token-major scans, one-pass vs tiled (CPU)")
     ap.add_argument('--kernel-ab', metavar='REV',
                     help='compare the compiled kernel with the one of git revision REV')
     ap.add_argument('--threads', type=int, default=None, help='torch threads')
@@ -440,6 +493,9 @@ def main():
         print('gpu:', torch.cuda.get_device_name())
     if args.cross_only:
         bench_cross_selective_scan(batch)
+        return
+    if args.v2m_only:
+        bench_v2m_passes()
         return
     if args.kernel_ab:
         kernel_ab(args.kernel_ab, [s for s in args.shapes.split(',') if s and s != 'none'],

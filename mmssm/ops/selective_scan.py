@@ -228,7 +228,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         reverse: scan from the last time step to the first.
 
     Returns:
-        out (b, d, l), or (out, last_state) if ``return_last_state``.
+        out (b, d, l), or (out, last_state) if ``return_last_state``. On the CPU
+        (compiled kernel) out has u's memory layout when u is dense, as
+        ``torch.empty_like(u)``: a (b, d, l) view of token-major (b, l, d) tensors gives
+        a token-major output (``out.transpose(1, 2)`` is then contiguous); other
+        backends return it contiguous.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if torch.compiler.is_exporting():  # one op per scan in the exported graph

@@ -21,6 +21,9 @@
 // steps: a tile of u / delta / z is transposed into (step, lane) buffers in L1,
 // the state h (n x W) stays in L1/registers across the whole time loop, and the
 // output tile is transposed back. Nothing of size (l, d, n) is ever allocated.
+// The output takes u's layout when u is dense (token-major views: stored one vector
+// per step); at n = 1 full blocks of lane-contiguous u / delta / z skip the tiles
+// (forward_n1: one pass per step, bit-identical).
 // The forward optionally saves the state entering each tile ("chunk states",
 // (b, d, n_chunks, n)); the backward walks the tiles in reverse, recomputes the
 // tile's states from the saved one (kept in a (kChunk, n, W) buffer) and runs the
