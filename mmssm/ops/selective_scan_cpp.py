@@ -101,6 +101,26 @@ def _use_ext(u: Tensor) -> bool:
     return _EXT is not None and u.device.type == 'cpu' and u.shape[-1] > 0
 
 
+def direct_kernel(u: Tensor):
+    """The compiled op namespace when eager code may call it directly, else None.
+
+    The Python custom op (``torch.library``) costs ~40 us a call in dispatch and
+    argument handling, ~1 ms of a VMamba-T forward. Inference that nothing
+    observes can skip it and call the compiled private op (same kernel, same
+    result). Everything that must see the public op keeps it: ``torch.compile``
+    / ``torch.export`` (graph nodes, fake kernels), ``torch.jit`` tracing (the
+    FLOP counter's ``mmssm::selective_scan_fwd`` handle), any
+    ``TorchDispatchMode`` (e.g. ``torch.utils.flop_counter.FlopCounterMode``) and
+    tensor subclasses. Callers decide about autograd (only without a gradient).
+    """
+    if (_EXT is None or type(u) is not Tensor or u.device.type != 'cpu'
+            or u.shape[-1] == 0 or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return None
+    return _EXT
+
+
 def _work_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
@@ -143,6 +163,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                 else u.new_zeros(0, dtype=wd))
     out, hs, _ = chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
                                  reverse, _chunk_len(u, A))
+    if not u.is_contiguous():  # the compiled kernel's (and the fake's) layout: u's
+        out = torch.empty_like(u, dtype=out.dtype).copy_(out)
     states = (hs.permute(1, 2, 0, 3).contiguous() if save_states
               else u.new_zeros(0, dtype=wd))
     return out, hs[-1].clone(), states
@@ -156,7 +178,8 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, rev
     out_dtype = wd if (out_fp32 or wd == torch.float64) else u.dtype
     states = (u.new_empty(_states_shape(u, A), dtype=wd) if save_states
               else u.new_empty(0, dtype=wd))
-    return (u.new_empty(b, d, l, dtype=out_dtype), u.new_empty(b, d, A.shape[1], dtype=wd),
+    # out has u's layout when u is dense (torch.empty_like), as the compiled kernel's
+    return (torch.empty_like(u, dtype=out_dtype), u.new_empty(b, d, A.shape[1], dtype=wd),
             states)
 
 

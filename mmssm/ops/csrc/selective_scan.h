@@ -4,8 +4,10 @@
 // by setup.py (baseline, AVX2+FMA, AVX-512) into
 // mmssm/ops/_scan_cpu_{default,avx2,avx512}; mmssm/ops/selective_scan_cpp.py
 // loads the best one the CPU supports. Each build registers its kernels as the
-// private ops MMSSM_SCAN_NS::fwd / ::bwd; the public op mmssm::selective_scan_fwd
-// (Python, torch.library) calls them.
+// private ops MMSSM_SCAN_NS::fwd / ::bwd (and ::cross_fwd / ::cross_bwd, VMamba's
+// direction-aware entry: cross_selective_scan.h); the public ops
+// mmssm::selective_scan_fwd / mmssm::cross_selective_scan_fwd (Python, torch.library)
+// call them.
 //
 // Math (per channel c, state k, scan step s; see selective_scan.py):
 //   dt_s = softplus(delta_s + bias)        a_s = exp(dt_s A_k)
@@ -19,6 +21,9 @@
 // steps: a tile of u / delta / z is transposed into (step, lane) buffers in L1,
 // the state h (n x W) stays in L1/registers across the whole time loop, and the
 // output tile is transposed back. Nothing of size (l, d, n) is ever allocated.
+// The output takes u's layout when u is dense (token-major views: stored one vector
+// per step); at n = 1 full blocks of lane-contiguous u / delta / z skip the tiles
+// (forward_n1: one pass per step, bit-identical).
 // The forward optionally saves the state entering each tile ("chunk states",
 // (b, d, n_chunks, n)); the backward walks the tiles in reverse, recomputes the
 // tile's states from the saved one (kept in a (kChunk, n, W) buffer) and runs the
@@ -33,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -402,6 +408,33 @@ void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t
   }
 }
 
+// The forward's output (b, d, l) has u's layout (see scan_fwd): contiguous rows go
+// through store_tile (transposed), a lane-contiguous layout (token-major: V2M's
+// passes) takes one vector per step, anything else element by element.
+struct OutLayout {
+  int64_t s0, s1, s2;
+  bool contiguous;
+};
+
+template <typename acc_t, typename out_t>
+void store_out(out_t* out, const OutLayout& o, const Geometry& g, bool reverse, int64_t bi,
+               int64_t c0, int64_t nl, int64_t s0, int64_t T, const acc_t* tile) {
+  if (o.contiguous) return store_tile(out, g, reverse, bi, c0, nl, s0, T, tile);
+  const int64_t W = g.W;
+  out_t* base = out + bi * o.s0 + c0 * o.s1;
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    if (o.s1 == 1 && nl == W) {
+      for (int64_t j = 0; j < T; ++j)
+        Vectorized<acc_t>::loadu(tile + j * W).store(base + g.time(s0 + j, reverse) * o.s2);
+      return;
+    }
+  }
+  for (int64_t j = 0; j < T; ++j) {
+    out_t* p = base + g.time(s0 + j, reverse) * o.s2;
+    for (int64_t i = 0; i < nl; ++i) p[i * o.s1] = static_cast<out_t>(tile[j * W + i]);
+  }
+}
+
 // Prefetch steps [s0, s0 + T) of nl time-contiguous rows (b, rows, l) into cache. The
 // tiles read 8 rows of 256 bytes 4 KB+ apart, u / delta / z / dout at once: at the
 // Vim-T shapes (1.5 MB each at 512^2, beyond L2) the gathers waited on L3 for ~40%
@@ -551,6 +584,109 @@ void scan_tile(const Operands<scalar_t, acc_t>& op, int64_t T, Scratch<acc_t>& s
   }
 }
 
+// MMSSM_SCAN_TILED_ONLY=1 in the environment turns the one-pass n = 1 loops off (the
+// tiled path then runs every block): read at each call, for A/B benchmarks in one process.
+inline bool one_pass_enabled() {
+  const char* e = std::getenv("MMSSM_SCAN_TILED_ONLY");
+  return !(e && e[0] == '1');
+}
+
+// One full block (nl == W) at n = 1 of lane-contiguous activations (u / delta / z
+// views (b, d, l) with stride 1 along d: token-major tensors, V2M's passes) in one
+// pass per step: a step is one W-wide load of each operand at time t, softplus,
+// decay, state update, readout, gate. The tiled path stages each of these through
+// (kChunk, W) buffers (6 passes over L1 per step); here only the state is carried
+// between steps, so the core overlaps the softplus / decay / gate of the next steps
+// with the current one's dependent FMA. The rows of step t + kAheadN1 are
+// prefetched (the column passes step over w d elements). The outputs of a chunk go
+// to a (kChunk, W) tile stored by store_tile, as the tiled path's. Same operations
+// in the same order as the tiled path: bit-identical results.
+constexpr int64_t kAheadN1 = 16;
+
+template <typename acc_t, bool BV, bool CV, bool ZV>
+void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
+                Scratch<acc_t>& s, acc_t* out, const OutLayout& ol, acc_t* last,
+                acc_t* states) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t W = g.W, l = g.l, nch = g.n_chunks();
+  const acc_t* u = op.u.p + bi * op.u.s0 + c0;
+  const acc_t* dl = op.delta.p + bi * op.delta.s0 + c0;
+  const acc_t* zp = ZV ? op.z.p + bi * op.z.s0 + c0 : nullptr;
+  const int64_t us = op.u.s2, ds = op.delta.s2, zs = ZV ? op.z.s2 : 0;
+  // input-dependent B / C: (b, g, l, 1) in the work dtype, one scalar per time step
+  const acc_t* Bp = BV ? op.Bl + (bi * g.gB + c0 / g.sizeB) * l : nullptr;
+  const acc_t* Cp = CV ? op.Cl + (bi * g.gC + c0 / g.sizeC) * l : nullptr;
+  const Vec A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
+  const Vec bias = Vec::loadu(s.bias.data());
+  const Vec Bc = Vec::loadu(s.Bc.data()), Cc = Vec::loadu(s.Cc.data());
+  // lane-contiguous output (token-major): y goes straight to its place, no tile
+  acc_t* yo = !ol.contiguous && ol.s1 == 1 ? out + bi * ol.s0 + c0 : nullptr;
+  Vec h(acc_t(0));
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t s0 = ch * kChunk, T = std::min(kChunk, l - s0);
+    if (states) {  // state entering this chunk: (b, d, nch, 1)
+      acc_t hv[64];
+      h.store(hv);
+      acc_t* st = states + (bi * g.d + c0) * nch + ch;
+      for (int64_t i = 0; i < W; ++i) st[i * nch] = hv[i];
+    }
+    for (int64_t j = 0; j < T; ++j) {
+      const int64_t sj = s0 + j, t = g.time(sj, op.reverse);
+      if (sj + kAheadN1 < l) {
+        const int64_t ta = g.time(sj + kAheadN1, op.reverse);
+        __builtin_prefetch(u + ta * us, 0, 3);
+        __builtin_prefetch(dl + ta * ds, 0, 3);
+        if (ZV) __builtin_prefetch(zp + ta * zs, 0, 3);
+      }
+      const Vec uv = Vec::loadu(u + t * us);
+      const Vec r = Vec::loadu(dl + t * ds) + bias;
+      const Vec dt = op.softplus ? softplus<acc_t>(r) : r;
+      const Vec bk = BV ? Vec(Bp[t]) : Bc;
+      const Vec ck = CV ? Vec(Cp[t]) : Cc;
+      h = at::vec::fmadd(decay<acc_t>(dt, A2), h, (dt * uv) * bk);
+      Vec y = at::vec::fmadd(D, uv, at::vec::fmadd(h, ck, Vec(acc_t(0))));
+      if (ZV) {
+        const Vec z = Vec::loadu(zp + t * zs);
+        y = y * z * sigmoid<acc_t>(z);
+      }
+      y.store(yo ? yo + t * ol.s2 : s.y.data() + j * W);
+    }
+    if (!yo) store_out(out, ol, g, op.reverse, bi, c0, W, s0, T, s.y.data());
+  }
+  acc_t hv[64];
+  h.store(hv);
+  for (int64_t i = 0; i < W; ++i) last[bi * g.d + c0 + i] = hv[i];
+}
+
+// forward_n1 when it applies (n = 1, a full block, io == work dtype, lane-contiguous
+// u / delta / z, the output in the work dtype); false: the caller runs the tiled path.
+template <typename scalar_t, typename acc_t>
+bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi,
+                    int64_t c0, int64_t nl, bool enabled, Scratch<acc_t>& s, at::Tensor& out,
+                    const OutLayout& ol, acc_t* last, acc_t* states) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    return false;
+  } else {
+    if (!enabled || g.n != 1 || nl != g.W || op.u.s1 != 1 || op.delta.s1 != 1 ||
+        (op.zv && op.z.s1 != 1) || out.scalar_type() != c10::CppTypeToScalarType<acc_t>::value)
+      return false;
+    acc_t* o = out.data_ptr<acc_t>();
+    auto run = [&](auto bv, auto cv, auto zv) {
+      forward_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
+          op, g, bi, c0, s, o, ol, last, states);
+    };
+    using T_ = std::true_type;
+    using F_ = std::false_type;
+    auto with_z = [&](auto bv, auto cv) { op.zv ? run(bv, cv, T_{}) : run(bv, cv, F_{}); };
+    if (op.Bv) {
+      op.Cv ? with_z(T_{}, T_{}) : with_z(T_{}, F_{});
+    } else {
+      op.Cv ? with_z(F_{}, T_{}) : with_z(F_{}, F_{});
+    }
+    return true;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::Tensor& out,
                     at::Tensor& last, at::Tensor& states, bool save) {
@@ -559,11 +695,14 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
   const bool out_acc = out.scalar_type() != c10::CppTypeToScalarType<scalar_t>::value;
   acc_t* last_p = last.data_ptr<acc_t>();
   acc_t* st_p = save ? states.data_ptr<acc_t>() : nullptr;
+  const bool one_pass = one_pass_enabled();
+  const OutLayout ol{out.stride(0), out.stride(1), out.stride(2), out.is_contiguous()};
   at::parallel_for(0, g.b * nblk, grain(g.l, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, blk = task % nblk, c0 = g.c0[blk], nl = g.nl[blk];
       load_params(op, g, c0, nl, s);
+      if (try_forward_n1(op, g, bi, c0, nl, one_pass, s, out, ol, last_p, st_p)) continue;
       std::fill(s.h.begin(), s.h.end(), acc_t(0));
       acc_t* h = s.h.data();
       const Vec D = Vec::loadu(s.D.data());
@@ -586,9 +725,9 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
           y.store(s.y.data() + j * W);
         }
         if (out_acc)
-          store_tile(out.data_ptr<acc_t>(), g, op.reverse, bi, c0, nl, s0, T, s.y.data());
+          store_out(out.data_ptr<acc_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data());
         else
-          store_tile(out.data_ptr<scalar_t>(), g, op.reverse, bi, c0, nl, s0, T, s.y.data());
+          store_out(out.data_ptr<scalar_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data());
       }
       for (int64_t i = 0; i < nl; ++i)
         for (int64_t k = 0; k < n; ++k) last_p[(bi * g.d + c0 + i) * n + k] = h[k * W + i];
@@ -915,7 +1054,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
   // the kernel writes either the io dtype or the work dtype; anything else is cast after
   const auto write_t = (out_t == io || out_t == acc) ? out_t : acc;
   const int64_t b = u.size(0), d = u.size(1), l = u.size(2), n = A.size(1);
-  at::Tensor out = at::empty({b, d, l}, u.options().dtype(write_t));
+  // out has u's layout when u is dense (torch.empty_like's rule; the fake kernel
+  // follows it too): token-major views (V2M's passes) get a token-major output, stored
+  // one vector per step instead of transposed, and a caller's transpose back to tokens
+  // becomes a no-op; contiguous u (every other caller) gets a contiguous out, as before
+  at::Tensor out = at::empty_like(u, u.options().dtype(write_t), at::MemoryFormat::Preserve);
   at::Tensor last = at::empty({b, d, n}, u.options().dtype(acc));
   at::Tensor states = save_states ? at::empty({b, d, (l + kChunk - 1) / kChunk, n},
                                               u.options().dtype(acc))
@@ -996,6 +1139,8 @@ std::string capability() { return MMSSM_STR(CPU_CAPABILITY); }
 
 }  // namespace
 
+#include "cross_selective_scan.h"  // the direction-aware entry (VMamba), on the above
+
 TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus, bool out_fp32, bool reverse, "
@@ -1003,6 +1148,10 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("bwd(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor chunk_states, "
         "bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def("cross_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? delta_bias, bool delta_softplus, bool save_states) -> (Tensor, Tensor)");
+  m.def("cross_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? delta_bias, Tensor states, bool delta_softplus) -> Tensor[]");
   m.def("cross_scan(Tensor x) -> Tensor");
   m.def("cross_merge(Tensor y, int h, int w) -> Tensor");
   m.def("corner_rotate_all(Tensor x, int[] flips) -> Tensor");
@@ -1014,6 +1163,8 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
 TORCH_LIBRARY_IMPL(MMSSM_SCAN_NS, CPU, m) {
   m.impl("fwd", &scan_fwd);
   m.impl("bwd", &scan_bwd);
+  m.impl("cross_fwd", &cross_scan_fwd);
+  m.impl("cross_bwd", &cross_scan_bwd);
   m.impl("cross_scan", &cross_scan_cpu);
   m.impl("cross_merge", &cross_merge_cpu);
   m.impl("corner_rotate_all", &corner_rotate_all_cpu);
