@@ -12,11 +12,13 @@ import mmssm.ops
 from mmssm.models.layers.s4nd import S4ND
 
 ORIGINAL_SCAN = mmssm.ops.selective_scan
+ORIGINAL_CROSS_SCAN = mmssm.ops.cross_selective_scan
 
 
 @pytest.fixture
 def scan_spy(monkeypatch):
-    """Replace ``selective_scan`` wherever mmssm imported it; check and record every call."""
+    """Replace ``selective_scan`` and ``cross_selective_scan`` wherever mmssm imported them;
+    check and record every call."""
     calls = []
 
     def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -30,10 +32,22 @@ def scan_spy(monkeypatch):
         calls.append(dict(u=u.dtype, delta=delta.dtype, state=last.dtype, out=out.dtype))
         return (out, last) if return_last_state else out
 
+    def cross_spy(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+        # VMamba's four-direction scan (SS2D on CPU): no last state to return; the kernel
+        # keeps its state in the dtype of the merged output, which must be fp32
+        out = ORIGINAL_CROSS_SCAN(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        assert A.dtype == torch.float32, f'A (decay rates) in {A.dtype}'
+        assert out.dtype == torch.float32, f'cross scan output / state in {out.dtype}'
+        calls.append(dict(u=u.dtype, delta=delta.dtype, state=out.dtype, out=out.dtype))
+        return out
+
     for mod in list(sys.modules.values()):
-        if getattr(mod, '__name__', '').startswith('mmssm') and \
-                getattr(mod, 'selective_scan', None) is ORIGINAL_SCAN:
+        if not getattr(mod, '__name__', '').startswith('mmssm'):
+            continue
+        if getattr(mod, 'selective_scan', None) is ORIGINAL_SCAN:
             monkeypatch.setattr(mod, 'selective_scan', spy)
+        if getattr(mod, 'cross_selective_scan', None) is ORIGINAL_CROSS_SCAN:
+            monkeypatch.setattr(mod, 'cross_selective_scan', cross_spy)
     return calls
 
 
