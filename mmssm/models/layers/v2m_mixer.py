@@ -174,7 +174,9 @@ class V2MMixer2D(SSM2D):
         or bottom-up (ll, lr) over the latent of its row direction. Every output already
         sits on its own token: no rotation, no un-rotation, and without a conv1d the
         projections of a pass are shared by its two directions. Same maths as rotating
-        the grid per corner (``SSM2D.scan2d``), up to fp32 rounding.
+        the grid per corner (``SSM2D.scan2d``), up to fp32 rounding. Mixers without a
+        per-pass conv1d (V2M-S*/B*) take :meth:`_forward_noconv`, the same computation
+        with fewer copies.
         """
         if x.dim() != 4:
             raise ValueError(f'V2MMixer2D expects (B, H, W, C), got {tuple(x.shape)}')
