@@ -87,13 +87,17 @@ def scan_extensions() -> dict:
     import platform
     levels = SCAN_EXT_LEVELS if platform.machine() in ('x86_64', 'AMD64') else {
         'default': SCAN_EXT_LEVELS['default']}
+    only = os.environ.get('MMSSM_BUILD_LEVELS')  # e.g. 'avx512' for a quick dev rebuild
+    if only:
+        levels = {k: v for k, v in levels.items() if k in only.split(',')}
     exts = [CppExtension(
         f'mmssm.ops._scan_cpu_{name}', [f'mmssm/ops/csrc/selective_scan_{name}.cpp'],
         extra_compile_args={'cxx': ['-O3', '-fopenmp', f'-DCPU_CAPABILITY={cap}',
                                     f'-DMMSSM_SCAN_NS=mmssm_scan_{name}'] +
                                    ([f'-DCPU_CAPABILITY_{cap}'] if cap != 'DEFAULT' else []) +
                                    flags},
-        depends=['mmssm/ops/csrc/selective_scan.h', 'mmssm/ops/csrc/scan_order.h'],
+        depends=['mmssm/ops/csrc/selective_scan.h', 'mmssm/ops/csrc/scan_order.h',
+                 'mmssm/ops/csrc/cross_selective_scan.h'],
         extra_link_args=['-fopenmp']) for name, (cap, flags) in levels.items()]
 
     class TolerantBuildExtension(BuildExtension.with_options(use_ninja=False)):

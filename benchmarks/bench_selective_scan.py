@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_selective_scan.py [--batch N]
         [--shapes vim_t,vim_t_1025,vim_t_4097,vmamba_t_s1,v2m_rows,v2m_cols] [--with-ref]
     PYTHONPATH=. python benchmarks/bench_selective_scan.py --kernel-ab REV [--threads 1]
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py --cross-only [--threads 1]
 
 ``--kernel-ab REV`` compares the compiled kernel of the working tree with the one of
 git revision REV (its mmssm/ops/csrc built here with torch's JIT loader, same flags
@@ -352,6 +353,50 @@ def bench_scan_order(batch, device, dtype):
         print(f'  {name:16s} fwd {times[0]:8.2f} ms   fwd+bwd {times[1]:8.2f} ms')
 
 
+def bench_cross_selective_scan(batch, reps=7):
+    """VMamba's 4-direction scan on the grid: composition vs the direction-aware kernel.
+
+    The composition (cross_scan -> selective_scan -> cross_merge, the operands put
+    into the scan orders first) against :func:`mmssm.ops.cross_selective_scan` on
+    the VMamba-T stage grids (D = C, n = 1; and n = 16 as in v0 models), inference
+    (no grad) and fwd+bwd, the two interleaved, median of ``reps`` (with one torch
+    thread: the thread's CPU time).
+    """
+    from mmssm.ops import cross_selective_scan, cross_selective_scan_ref, selective_scan_cpp
+    if not selective_scan_cpp.available():
+        return
+    print(f'\ncross_selective_scan (grid in, merged grid out) vs composition, batch {batch}:')
+    for h, d, n in ((56, 96, 1), (28, 192, 1), (14, 384, 1), (7, 768, 1), (56, 96, 16)):
+        g = torch.Generator().manual_seed(0)
+        u = torch.randn(batch, h, h, d, generator=g)
+        delta = torch.randn(4, batch, h, h, d, generator=g) * 0.5
+        A = -torch.rand(4 * d, n, generator=g) - 0.2
+        xd = torch.randn(batch, h, h, 4, 6 + 2 * n, generator=g)
+        ops = (u, delta, A, xd[..., 6:6 + n], xd[..., 6 + n:], torch.randn(4 * d, generator=g),
+               torch.randn(4 * d, generator=g) * 0.3)
+        times = {}
+        # one thread: its CPU time, which a loaded machine distorts less than wall time
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        for _ in range(reps):
+            for name, fn in (('composition', cross_selective_scan_ref),
+                             ('kernel', cross_selective_scan)):
+                for grad in (False, True):
+                    args = [x.detach().requires_grad_(grad) for x in ops]
+                    t = clock()
+                    with torch.set_grad_enabled(grad):
+                        y = fn(*args)
+                        if grad:
+                            y.backward(torch.ones_like(y))
+                    times.setdefault((name, grad), []).append(clock() - t)
+        med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+        upd = 4 * batch * h * h * d * n
+        print(f'  (b={batch}, {h}x{h}, D={d}, n={n}): inference {med["composition", False]:7.2f}'
+              f' -> {med["kernel", False]:7.2f} ms ({med["composition", False] / med["kernel", False]:.2f}x,'
+              f' {med["kernel", False] * 1e6 / upd:.2f} ns/update) | fwd+bwd '
+              f'{med["composition", True]:7.2f} -> {med["kernel", True]:7.2f} ms '
+              f'({med["composition", True] / med["kernel", True]:.2f}x)', flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--batch', type=int, default=None,
@@ -363,6 +408,8 @@ def main():
     ap.add_argument('--with-ref', action='store_true',
                     help="also time mmssm's sequential reference (slow)")
     ap.add_argument('--no-scan-order', action='store_true', help='skip the cross-scan section')
+    ap.add_argument('--cross-only', action='store_true',
+                    help='only the direction-aware VMamba scan vs its composition (CPU)')
     ap.add_argument('--kernel-ab', metavar='REV',
                     help='compare the compiled kernel with the one of git revision REV')
     ap.add_argument('--threads', type=int, default=None, help='torch threads')
@@ -391,6 +438,9 @@ def main():
               f'fp32 matmul 1024^2: {peak:.1f} GFLOP/s (practical peak)')
     if device == 'cuda':
         print('gpu:', torch.cuda.get_device_name())
+    if args.cross_only:
+        bench_cross_selective_scan(batch)
+        return
     if args.kernel_ab:
         kernel_ab(args.kernel_ab, [s for s in args.shapes.split(',') if s and s != 'none'],
                   batch, args.reps, peak)
@@ -457,6 +507,8 @@ def main():
               '(H100 copy ~3.0 TB/s, performance.md §3).')
     if not args.no_scan_order:
         bench_scan_order(batch, device, dtype)
+        if device == 'cpu':
+            bench_cross_selective_scan(batch)
 
 
 if __name__ == '__main__':

@@ -101,6 +101,26 @@ def _use_ext(u: Tensor) -> bool:
     return _EXT is not None and u.device.type == 'cpu' and u.shape[-1] > 0
 
 
+def direct_kernel(u: Tensor):
+    """The compiled op namespace when eager code may call it directly, else None.
+
+    The Python custom op (``torch.library``) costs ~40 us a call in dispatch and
+    argument handling, ~1 ms of a VMamba-T forward. Inference that nothing
+    observes can skip it and call the compiled private op (same kernel, same
+    result). Everything that must see the public op keeps it: ``torch.compile``
+    / ``torch.export`` (graph nodes, fake kernels), ``torch.jit`` tracing (the
+    FLOP counter's ``mmssm::selective_scan_fwd`` handle), any
+    ``TorchDispatchMode`` (e.g. ``torch.utils.flop_counter.FlopCounterMode``) and
+    tensor subclasses. Callers decide about autograd (only without a gradient).
+    """
+    if (_EXT is None or type(u) is not Tensor or u.device.type != 'cpu'
+            or u.shape[-1] == 0 or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return None
+    return _EXT
+
+
 def _work_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 

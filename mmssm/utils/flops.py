@@ -16,7 +16,9 @@ below add our own ops, which the tracer sees as single nodes:
       + B * D * L                # if the D skip is given
       + B * D * L                # if the z gate is given
 
-  with u (B, D, L) and A (D, N). softplus(delta + delta_bias) and the group
+  with u (B, D, L) and A (D, N). VMamba's direction-aware scan
+  ``mmssm::cross_selective_scan_fwd`` (u (B, H, W, D), A (4D, N)) counts as the
+  (B, 4D, H*W) scan it replaces. softplus(delta + delta_bias) and the group
   expansion of B/C are not counted (as in VMamba). The ``ref`` backend is a
   python loop of small ops and would be mis-counted: :func:`count_flops`
   clears MMSSM_SCAN_BACKEND while tracing on CPU (so the custom op runs).
@@ -111,6 +113,16 @@ def selective_scan_op_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter
         b, d, l, n, with_D=not _is_none(inputs[5]), with_z=not _is_none(inputs[6])))
 
 
+def cross_selective_scan_op_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """Handle for ``mmssm::cross_selective_scan_fwd`` (u (b, h, w, D), delta, A (4 D, N), B,
+    C, D, ...): the four directions' scans, counted as the one (b, 4 D, h w) scan of the
+    cross_scan -> selective_scan -> cross_merge composition it replaces."""
+    b, h, w, _ = get_shape(inputs[0])
+    d4, n = get_shape(inputs[2])
+    return Counter(selective_scan=selective_scan_flops(b, d4, h * w, n,
+                                                       with_D=not _is_none(inputs[5])))
+
+
 def zero_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """Handle for pure re-indexing ops (scan orders): 0 flops."""
     return 0
@@ -160,6 +172,7 @@ def op_handles() -> Dict[str, Any]:
     """All handles to pass to ``FlopAnalyzer.set_op_handle(**handles)``."""
     handles = {f'prim::PythonOp.{n}': selective_scan_flop_jit for n in SCAN_FUNCTIONS}
     handles['mmssm::selective_scan_fwd'] = selective_scan_op_flop_jit
+    handles['mmssm::cross_selective_scan_fwd'] = cross_selective_scan_op_flop_jit
     handles.update({f'prim::PythonOp.{n}': zero_flop_jit for n in SCAN_ORDER_FUNCTIONS})
     for kind in ('rfft', 'irfft', 'fft'):
         for suffix, nd in (('', False), ('n', True), ('2', True)):

@@ -41,10 +41,42 @@ def test_built_extension_is_what_cpu_tensors_get(monkeypatch):
     inp = make_inputs(b=1, d=4, l=9, n=2)
     assert resolve_backend(inp['u']) == 'cpp'
     ns = f'mmssm_scan_{selective_scan_cpp.LEVEL}::fwd'
+    # with a gradient: the public custom op, which calls the compiled kernel
+    x = {k: (v.requires_grad_() if k == 'u' else v) for k, v in inp.items()}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        selective_scan(**inp, delta_softplus=True)
+        selective_scan(**x, delta_softplus=True)
     names = {e.name for e in prof.events()}
     assert 'mmssm::selective_scan_fwd' in names and ns in names, sorted(names)
+    # plain inference: the compiled kernel directly (no custom-op overhead), same result
+    with torch.no_grad(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = selective_scan(**inp, delta_softplus=True)
+    names = {e.name for e in prof.events()}
+    assert 'mmssm::selective_scan_fwd' not in names and ns in names, sorted(names)
+    ref, _, _ = torch.ops.mmssm.selective_scan_fwd(
+        inp['u'], inp['delta'], inp['A'], inp['B'].unsqueeze(1) if inp['B'].dim() == 3
+        else inp['B'], inp['C'].unsqueeze(1) if inp['C'].dim() == 3 else inp['C'], inp['D'],
+        inp['z'], inp['delta_bias'], True, False, False, False)
+    assert torch.equal(out, ref)
+
+
+def test_direct_kernel_only_for_plain_eager():
+    """The custom op stays visible to jit tracing (FLOP counter) and dispatch modes."""
+    if not selective_scan_cpp.available():
+        pytest.skip('extension not built')
+    u = torch.zeros(1, 2, 3)
+    assert selective_scan_cpp.direct_kernel(u) is not None
+    assert selective_scan_cpp.direct_kernel(torch.zeros(1, 2, 0)) is None
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):
+        assert selective_scan_cpp.direct_kernel(u) is None
+    seen = []
+
+    def probe(x):
+        seen.append(selective_scan_cpp.direct_kernel(x))
+        return x * 1
+    torch.jit.trace(probe, (u,), check_trace=False)
+    assert seen == [None]
 
 
 def test_op_always_registered():

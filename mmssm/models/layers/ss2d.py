@@ -10,8 +10,11 @@ One module covers both released families:
 
 Parameters keep the names of the released checkpoints (``x_proj_weight``
 (K, R+2N, D), ``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D),
-``A_logs`` (K*D, N), ``Ds`` (K*D)) so they load without renaming. The scan goes
-through :func:`mmssm.ops.selective_scan`; the official fused kernels are not used.
+``A_logs`` (K*D, N), ``Ds`` (K*D)) so they load without renaming. On CPU with the
+compiled scan built, the four directions run as one direction-aware kernel on the
+token grid (:func:`mmssm.ops.cross_selective_scan`); elsewhere (and while
+``torch.export`` traces) as cross_scan -> :func:`mmssm.ops.selective_scan` ->
+cross_merge. The official fused kernels are not used.
 """
 import math
 from typing import Union
@@ -20,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssm.ops import cross_merge, cross_scan, selective_scan
+from mmssm.ops import cross_merge, cross_scan, cross_selective_scan, selective_scan
+from mmssm.ops import selective_scan_cpp
 
 # forward types whose SS2D math we implement: they differ in the official code
 # only by backend / precision (v02..v05, v2, v3) or by the z gate (``_noz``).
@@ -86,6 +90,12 @@ class SS2D(nn.Module):
         dt_min, dt_max, dt_init_floor: the Mamba dt initialisation range.
     """
     K = 4  # scan directions
+    # CPU tensors with the compiled scan built: one direction-aware kernel that reads
+    # the grid in the four orders and merges in-kernel (:func:`cross_selective_scan`)
+    # instead of cross_scan -> selective_scan -> cross_merge. False: the composition
+    # (benchmarks A/B it; ``torch.export`` always takes the composition, which has an
+    # ONNX translation).
+    use_cross_kernel: bool = True
 
     def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 1.0,
                  dt_rank: Union[int, str] = 'auto', d_conv: int = 3,
@@ -157,7 +167,14 @@ class SS2D(nn.Module):
         return torch.stack([rows[:, 0], cols[:, 0], rows[:, 1].flip(-1), cols[:, 1].flip(-1)], 1)
 
     def forward_core(self, x: Tensor) -> Tensor:
-        """(B, D, H, W) -> (B, D, H, W): cross-scan, S6 per direction, cross-merge."""
+        """(B, D, H, W) -> (B, D, H, W): cross-scan, S6 per direction, cross-merge.
+
+        The result is fp32; channels-last in memory when the direction-aware
+        kernel runs (then ``out_norm`` reads it without a copy).
+        """
+        if (self.use_cross_kernel and x.device.type == 'cpu' and selective_scan_cpp.available()
+                and not torch.compiler.is_exporting()):
+            return self.forward_core_grid(x)
         b, d, h, w = x.shape
         K, N, R, L = self.K, self.d_state, self.dt_rank, h * w
         xs = cross_scan(x)                                                    # (b, K, D, L)
@@ -171,6 +188,30 @@ class SS2D(nn.Module):
                             delta_softplus=True, out_fp32=True)             # (b, K*D, L) fp32
         y = cross_merge(ys.view(b, K, d, L), h, w)                           # (b, D, L)
         return y.view(b, d, h, w)
+
+    def forward_core_grid(self, x: Tensor) -> Tensor:
+        """:meth:`forward_core` by the direction-aware kernel, all in grid order.
+
+        x_proj is one GEMM over the tokens (b h w, D) -> (b, h, w, K, R+2N); B / C
+        are views of it, and the dt projection is one batched GEMM per direction,
+        (K, b h w, R) @ (K, R, D) -> delta (K, b, h, w, D). No operand is put into
+        the scan orders: the kernel reads each direction's order itself. Same sums
+        as the composition (fp32 rounding: the merge adds the directions in
+        another order).
+        """
+        b, d, h, w = x.shape
+        K, N, R = self.K, self.d_state, self.dt_rank
+        xt = x.permute(0, 2, 3, 1)                          # (b, h, w, D); a view if channels-last
+        xd = torch.matmul(xt.reshape(b * h * w, d),
+                          self.x_proj_weight.view(-1, d).t()).view(b, h, w, K, R + 2 * N)
+        dts, Bs, Cs = torch.split(xd, [R, N, N], dim=-1)    # (b, h, w, K, R|N|N) views
+        dts = torch.matmul(dts.permute(3, 0, 1, 2, 4).reshape(K, b * h * w, R),
+                           self.dt_projs_weight.transpose(1, 2))          # (K, b h w, D)
+        y = cross_selective_scan(xt, dts.view(K, b, h, w, d), -torch.exp(self.A_logs.float()),
+                                 Bs, Cs, D=self.Ds.float(),
+                                 delta_bias=self.dt_projs_bias.float().view(-1),
+                                 delta_softplus=True)                     # (b, h, w, D) fp32
+        return y.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) if channel_first else (B, H, W, C); same layout out."""

@@ -4,8 +4,10 @@
 // by setup.py (baseline, AVX2+FMA, AVX-512) into
 // mmssm/ops/_scan_cpu_{default,avx2,avx512}; mmssm/ops/selective_scan_cpp.py
 // loads the best one the CPU supports. Each build registers its kernels as the
-// private ops MMSSM_SCAN_NS::fwd / ::bwd; the public op mmssm::selective_scan_fwd
-// (Python, torch.library) calls them.
+// private ops MMSSM_SCAN_NS::fwd / ::bwd (and ::cross_fwd / ::cross_bwd, VMamba's
+// direction-aware entry: cross_selective_scan.h); the public ops
+// mmssm::selective_scan_fwd / mmssm::cross_selective_scan_fwd (Python, torch.library)
+// call them.
 //
 // Math (per channel c, state k, scan step s; see selective_scan.py):
 //   dt_s = softplus(delta_s + bias)        a_s = exp(dt_s A_k)
@@ -33,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -551,6 +554,106 @@ void scan_tile(const Operands<scalar_t, acc_t>& op, int64_t T, Scratch<acc_t>& s
   }
 }
 
+// MMSSM_SCAN_TILED_ONLY=1 in the environment turns the one-pass n = 1 loops off (the
+// tiled path then runs every block): read at each call, for A/B benchmarks in one process.
+inline bool one_pass_enabled() {
+  const char* e = std::getenv("MMSSM_SCAN_TILED_ONLY");
+  return !(e && e[0] == '1');
+}
+
+// One full block (nl == W) at n = 1 of lane-contiguous activations (u / delta / z
+// views (b, d, l) with stride 1 along d: token-major tensors, V2M's passes) in one
+// pass per step: a step is one W-wide load of each operand at time t, softplus,
+// decay, state update, readout, gate. The tiled path stages each of these through
+// (kChunk, W) buffers (6 passes over L1 per step); here only the state is carried
+// between steps, so the core overlaps the softplus / decay / gate of the next steps
+// with the current one's dependent FMA. The rows of step t + kAheadN1 are
+// prefetched (the column passes step over w d elements). The outputs of a chunk go
+// to a (kChunk, W) tile stored by store_tile, as the tiled path's. Same operations
+// in the same order as the tiled path: bit-identical results.
+constexpr int64_t kAheadN1 = 16;
+
+template <typename acc_t, bool BV, bool CV, bool ZV>
+void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
+                Scratch<acc_t>& s, acc_t* out, acc_t* last, acc_t* states) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t W = g.W, l = g.l, nch = g.n_chunks();
+  const acc_t* u = op.u.p + bi * op.u.s0 + c0;
+  const acc_t* dl = op.delta.p + bi * op.delta.s0 + c0;
+  const acc_t* zp = ZV ? op.z.p + bi * op.z.s0 + c0 : nullptr;
+  const int64_t us = op.u.s2, ds = op.delta.s2, zs = ZV ? op.z.s2 : 0;
+  // input-dependent B / C: (b, g, l, 1) in the work dtype, one scalar per time step
+  const acc_t* Bp = BV ? op.Bl + (bi * g.gB + c0 / g.sizeB) * l : nullptr;
+  const acc_t* Cp = CV ? op.Cl + (bi * g.gC + c0 / g.sizeC) * l : nullptr;
+  const Vec A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
+  const Vec bias = Vec::loadu(s.bias.data());
+  const Vec Bc = Vec::loadu(s.Bc.data()), Cc = Vec::loadu(s.Cc.data());
+  Vec h(acc_t(0));
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t s0 = ch * kChunk, T = std::min(kChunk, l - s0);
+    if (states) {  // state entering this chunk: (b, d, nch, 1)
+      acc_t hv[64];
+      h.store(hv);
+      acc_t* st = states + (bi * g.d + c0) * nch + ch;
+      for (int64_t i = 0; i < W; ++i) st[i * nch] = hv[i];
+    }
+    for (int64_t j = 0; j < T; ++j) {
+      const int64_t sj = s0 + j, t = g.time(sj, op.reverse);
+      if (sj + kAheadN1 < l) {
+        const int64_t ta = g.time(sj + kAheadN1, op.reverse);
+        __builtin_prefetch(u + ta * us, 0, 3);
+        __builtin_prefetch(dl + ta * ds, 0, 3);
+        if (ZV) __builtin_prefetch(zp + ta * zs, 0, 3);
+      }
+      const Vec uv = Vec::loadu(u + t * us);
+      const Vec r = Vec::loadu(dl + t * ds) + bias;
+      const Vec dt = op.softplus ? softplus<acc_t>(r) : r;
+      const Vec bk = BV ? Vec(Bp[t]) : Bc;
+      const Vec ck = CV ? Vec(Cp[t]) : Cc;
+      h = at::vec::fmadd(decay<acc_t>(dt, A2), h, (dt * uv) * bk);
+      Vec y = at::vec::fmadd(D, uv, at::vec::fmadd(h, ck, Vec(acc_t(0))));
+      if (ZV) {
+        const Vec z = Vec::loadu(zp + t * zs);
+        y = y * z * sigmoid<acc_t>(z);
+      }
+      y.store(s.y.data() + j * W);
+    }
+    store_tile(out, g, op.reverse, bi, c0, W, s0, T, s.y.data());
+  }
+  acc_t hv[64];
+  h.store(hv);
+  for (int64_t i = 0; i < W; ++i) last[bi * g.d + c0 + i] = hv[i];
+}
+
+// forward_n1 when it applies (n = 1, a full block, io == work dtype, lane-contiguous
+// u / delta / z, the output in the work dtype); false: the caller runs the tiled path.
+template <typename scalar_t, typename acc_t>
+bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi,
+                    int64_t c0, int64_t nl, bool enabled, Scratch<acc_t>& s, at::Tensor& out,
+                    acc_t* last, acc_t* states) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    return false;
+  } else {
+    if (!enabled || g.n != 1 || nl != g.W || op.u.s1 != 1 || op.delta.s1 != 1 ||
+        (op.zv && op.z.s1 != 1) || out.scalar_type() != c10::CppTypeToScalarType<acc_t>::value)
+      return false;
+    acc_t* o = out.data_ptr<acc_t>();
+    auto run = [&](auto bv, auto cv, auto zv) {
+      forward_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
+          op, g, bi, c0, s, o, last, states);
+    };
+    using T_ = std::true_type;
+    using F_ = std::false_type;
+    auto with_z = [&](auto bv, auto cv) { op.zv ? run(bv, cv, T_{}) : run(bv, cv, F_{}); };
+    if (op.Bv) {
+      op.Cv ? with_z(T_{}, T_{}) : with_z(T_{}, F_{});
+    } else {
+      op.Cv ? with_z(F_{}, T_{}) : with_z(F_{}, F_{});
+    }
+    return true;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::Tensor& out,
                     at::Tensor& last, at::Tensor& states, bool save) {
@@ -559,11 +662,13 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
   const bool out_acc = out.scalar_type() != c10::CppTypeToScalarType<scalar_t>::value;
   acc_t* last_p = last.data_ptr<acc_t>();
   acc_t* st_p = save ? states.data_ptr<acc_t>() : nullptr;
+  const bool one_pass = one_pass_enabled();
   at::parallel_for(0, g.b * nblk, grain(g.l, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, blk = task % nblk, c0 = g.c0[blk], nl = g.nl[blk];
       load_params(op, g, c0, nl, s);
+      if (try_forward_n1(op, g, bi, c0, nl, one_pass, s, out, last_p, st_p)) continue;
       std::fill(s.h.begin(), s.h.end(), acc_t(0));
       acc_t* h = s.h.data();
       const Vec D = Vec::loadu(s.D.data());
@@ -996,6 +1101,8 @@ std::string capability() { return MMSSM_STR(CPU_CAPABILITY); }
 
 }  // namespace
 
+#include "cross_selective_scan.h"  // the direction-aware entry (VMamba), on the above
+
 TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus, bool out_fp32, bool reverse, "
@@ -1003,6 +1110,10 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("bwd(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor chunk_states, "
         "bool delta_softplus, bool reverse) -> Tensor[]");
+  m.def("cross_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? delta_bias, bool delta_softplus, bool save_states) -> (Tensor, Tensor)");
+  m.def("cross_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? delta_bias, Tensor states, bool delta_softplus) -> Tensor[]");
   m.def("cross_scan(Tensor x) -> Tensor");
   m.def("cross_merge(Tensor y, int h, int w) -> Tensor");
   m.def("corner_rotate_all(Tensor x, int[] flips) -> Tensor");
@@ -1014,6 +1125,8 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
 TORCH_LIBRARY_IMPL(MMSSM_SCAN_NS, CPU, m) {
   m.impl("fwd", &scan_fwd);
   m.impl("bwd", &scan_bwd);
+  m.impl("cross_fwd", &cross_scan_fwd);
+  m.impl("cross_bwd", &cross_scan_bwd);
   m.impl("cross_scan", &cross_scan_cpu);
   m.impl("cross_merge", &cross_merge_cpu);
   m.impl("corner_rotate_all", &corner_rotate_all_cpu);
