@@ -163,6 +163,8 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                 else u.new_zeros(0, dtype=wd))
     out, hs, _ = chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
                                  reverse, _chunk_len(u, A))
+    if not u.is_contiguous():  # the compiled kernel's (and the fake's) layout: u's
+        out = torch.empty_like(u, dtype=out.dtype).copy_(out)
     states = (hs.permute(1, 2, 0, 3).contiguous() if save_states
               else u.new_zeros(0, dtype=wd))
     return out, hs[-1].clone(), states
@@ -176,7 +178,8 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, rev
     out_dtype = wd if (out_fp32 or wd == torch.float64) else u.dtype
     states = (u.new_empty(_states_shape(u, A), dtype=wd) if save_states
               else u.new_empty(0, dtype=wd))
-    return (u.new_empty(b, d, l, dtype=out_dtype), u.new_empty(b, d, A.shape[1], dtype=wd),
+    # out has u's layout when u is dense (torch.empty_like), as the compiled kernel's
+    return (torch.empty_like(u, dtype=out_dtype), u.new_empty(b, d, A.shape[1], dtype=wd),
             states)
 
 

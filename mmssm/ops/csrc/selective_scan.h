@@ -405,6 +405,33 @@ void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t
   }
 }
 
+// The forward's output (b, d, l) has u's layout (see scan_fwd): contiguous rows go
+// through store_tile (transposed), a lane-contiguous layout (token-major: V2M's
+// passes) takes one vector per step, anything else element by element.
+struct OutLayout {
+  int64_t s0, s1, s2;
+  bool contiguous;
+};
+
+template <typename acc_t, typename out_t>
+void store_out(out_t* out, const OutLayout& o, const Geometry& g, bool reverse, int64_t bi,
+               int64_t c0, int64_t nl, int64_t s0, int64_t T, const acc_t* tile) {
+  if (o.contiguous) return store_tile(out, g, reverse, bi, c0, nl, s0, T, tile);
+  const int64_t W = g.W;
+  out_t* base = out + bi * o.s0 + c0 * o.s1;
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    if (o.s1 == 1 && nl == W) {
+      for (int64_t j = 0; j < T; ++j)
+        Vectorized<acc_t>::loadu(tile + j * W).store(base + g.time(s0 + j, reverse) * o.s2);
+      return;
+    }
+  }
+  for (int64_t j = 0; j < T; ++j) {
+    out_t* p = base + g.time(s0 + j, reverse) * o.s2;
+    for (int64_t i = 0; i < nl; ++i) p[i * o.s1] = static_cast<out_t>(tile[j * W + i]);
+  }
+}
+
 // Prefetch steps [s0, s0 + T) of nl time-contiguous rows (b, rows, l) into cache. The
 // tiles read 8 rows of 256 bytes 4 KB+ apart, u / delta / z / dout at once: at the
 // Vim-T shapes (1.5 MB each at 512^2, beyond L2) the gathers waited on L3 for ~40%
@@ -575,7 +602,8 @@ constexpr int64_t kAheadN1 = 16;
 
 template <typename acc_t, bool BV, bool CV, bool ZV>
 void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
-                Scratch<acc_t>& s, acc_t* out, acc_t* last, acc_t* states) {
+                Scratch<acc_t>& s, acc_t* out, const OutLayout& ol, acc_t* last,
+                acc_t* states) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, l = g.l, nch = g.n_chunks();
   const acc_t* u = op.u.p + bi * op.u.s0 + c0;
@@ -588,6 +616,8 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
   const Vec A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
   const Vec bias = Vec::loadu(s.bias.data());
   const Vec Bc = Vec::loadu(s.Bc.data()), Cc = Vec::loadu(s.Cc.data());
+  // lane-contiguous output (token-major): y goes straight to its place, no tile
+  acc_t* yo = !ol.contiguous && ol.s1 == 1 ? out + bi * ol.s0 + c0 : nullptr;
   Vec h(acc_t(0));
   for (int64_t ch = 0; ch < nch; ++ch) {
     const int64_t s0 = ch * kChunk, T = std::min(kChunk, l - s0);
@@ -616,9 +646,9 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
         const Vec z = Vec::loadu(zp + t * zs);
         y = y * z * sigmoid<acc_t>(z);
       }
-      y.store(s.y.data() + j * W);
+      y.store(yo ? yo + t * ol.s2 : s.y.data() + j * W);
     }
-    store_tile(out, g, op.reverse, bi, c0, W, s0, T, s.y.data());
+    if (!yo) store_out(out, ol, g, op.reverse, bi, c0, W, s0, T, s.y.data());
   }
   acc_t hv[64];
   h.store(hv);
@@ -630,7 +660,7 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
 template <typename scalar_t, typename acc_t>
 bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi,
                     int64_t c0, int64_t nl, bool enabled, Scratch<acc_t>& s, at::Tensor& out,
-                    acc_t* last, acc_t* states) {
+                    const OutLayout& ol, acc_t* last, acc_t* states) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     return false;
   } else {
@@ -640,7 +670,7 @@ bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int6
     acc_t* o = out.data_ptr<acc_t>();
     auto run = [&](auto bv, auto cv, auto zv) {
       forward_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
-          op, g, bi, c0, s, o, last, states);
+          op, g, bi, c0, s, o, ol, last, states);
     };
     using T_ = std::true_type;
     using F_ = std::false_type;
@@ -663,12 +693,13 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
   acc_t* last_p = last.data_ptr<acc_t>();
   acc_t* st_p = save ? states.data_ptr<acc_t>() : nullptr;
   const bool one_pass = one_pass_enabled();
+  const OutLayout ol{out.stride(0), out.stride(1), out.stride(2), out.is_contiguous()};
   at::parallel_for(0, g.b * nblk, grain(g.l, n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(n, W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, blk = task % nblk, c0 = g.c0[blk], nl = g.nl[blk];
       load_params(op, g, c0, nl, s);
-      if (try_forward_n1(op, g, bi, c0, nl, one_pass, s, out, last_p, st_p)) continue;
+      if (try_forward_n1(op, g, bi, c0, nl, one_pass, s, out, ol, last_p, st_p)) continue;
       std::fill(s.h.begin(), s.h.end(), acc_t(0));
       acc_t* h = s.h.data();
       const Vec D = Vec::loadu(s.D.data());
@@ -691,9 +722,9 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
           y.store(s.y.data() + j * W);
         }
         if (out_acc)
-          store_tile(out.data_ptr<acc_t>(), g, op.reverse, bi, c0, nl, s0, T, s.y.data());
+          store_out(out.data_ptr<acc_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data());
         else
-          store_tile(out.data_ptr<scalar_t>(), g, op.reverse, bi, c0, nl, s0, T, s.y.data());
+          store_out(out.data_ptr<scalar_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data());
       }
       for (int64_t i = 0; i < nl; ++i)
         for (int64_t k = 0; k < n; ++k) last_p[(bi * g.d + c0 + i) * n + k] = h[k * W + i];
@@ -1020,7 +1051,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
   // the kernel writes either the io dtype or the work dtype; anything else is cast after
   const auto write_t = (out_t == io || out_t == acc) ? out_t : acc;
   const int64_t b = u.size(0), d = u.size(1), l = u.size(2), n = A.size(1);
-  at::Tensor out = at::empty({b, d, l}, u.options().dtype(write_t));
+  // out has u's layout when u is dense (torch.empty_like's rule; the fake kernel
+  // follows it too): token-major views (V2M's passes) get a token-major output, stored
+  // one vector per step instead of transposed, and a caller's transpose back to tokens
+  // becomes a no-op; contiguous u (every other caller) gets a contiguous out, as before
+  at::Tensor out = at::empty_like(u, u.options().dtype(write_t), at::MemoryFormat::Preserve);
   at::Tensor last = at::empty({b, d, n}, u.options().dtype(acc));
   at::Tensor states = save_states ? at::empty({b, d, (l + kChunk - 1) / kChunk, n},
                                               u.options().dtype(acc))
