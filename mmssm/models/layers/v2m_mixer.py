@@ -145,6 +145,9 @@ class V2MMixer2D(SSM2D):
     # mixers without a per-pass conv1d run :meth:`_forward_noconv`; False forces the
     # general path (the two are equal; a class switch for tests and A/B timing)
     fast_path: bool = True
+    # the conv-free path gates the column passes' corner sum once (False: each column
+    # scan gates its corner, as traced graphs do; equal to fp32 rounding; for tests / A/B)
+    gate_corner_sum: bool = True
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
@@ -241,13 +244,15 @@ class V2MMixer2D(SSM2D):
     def _forward_noconv(self, xs: Tensor, z: Optional[Tensor]) -> Tensor:
         """The corners of a mixer without per-pass conv1d (V2M-S*/B*), copy-light layouts.
 
-        xs, z: contiguous tokens (B, H, W, d) -> (B, H, W, C). Same maths as the general
-        path of :meth:`forward` (equal outputs); only the operand layouts differ:
+        xs, z: contiguous tokens (B, H, W, d) -> (B, H, W, C); in inference z (the
+        caller's fresh in_proj output) is overwritten. Same maths as the general path of
+        :meth:`forward` (outputs equal to fp32 rounding); the operand layouts differ:
 
         - the row passes read xs, their dt / B and z as (B*H, d, W) views of tokens
           (lane-contiguous, no copy), with one x_proj / dt_proj for both directions;
-        - each row-pass latent (a scan output, (B*H, d, W)) is transposed once to
-          token-major (B, H, W, d): x_proj_2 reads it as it is and the column passes
+        - each row-pass latent (a scan output, (B*H, d, W)) is made token-major
+          (B, H, W, d), no copy when the scan wrote it in u's token-major layout (the
+          compiled kernel does): x_proj_2 reads it as it is and the column passes
           read it, their dt and z through views (the general path copies the latent to
           (B*W, d, H) and x_proj_2 copies it again to tokens);
         - the column passes see tokens as (B*W, d, H) views when B = 1, else as
@@ -256,8 +261,16 @@ class V2MMixer2D(SSM2D):
           (B = 1 keeps one column per batch row: the kernel ran it ~15% faster than
           one (1, W*d, H) row at 14 x 14 x 384; an ONNX export takes it for any B);
         - exp(A_log) and the constant ones(B or C) are made once per call, and the
-          corner sum goes to tokens in one explicit copy before ``out_proj`` (a
-          permuted view there made matmul fall back to a batched GEMM plus a copy).
+          corner sum goes to contiguous tokens before ``out_proj`` (a permuted view
+          there made matmul fall back to a batched GEMM plus a copy; the compiled scan
+          gives token-major views a token-major output, so this is no copy there);
+        - the column passes' silu(z) gate multiplies the corner sum once instead of
+          each corner's output (sum_c y_c * g = g * sum_c y_c: fp32 rounding apart, the
+          same maths): the column scans run without z (the gate costs each scan a
+          load, a sigmoid and a multiply per element, ~10-30% of its time) and one
+          silu + multiply follow. A traced or exported graph (FLOP counting, ONNX)
+          keeps the per-pass gate, the official formulation whose counted FLOPs
+          include it.
         """
         b, h, w, d = xs.shape
         R = self.dt_rank
@@ -268,6 +281,8 @@ class V2MMixer2D(SSM2D):
         # else (B, W)
         exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
         nb, nw = (b * w, 1) if exporting or b == 1 else (b, w)
+        # gate the corner sum, not each corner (traced graphs keep the per-pass gate)
+        gate_sum = z is not None and self.gate_corner_sum and not exporting
 
         def rows(t: Tensor) -> Tensor:  # tokens (B, H, W, c) -> (B*H, c, W), a view
             return t.reshape(b * h, w, t.shape[-1]).transpose(1, 2)
@@ -286,7 +301,8 @@ class V2MMixer2D(SSM2D):
         A, D, bias = -torch.exp(self.A_2_log.to(f)), self.D_2.to(f), self.dt_proj_2.bias.to(f)
         if nw > 1:  # per-channel parameters of nw groups: (nw*d, N) / (nw*d,)
             A, D, bias = A.repeat(nw, 1), D.repeat(nw), bias.repeat(nw)
-        col_args = dict(A=A, B=torch.ones_like(A), D=D, z=None if z is None else cols(z),
+        col_args = dict(A=A, B=torch.ones_like(A), D=D,
+                        z=None if z is None or gate_sum else cols(z),
                         delta_bias=bias, delta_softplus=True)
         N = A.shape[1]
         inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
@@ -296,7 +312,7 @@ class V2MMixer2D(SSM2D):
         lats = [ops.selective_scan(x_r, dt_r, reverse=rev, **row_args)
                 for rev in revs]                                       # (B*H, d, W) each
         for rev, lat in zip(revs, lats):
-            lat = lat.view(b, h, d, w).transpose(2, 3).contiguous()    # tokens (B, H, W, d)
+            lat = lat.view(b, h, d, w).transpose(2, 3).contiguous()    # tokens, no-op copy
             x_dbl2 = F.linear(lat, self.x_proj_2.weight)               # (B, H, W, R+N)
             dt2 = F.linear(x_dbl2[..., :R], self.dt_proj_2.weight)     # (B, H, W, d)
             C = x_dbl2[..., R:].permute(0, 2, 3, 1)                   # (B, W, N, H) view
@@ -313,8 +329,11 @@ class V2MMixer2D(SSM2D):
                     y.add_(y_c)
                 else:
                     y = y + y_c
+        y = y.view(b, w, d, h).permute(0, 3, 1, 2)  # tokens (B, H, W, d)
+        if gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
+            y = F.silu(z, inplace=True).mul_(y)  # contiguous tokens whatever y's layout
+        elif gate_sum:
+            y = y * F.silu(z)
         if len(self.corners) > 1:
             y = y.div_(len(self.corners)) if inplace else y / len(self.corners)
-        # (B, W, d, H) memory -> contiguous tokens, then out_proj as one 2-D GEMM
-        y = y.view(b, w, d, h).permute(0, 3, 1, 2).contiguous()
-        return self.out_proj(y)
+        return self.out_proj(y.contiguous())  # one 2-D GEMM (no copy if already tokens)

@@ -249,8 +249,9 @@ def test_direction_scans_equal_rotated_corners(kw):
     (dict(use_z=False, corners=('lr', ), d_conv2d=0), 2)])
 def test_conv_free_path_equals_general_path(monkeypatch, kw, b):
     """Mixers without conv1d take ``_forward_noconv`` (token-major latents, column passes
-    on views, W channel groups per image when B > 1): outputs bit-equal to the general
-    path (with and without grad), gradients equal to fp32 rounding."""
+    on views, W channel groups per image when B > 1, the column gate on the corner sum):
+    outputs equal to the general path to fp32 rounding (bit-equal with the per-pass gate),
+    with and without grad, gradients equal to fp32 rounding."""
     torch.manual_seed(0)
     kw = {'d_state': 2, 'd_conv2d': 3, **kw}
     m = V2MMixer2D(16, expand=1, d_conv=0, **kw)
@@ -260,19 +261,24 @@ def test_conv_free_path_equals_general_path(monkeypatch, kw, b):
     x = torch.randn(b, 3, 5, 16, requires_grad=True)
     g = torch.randn(b, 3, 5, 16)
     res = {}
-    for fast in (False, True):
+    for fast, gate_sum in ((False, True), (True, False), (True, True)):
         monkeypatch.setattr(V2MMixer2D, 'fast_path', fast)
+        monkeypatch.setattr(V2MMixer2D, 'gate_corner_sum', gate_sum)
         m.zero_grad()
         x.grad = None
         y = m(x)
         (y * g).sum().backward()
         with torch.no_grad():
             y_inf = m(x)
-        res[fast] = (y.detach(), y_inf, x.grad.clone(),
-                     {n: p.grad.clone() for n, p in m.named_parameters()})
-    (y0, yi0, dx0, dp0), (y1, yi1, dx1, dp1) = res[False], res[True]
-    assert torch.equal(y0, y1) and torch.equal(yi0, yi1)
-    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-6)
-    assert dp0.keys() == dp1.keys()
-    for n in dp0:
-        torch.testing.assert_close(dp1[n], dp0[n], rtol=1e-4, atol=1e-5, msg=n)
+        res[fast, gate_sum] = (y.detach(), y_inf, x.grad.clone(),
+                               {n: p.grad.clone() for n, p in m.named_parameters()})
+    y0, yi0, dx0, dp0 = res[False, True]
+    y1, yi1 = res[True, False][:2]
+    assert torch.equal(y0, y1) and torch.equal(yi0, yi1)  # per-pass gate: same operations
+    for y2, yi2, dx2, dp2 in (res[True, False], res[True, True]):
+        torch.testing.assert_close(y2, y0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(yi2, yi0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx2, dx0, rtol=1e-5, atol=1e-6)
+        assert dp0.keys() == dp2.keys()
+        for n in dp0:
+            torch.testing.assert_close(dp2[n], dp0[n], rtol=1e-4, atol=1e-5, msg=n)
