@@ -294,7 +294,10 @@ class V2MMixer2D(SSM2D):
         x_dbl = F.linear(xs, self.x_proj.weight)                      # (B, H, W, R+N)
         dt = F.linear(x_dbl[..., :R], self.dt_proj.weight)            # (B, H, W, d)
         A = -torch.exp(self.A_log.to(f))
-        row_args = dict(A=A, B=rows(x_dbl[..., R:]), C=torch.ones_like(A), D=self.D.to(f),
+        # B, C: (b, N, L) views of (b, L, N) contiguous memory, the layout the compiled scan
+        # reads (it would copy a strided view once per scan; here once per pass group)
+        B_r = x_dbl[..., R:].reshape(b * h, w, -1).contiguous().transpose(1, 2)  # (B*H, N, W)
+        row_args = dict(A=A, B=B_r, C=torch.ones_like(A), D=self.D.to(f),
                         z=rows(z) if gated_rows else None,
                         delta_bias=self.dt_proj.bias.to(f), delta_softplus=True)
         # column passes (B = ones, C varying), nw groups of d channels per batch row
@@ -315,8 +318,8 @@ class V2MMixer2D(SSM2D):
             lat = lat.view(b, h, d, w).transpose(2, 3).contiguous()    # tokens, no-op copy
             x_dbl2 = F.linear(lat, self.x_proj_2.weight)               # (B, H, W, R+N)
             dt2 = F.linear(x_dbl2[..., :R], self.dt_proj_2.weight)     # (B, H, W, d)
-            C = x_dbl2[..., R:].permute(0, 2, 3, 1)                   # (B, W, N, H) view
-            C = C.reshape(nb, N, h) if nw == 1 else C                  # (nb, [nw,] N, H)
+            C = x_dbl2[..., R:].transpose(1, 2).contiguous().transpose(2, 3)  # (B, W, N, H)
+            C = C.reshape(nb, N, h) if nw == 1 else C                  # (nb, [nw,] N, H) view
             x_c, dt_c = cols(lat), cols(dt2)
             for c in self.corners:
                 if _CORNER_DIRS[c][0] != rev:
