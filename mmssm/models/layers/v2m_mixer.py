@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssm import ops
 from mmssm.ops import CORNERS
-from .mamba_mixer import (in_proj_halves, make_conv1d, make_dt_proj, ones_D, pass_inputs,
-                          resolve_dt_rank, s4d_real_A_log, ssm_pass)
+from .mamba_mixer import (_state_dtype, in_proj_halves, make_conv1d, make_dt_proj, ones_D,
+                          pass_inputs, resolve_dt_rank, s4d_real_A_log, ssm_pass)
 
 CornerSpec = Union[int, Sequence[str]]
 # corner -> (row pass reversed, column pass reversed): the scan directions that start
@@ -141,6 +142,12 @@ class V2MMixer2D(SSM2D):
             on the grid before the scans (VMamba-style stems; key ``conv2d``).
         dt_min, dt_max, dt_init_floor, dt_scale: dt init.
     """
+    # mixers without a per-pass conv1d run :meth:`_forward_noconv`; False forces the
+    # general path (the two are equal; a class switch for tests and A/B timing)
+    fast_path: bool = True
+    # the conv-free path gates the column passes' corner sum once (False: each column
+    # scan gates its corner, as traced graphs do; equal to fp32 rounding; for tests / A/B)
+    gate_corner_sum: bool = True
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
@@ -170,17 +177,22 @@ class V2MMixer2D(SSM2D):
         or bottom-up (ll, lr) over the latent of its row direction. Every output already
         sits on its own token: no rotation, no un-rotation, and without a conv1d the
         projections of a pass are shared by its two directions. Same maths as rotating
-        the grid per corner (``SSM2D.scan2d``), up to fp32 rounding.
+        the grid per corner (``SSM2D.scan2d``), up to fp32 rounding. Mixers without a
+        per-pass conv1d (V2M-S*/B*) take :meth:`_forward_noconv`, the same computation
+        with fewer copies.
         """
         if x.dim() != 4:
             raise ValueError(f'V2MMixer2D expects (B, H, W, C), got {tuple(x.shape)}')
         b, h, w, _ = x.shape
         d = self.d_inner
-        if self.conv2d is not None:
+        fast = self.fast_path and self.conv1d is None and self.conv1d_2 is None
+        if self.conv2d is not None or fast:
             # xs: a contiguous (B, H, W, d), the channels-last map the NHWC
             # depthwise kernel takes as it is
             xs, z = in_proj_halves(self.in_proj, x)
-            xs = F.silu(self.conv2d(xs.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+            if self.conv2d is not None:  # silu in place on the fresh conv output in inference
+                xs = F.silu(self.conv2d(xs.permute(0, 3, 1, 2)),
+                            inplace=not torch.is_grad_enabled()).permute(0, 2, 3, 1)
         else:
             xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) views of one tensor
         if not self.use_z:
@@ -192,6 +204,8 @@ class V2MMixer2D(SSM2D):
         def cols(t: Tensor) -> Tensor:  # rows (B*H, d, W) -> columns (B*W, d, H)
             return t.view(b, h, d, w).permute(0, 3, 2, 1).reshape(b * w, d, h)
 
+        if fast:
+            return self._forward_noconv(xs, z)
         x_r = rows(xs)
         z_r = rows(z) if z is not None and self.gate == 'both' else None
         z_c = None if z is None else z.permute(0, 2, 3, 1).reshape(b * w, d, h)
@@ -226,3 +240,103 @@ class V2MMixer2D(SSM2D):
         if len(self.corners) > 1:
             y = y.div_(len(self.corners)) if inplace else y / len(self.corners)
         return self.out_proj(y.view(b, w, d, h).permute(0, 3, 1, 2))  # tokens (B, H, W, d)
+
+    def _forward_noconv(self, xs: Tensor, z: Optional[Tensor]) -> Tensor:
+        """The corners of a mixer without per-pass conv1d (V2M-S*/B*), copy-light layouts.
+
+        xs, z: contiguous tokens (B, H, W, d) -> (B, H, W, C); in inference z (the
+        caller's fresh in_proj output) is overwritten. Same maths as the general path of
+        :meth:`forward` (outputs equal to fp32 rounding); the operand layouts differ:
+
+        - the row passes read xs, their dt / B and z as (B*H, d, W) views of tokens
+          (lane-contiguous, no copy), with one x_proj / dt_proj for both directions;
+        - each row-pass latent (a scan output, (B*H, d, W)) is made token-major
+          (B, H, W, d), no copy when the scan wrote it in u's token-major layout (the
+          compiled kernel does): x_proj_2 reads it as it is and the column passes
+          read it, their dt and z through views (the general path copies the latent to
+          (B*W, d, H) and x_proj_2 copies it again to tokens);
+        - the column passes see tokens as (B*W, d, H) views when B = 1, else as
+          (B, W*d, H) with the W columns as W channel groups (A, D and the delta bias
+          tiled W times, tiny (W*d, N) / (W*d,) tensors): no reshape copy for any B
+          (B = 1 keeps one column per batch row: the kernel ran it ~15% faster than
+          one (1, W*d, H) row at 14 x 14 x 384; an ONNX export takes it for any B);
+        - exp(A_log) and the constant ones(B or C) are made once per call, and the
+          corner sum goes to contiguous tokens before ``out_proj`` (a permuted view
+          there made matmul fall back to a batched GEMM plus a copy; the compiled scan
+          gives token-major views a token-major output, so this is no copy there);
+        - the column passes' silu(z) gate multiplies the corner sum once instead of
+          each corner's output (sum_c y_c * g = g * sum_c y_c: fp32 rounding apart, the
+          same maths): the column scans run without z (the gate costs each scan a
+          load, a sigmoid and a multiply per element, ~10-30% of its time) and one
+          silu + multiply follow. A traced or exported graph (FLOP counting, ONNX)
+          keeps the per-pass gate, the official formulation whose counted FLOPs
+          include it.
+        """
+        b, h, w, d = xs.shape
+        R = self.dt_rank
+        f = _state_dtype(self.A_log)
+        gated_rows = z is not None and self.gate == 'both'
+        # column batch rows x column groups per row: (B*W, 1) when B = 1 (views) or while
+        # exporting (the ONNX scan needs a static channel count: reshape copies there),
+        # else (B, W)
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        nb, nw = (b * w, 1) if exporting or b == 1 else (b, w)
+        # gate the corner sum, not each corner (traced graphs keep the per-pass gate)
+        gate_sum = z is not None and self.gate_corner_sum and not exporting
+
+        def rows(t: Tensor) -> Tensor:  # tokens (B, H, W, c) -> (B*H, c, W), a view
+            return t.reshape(b * h, w, t.shape[-1]).transpose(1, 2)
+
+        def cols(t: Tensor) -> Tensor:  # tokens (B, H, W, c) -> (nb, nw*c, H), a view
+            return t.permute(0, 2, 3, 1).reshape(nb, nw * t.shape[-1], h)
+
+        # row passes (B varying, C = ones): operands shared by both directions
+        x_dbl = F.linear(xs, self.x_proj.weight)                      # (B, H, W, R+N)
+        dt = F.linear(x_dbl[..., :R], self.dt_proj.weight)            # (B, H, W, d)
+        A = -torch.exp(self.A_log.to(f))
+        # B, C: (b, N, L) views of (b, L, N) contiguous memory, the layout the compiled scan
+        # reads (it would copy a strided view once per scan; here once per pass group)
+        B_r = x_dbl[..., R:].reshape(b * h, w, -1).contiguous().transpose(1, 2)  # (B*H, N, W)
+        row_args = dict(A=A, B=B_r, C=torch.ones_like(A), D=self.D.to(f),
+                        z=rows(z) if gated_rows else None,
+                        delta_bias=self.dt_proj.bias.to(f), delta_softplus=True)
+        # column passes (B = ones, C varying), nw groups of d channels per batch row
+        A, D, bias = -torch.exp(self.A_2_log.to(f)), self.D_2.to(f), self.dt_proj_2.bias.to(f)
+        if nw > 1:  # per-channel parameters of nw groups: (nw*d, N) / (nw*d,)
+            A, D, bias = A.repeat(nw, 1), D.repeat(nw), bias.repeat(nw)
+        col_args = dict(A=A, B=torch.ones_like(A), D=D,
+                        z=None if z is None or gate_sum else cols(z),
+                        delta_bias=bias, delta_softplus=True)
+        N = A.shape[1]
+        inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        y = None
+        revs = sorted({_CORNER_DIRS[c][0] for c in self.corners})
+        x_r, dt_r = rows(xs), rows(dt)
+        lats = [ops.selective_scan(x_r, dt_r, reverse=rev, **row_args)
+                for rev in revs]                                       # (B*H, d, W) each
+        for rev, lat in zip(revs, lats):
+            lat = lat.view(b, h, d, w).transpose(2, 3).contiguous()    # tokens, no-op copy
+            x_dbl2 = F.linear(lat, self.x_proj_2.weight)               # (B, H, W, R+N)
+            dt2 = F.linear(x_dbl2[..., :R], self.dt_proj_2.weight)     # (B, H, W, d)
+            C = x_dbl2[..., R:].transpose(1, 2).contiguous().transpose(2, 3)  # (B, W, N, H)
+            C = C.reshape(nb, N, h) if nw == 1 else C                  # (nb, [nw,] N, H) view
+            x_c, dt_c = cols(lat), cols(dt2)
+            for c in self.corners:
+                if _CORNER_DIRS[c][0] != rev:
+                    continue
+                y_c = ops.selective_scan(x_c, dt_c, C=C, reverse=_CORNER_DIRS[c][1],
+                                         **col_args)                   # (nb, nw*d, H)
+                if y is None:
+                    y = y_c
+                elif inplace:  # y is a scan output of this call: no new buffer
+                    y.add_(y_c)
+                else:
+                    y = y + y_c
+        y = y.view(b, w, d, h).permute(0, 3, 1, 2)  # tokens (B, H, W, d)
+        if gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
+            y = F.silu(z, inplace=True).mul_(y)  # contiguous tokens whatever y's layout
+        elif gate_sum:
+            y = y * F.silu(z)
+        if len(self.corners) > 1:
+            y = y.div_(len(self.corners)) if inplace else y / len(self.corners)
+        return self.out_proj(y.contiguous())  # one 2-D GEMM (no copy if already tokens)

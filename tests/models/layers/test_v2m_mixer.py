@@ -241,3 +241,44 @@ def test_direction_scans_equal_rotated_corners(kw):
             assert a is None or not a.abs().any(), name
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('kw, b', [
+    (dict(), 1), (dict(), 3), (dict(corners=3, d_conv2d=0), 2),
+    (dict(corners=('ll', 'ur'), gate='last', d_state=3), 1),
+    (dict(use_z=False, corners=('lr', ), d_conv2d=0), 2)])
+def test_conv_free_path_equals_general_path(monkeypatch, kw, b):
+    """Mixers without conv1d take ``_forward_noconv`` (token-major latents, column passes
+    on views, W channel groups per image when B > 1, the column gate on the corner sum):
+    outputs equal to the general path to fp32 rounding (bit-equal with the per-pass gate),
+    with and without grad, gradients equal to fp32 rounding."""
+    torch.manual_seed(0)
+    kw = {'d_state': 2, 'd_conv2d': 3, **kw}
+    m = V2MMixer2D(16, expand=1, d_conv=0, **kw)
+    with torch.no_grad():
+        for p in m.parameters():  # away from the init symmetries (D = 1, A = -[1..N])
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(b, 3, 5, 16, requires_grad=True)
+    g = torch.randn(b, 3, 5, 16)
+    res = {}
+    for fast, gate_sum in ((False, True), (True, False), (True, True)):
+        monkeypatch.setattr(V2MMixer2D, 'fast_path', fast)
+        monkeypatch.setattr(V2MMixer2D, 'gate_corner_sum', gate_sum)
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * g).sum().backward()
+        with torch.no_grad():
+            y_inf = m(x)
+        res[fast, gate_sum] = (y.detach(), y_inf, x.grad.clone(),
+                               {n: p.grad.clone() for n, p in m.named_parameters()})
+    y0, yi0, dx0, dp0 = res[False, True]
+    y1, yi1 = res[True, False][:2]
+    assert torch.equal(y0, y1) and torch.equal(yi0, yi1)  # per-pass gate: same operations
+    for y2, yi2, dx2, dp2 in (res[True, False], res[True, True]):
+        torch.testing.assert_close(y2, y0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(yi2, yi0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx2, dx0, rtol=1e-5, atol=1e-6)
+        assert dp0.keys() == dp2.keys()
+        for n in dp0:
+            torch.testing.assert_close(dp2[n], dp0[n], rtol=1e-4, atol=1e-5, msg=n)
