@@ -113,8 +113,9 @@ def direct_kernel(u: Tensor):
     ``TorchDispatchMode`` (e.g. ``torch.utils.flop_counter.FlopCounterMode``) and
     tensor subclasses. Callers decide about autograd (only without a gradient).
     """
-    if (_EXT is None or type(u) is not Tensor or u.device.type != 'cpu'
-            or u.shape[-1] == 0 or torch.jit.is_tracing()
+    # tracing first: under torch.jit.trace a shape compare would be recorded (TracerWarning)
+    if (_EXT is None or torch.jit.is_tracing() or type(u) is not Tensor
+            or u.device.type != 'cpu' or u.shape[-1] == 0
             or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch._C._len_torch_dispatch_stack() > 0):
         return None
