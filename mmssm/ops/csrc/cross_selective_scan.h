@@ -376,25 +376,41 @@ Geometry cross_geometry(int64_t b, int64_t d, int64_t L, int64_t n, int64_t W) {
   return g;
 }
 
-// The I/O dtype of u / delta (delta is read as u's dtype) and the work dtype.
-std::pair<at::ScalarType, at::ScalarType> cross_types(const at::Tensor& u,
-                                                      const at::Tensor& delta) {
-  const auto acc = acc_type(u.scalar_type());
-  return {delta.scalar_type() == u.scalar_type() ? u.scalar_type() : acc, acc};
-}
+// The operands of one call, checked and in the kernel's dtypes: u / delta in the I/O
+// dtype (delta is read as u's dtype), everything else in the work dtype; dense.
+struct CrossInputs {
+  at::ScalarType io, acc;
+  at::Tensor u, delta, A, B, C, D, bias;
+  int64_t b, h, w, d, n, L, nch;
+
+  CrossInputs(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
+              const at::Tensor& B_in, const at::Tensor& C_in,
+              const c10::optional<at::Tensor>& D_in, const c10::optional<at::Tensor>& bias_in) {
+    cross_check(u_in, delta_in, A_in, B_in, C_in);
+    acc = acc_type(u_in.scalar_type());
+    io = delta_in.scalar_type() == u_in.scalar_type() ? u_in.scalar_type() : acc;
+    u = u_in.to(io).contiguous();
+    delta = delta_in.to(io).contiguous();
+    A = A_in.to(acc).contiguous();
+    B = B_in.to(acc).contiguous();
+    C = C_in.to(acc).contiguous();
+    D = param(D_in, acc);
+    bias = param(bias_in, acc);
+    b = u.size(0), h = u.size(1), w = u.size(2), d = u.size(3), n = A.size(1);
+    L = h * w;
+    nch = (L + kChunk - 1) / kChunk;
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> cross_scan_fwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& C_in, const c10::optional<at::Tensor>& D_in,
     const c10::optional<at::Tensor>& bias_in, bool softplus, bool save_states) {
-  cross_check(u_in, delta_in, A_in, B_in, C_in);
-  const auto types = cross_types(u_in, delta_in);
-  const auto io = types.first, acc = types.second;
-  const at::Tensor u = u_in.to(io).contiguous(), delta = delta_in.to(io).contiguous();
-  const at::Tensor B = B_in.to(acc).contiguous(), C = C_in.to(acc).contiguous();
-  const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
-  const int64_t b = u.size(0), h = u.size(1), w = u.size(2), d = u.size(3), n = A.size(1);
-  const int64_t L = h * w, nch = (L + kChunk - 1) / kChunk;
+  const CrossInputs in(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  const auto io = in.io, acc = in.acc;
+  const at::Tensor &u = in.u, &delta = in.delta, &A = in.A, &B = in.B, &C = in.C, &D = in.D,
+                   &bias = in.bias;
+  const int64_t b = in.b, h = in.h, w = in.w, d = in.d, n = in.n, L = in.L, nch = in.nch;
   at::Tensor y = at::empty({b, h, w, d}, u.options().dtype(acc));
   at::Tensor states = save_states ? at::empty({b, kDirs * d, nch, n}, u.options().dtype(acc))
                                   : at::empty({0}, u.options().dtype(acc));
@@ -415,14 +431,11 @@ std::vector<at::Tensor> cross_scan_bwd(
     const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
     const c10::optional<at::Tensor>& D_in, const c10::optional<at::Tensor>& bias_in,
     const at::Tensor& states_in, bool softplus) {
-  cross_check(u_in, delta_in, A_in, B_in, C_in);
-  const auto types = cross_types(u_in, delta_in);
-  const auto io = types.first, acc = types.second;
-  const at::Tensor u = u_in.to(io).contiguous(), delta = delta_in.to(io).contiguous();
-  const at::Tensor B = B_in.to(acc).contiguous(), C = C_in.to(acc).contiguous();
-  const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
-  const int64_t b = u.size(0), h = u.size(1), w = u.size(2), d = u.size(3), n = A.size(1);
-  const int64_t L = h * w, nch = (L + kChunk - 1) / kChunk;
+  const CrossInputs in(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  const auto io = in.io, acc = in.acc;
+  const at::Tensor &u = in.u, &delta = in.delta, &A = in.A, &B = in.B, &C = in.C, &D = in.D,
+                   &bias = in.bias;
+  const int64_t b = in.b, h = in.h, w = in.w, d = in.d, n = in.n, L = in.L, nch = in.nch;
   TORCH_CHECK(states_in.numel() == b * kDirs * d * nch * n,
               "mmssm cross scan backward: states do not come from this kernel's forward "
               "(run the forward with save_states=True)");
