@@ -576,6 +576,11 @@ class SSMKernelDPLR(SSMKernelDiag):
     attune_block = 1 << 16
     # largest H * N * (n/2 + 1) of one batched Cauchy product (see :meth:`batched`)
     batch_elements = 1 << 16
+    # without autograd (the inference cache, built in a model's first forward) the Cauchy
+    # products run in blocks of channels of at most this many H * N * (n/2 + 1) entries:
+    # their float64 temporaries (~3 MB a layer at ConvNeXt-S4ND-T's widest) were most of
+    # that forward's extra peak; per-channel arithmetic, so the values are the same
+    infer_block = 1 << 13
 
     def _init_extra(self, P: Tensor) -> None:
         self._register('P', torch.view_as_real(P.to(torch.cfloat)).contiguous(), 'A')
@@ -741,10 +746,16 @@ class SSMKernelDPLR(SSMKernelDiag):
             else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
                 Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
                 Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
-            # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf)
-            r = cauchy_outer(Bs, Cs, z, w)
-            K = ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))  # (ch, sum H, max L)
-            K = K.to(dtype)
+            # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf), then the
+            # kernels (ch, sum H, max L); blocks of channels when nothing needs a gradient
+            H = Cs.shape[0]
+            step = H if torch.is_grad_enabled() else max(
+                1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
+            K = torch.cat([
+                ks[0]._kernel_from_cauchy(
+                    cauchy_outer(Bs if Bs.dim() == 2 else Bs[h:h + step], Cs[h:h + step], z,
+                                 w[h:h + step]), omega, n, max(Ls))
+                for h in range(0, H, step)], 1).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
                 out[i] = K_i[..., :L]
         return out

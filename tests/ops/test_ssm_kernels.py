@@ -248,3 +248,20 @@ def test_dplr_attune_in_channel_blocks_is_exact(monkeypatch):
     k2._attune(None, 1.0)
     assert k2.l_kernel.item() == k.l_kernel.item() == 12
     torch.testing.assert_close(k2.C, k.C, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('n_ssm', [1, None])
+def test_dplr_inference_kernels_in_channel_blocks(n_ssm, monkeypatch):
+    """Without autograd the Cauchy products run in blocks of channels (bounded memory in a
+    model's first forward): the same kernels as the one-block product with autograd, for
+    shared (n_ssm=1) and per-channel B / P, and blocks that do not divide H."""
+    torch.manual_seed(0)
+    kw = dict(d_model=10, d_state=8, l_max=12, channels=2, init='fourier', dt_min=0.1,
+              dt_max=1.0)
+    k = SSMKernelDPLR(**kw) if n_ssm is None else SSMKernelDPLR(n_ssm=n_ssm, **kw)
+    ref = k(L=12)  # grad enabled: one product over all 10 channels
+    # 3 channels per block (N/2 = 4 poles x n/2 + 1 = 7 nodes each): blocks of 3, 3, 3, 1
+    monkeypatch.setattr(SSMKernelDPLR, 'infer_block', 3 * 4 * 7)
+    with torch.no_grad():
+        got = k(L=12)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-6, atol=1e-7)
