@@ -34,18 +34,24 @@ import torch
 from torch import Tensor
 
 from . import selective_scan_cpp
+from .selective_scan_cpp import _work_dtype
 from .scan_order import cross_merge, cross_scan
 from .selective_scan import selective_scan
 
 K = 4  # directions
 
 
-def _to_scan_order(t: Tensor) -> Tensor:
-    """(b, h, w, K, X) per-direction grid values -> (b, K, X, L) in each direction's order."""
-    g = t.permute(0, 3, 4, 1, 2)                                        # (b, K, X, h, w)
+def directions_to_scan_order(g: Tensor) -> Tensor:
+    """(b, K, X, h, w) grids, one per direction -> (b, K, X, L), each in its direction's
+    order (k = 0 row-major, 1 column-major, 2 / 3 their reverses, as :func:`cross_scan`)."""
     rows = g[:, 0::2].flatten(3)                                        # directions 0, 2
     cols = g[:, 1::2].transpose(3, 4).flatten(3)                        # directions 1, 3
     return torch.stack([rows[:, 0], cols[:, 0], rows[:, 1].flip(-1), cols[:, 1].flip(-1)], 1)
+
+
+def _to_scan_order(t: Tensor) -> Tensor:
+    """(b, h, w, K, X) per-direction grid values -> (b, K, X, L) in each direction's order."""
+    return directions_to_scan_order(t.permute(0, 3, 4, 1, 2))
 
 
 def check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -109,17 +115,12 @@ def _scan_order_operands(u: Tensor, delta: Tensor, B: Tensor, C: Tensor):
     return xs, dts, _to_scan_order(B), _to_scan_order(C)
 
 
-def _work_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
 def _use_ext(u: Tensor) -> bool:
     return selective_scan_cpp._EXT is not None and u.device.type == 'cpu'
 
 
 def _n_chunks(u: Tensor) -> int:
-    L = u.shape[1] * u.shape[2]
-    return (L + 63) // 64  # the kernel's tile length (selective_scan.h kChunk)
+    return -(-u.shape[1] * u.shape[2] // selective_scan_cpp.KERNEL_CHUNK)
 
 
 @torch.library.custom_op('mmssm::cross_selective_scan_fwd', mutates_args=())

@@ -354,8 +354,10 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
             for b in range(B):
                 out[b].baddbmm_(Ty, torch.bmm(x[b], TxT))
             return out
-        outs = [torch.bmm(Ty, z) if Dv is None else torch.baddbmm(x[b] * Dv, Ty, z)
-                for b, z in ((b, torch.bmm(x[b], TxT)) for b in range(B))]
+        outs = []
+        for b in range(B):
+            z = torch.bmm(x[b], TxT)
+            outs.append(torch.bmm(Ty, z) if Dv is None else torch.baddbmm(x[b] * Dv, Ty, z))
         return _ContiguousGrad.apply(torch.stack(outs))
     # all images at once, both GEMMs as T @ (wide matrix): MKL is slow for outputs only
     # X = 7 wide (768 x (56, 7) @ (7, 7) takes 4x longer than (7, 7) @ (7, 56))

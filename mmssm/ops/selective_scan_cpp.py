@@ -123,6 +123,11 @@ def direct_kernel(u: Tensor):
     return _EXT
 
 
+# time steps per tile of the compiled kernel = distance between its saved chunk states
+# (kChunk in csrc/selective_scan.h)
+KERNEL_CHUNK = 64
+
+
 def _work_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
@@ -143,7 +148,7 @@ def _states_shape(u: Tensor, A: Tensor) -> Tuple[int, ...]:
     b, d, l = u.shape
     n = A.shape[1]
     if _use_ext(u):
-        return (b, d, (l + 63) // 64, n)
+        return (b, d, -(-l // KERNEL_CHUNK), n)
     return (b, d, -(-l // _chunk_len(u, A)) + 1, n)
 
 

@@ -751,11 +751,13 @@ class SSMKernelDPLR(SSMKernelDiag):
             H = Cs.shape[0]
             step = H if torch.is_grad_enabled() else max(
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
-            K = torch.cat([
+            parts = [
                 ks[0]._kernel_from_cauchy(
                     cauchy_outer(Bs if Bs.dim() == 2 else Bs[h:h + step], Cs[h:h + step], z,
                                  w[h:h + step]), omega, n, max(Ls))
-                for h in range(0, H, step)], 1).to(dtype)
+                for h in range(0, H, step)]
+            # one block (always with autograd): no concatenation copy
+            K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
                 out[i] = K_i[..., :L]
         return out

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mmssm.ops import cross_merge, cross_scan, cross_selective_scan, selective_scan
 from mmssm.ops import selective_scan_cpp
+from mmssm.ops.cross_selective_scan import directions_to_scan_order
 
 # forward types whose SS2D math we implement: they differ in the official code
 # only by backend / precision (v02..v05, v2, v3) or by the z gate (``_noz``).
@@ -161,10 +162,7 @@ class SS2D(nn.Module):
             xd = torch.matmul(weight, x.view(b, d, L))                        # (b, K*C, L)
         else:                                            # channels-last: tokens (b, L, D)
             xd = torch.matmul(x.permute(0, 2, 3, 1).reshape(b, L, d), weight.t()).transpose(1, 2)
-        xd = xd.view(b, K, C, h, w)
-        rows = xd[:, 0::2].flatten(3)                                         # directions 0, 2
-        cols = xd[:, 1::2].transpose(3, 4).flatten(3)                         # directions 1, 3
-        return torch.stack([rows[:, 0], cols[:, 0], rows[:, 1].flip(-1), cols[:, 1].flip(-1)], 1)
+        return directions_to_scan_order(xd.view(b, K, C, h, w))
 
     def forward_core(self, x: Tensor) -> Tensor:
         """(B, D, H, W) -> (B, D, H, W): cross-scan, S6 per direction, cross-merge.

@@ -139,14 +139,15 @@ void load_cross_tile(const CrossOperands<scalar_t, acc_t>& op, int64_t k, int64_
 // The tiled path stages each of these through (kChunk, W) buffers (6 passes over L1
 // per step); here only the state is carried between steps, so the out-of-order core
 // overlaps the softplus / decay of the next steps with the current one. Same
-// operations in the same order as the tiled path: bit-identical results.
-constexpr int64_t kAhead = 16;  // steps of prefetch distance in cross_forward_n1
+// operations in the same order as the tiled path: bit-identical results. The step's
+// update (n1_update), state stores (store_lanes) and prefetch distance (kAheadN1) are
+// forward_n1's (selective_scan.h).
 
 template <typename acc_t>
 void cross_forward_n1(const CrossOperands<acc_t, acc_t>& op, int64_t k, int64_t bi, int64_t c0,
                       int64_t nch, const Scratch<acc_t>& s, acc_t* y, acc_t* states) {
   using Vec = Vectorized<acc_t>;
-  const int64_t L = op.L, d = op.d, W = Vec::size();
+  const int64_t L = op.L, d = op.d;
   const acc_t* u = op.u + bi * L * d + c0;
   const acc_t* dl = op.delta + (k * op.b + bi) * L * d + c0;
   const acc_t* Bp = op.B + bi * L * kDirs + k;  // (b, L, K, 1): position p at p K
@@ -157,23 +158,17 @@ void cross_forward_n1(const CrossOperands<acc_t, acc_t>& op, int64_t k, int64_t 
   const Vec bias = Vec::loadu(s.bias.data());
   Vec h(acc_t(0));
   for (int64_t t = 0; t < L; ++t) {
-    if (states && t % kChunk == 0) {  // state entering chunk t / kChunk: (b, K d, nch, 1)
-      acc_t hv[64];
-      h.store(hv);
-      acc_t* st = states + (bi * kDirs * d + k * d + c0) * nch + t / kChunk;
-      for (int64_t i = 0; i < W; ++i) st[i * nch] = hv[i];
-    }
-    if (t + kAhead < L) {  // column-major steps jump w D elements: prefetch ahead
-      const int64_t q = pos[t + kAhead] * d;
+    if (states && t % kChunk == 0)  // state entering chunk t / kChunk: (b, K d, nch, 1)
+      store_lanes(h, states + (bi * kDirs * d + k * d + c0) * nch + t / kChunk, nch);
+    if (t + kAheadN1 < L) {  // column-major steps jump w D elements: prefetch ahead
+      const int64_t q = pos[t + kAheadN1] * d;
       __builtin_prefetch(u + q, 0, 3);
       __builtin_prefetch(dl + q, 0, 3);
       __builtin_prefetch(yo + q, 1, 3);
     }
     const int64_t p = pos[t];
     const Vec uv = Vec::loadu(u + p * d);
-    const Vec r = Vec::loadu(dl + p * d) + bias;
-    const Vec dt = op.softplus ? softplus<acc_t>(r) : r;
-    h = at::vec::fmadd(decay<acc_t>(dt, A2), h, (dt * uv) * Vec(Bp[p * kDirs]));
+    n1_update(h, Vec::loadu(dl + p * d), uv, Vec(Bp[p * kDirs]), bias, A2, op.softplus);
     const Vec yv = at::vec::fmadd(D, uv, h * Vec(Cp[p * kDirs]));
     acc_t* yp = yo + p * d;
     (k ? Vec::loadu(yp) + yv : yv).store(yp);

@@ -601,7 +601,29 @@ inline bool one_pass_enabled() {
 // prefetched (the column passes step over w d elements). The outputs of a chunk go
 // to a (kChunk, W) tile stored by store_tile, as the tiled path's. Same operations
 // in the same order as the tiled path: bit-identical results.
-constexpr int64_t kAheadN1 = 16;
+constexpr int64_t kAheadN1 = 16;  // steps of prefetch distance (also cross_forward_n1)
+
+// The state update of one n = 1 step on W lanes, shared by forward_n1 and
+// cross_forward_n1: dt = softplus(delta + bias) (or delta + bias), h = exp(dt A) h +
+// dt u B; the tiled path's operations in its order (bit-identical results).
+template <typename acc_t>
+inline void n1_update(Vectorized<acc_t>& h, const Vectorized<acc_t>& delta,
+                      const Vectorized<acc_t>& uv, const Vectorized<acc_t>& bk,
+                      const Vectorized<acc_t>& bias, const Vectorized<acc_t>& A2,
+                      bool softplus_on) {
+  const Vectorized<acc_t> r = delta + bias;
+  const Vectorized<acc_t> dt = softplus_on ? softplus<acc_t>(r) : r;
+  h = at::vec::fmadd(decay<acc_t>(dt, A2), h, (dt * uv) * bk);
+}
+
+// dst[i * stride] = lane i of h (n = 1 chunk states and last states).
+template <typename acc_t>
+inline void store_lanes(const Vectorized<acc_t>& h, acc_t* dst, int64_t stride) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  acc_t hv[W];
+  h.store(hv);
+  for (int64_t i = 0; i < W; ++i) dst[i * stride] = hv[i];
+}
 
 template <typename acc_t, bool BV, bool CV, bool ZV>
 void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
@@ -624,12 +646,8 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
   Vec h(acc_t(0));
   for (int64_t ch = 0; ch < nch; ++ch) {
     const int64_t s0 = ch * kChunk, T = std::min(kChunk, l - s0);
-    if (states) {  // state entering this chunk: (b, d, nch, 1)
-      acc_t hv[64];
-      h.store(hv);
-      acc_t* st = states + (bi * g.d + c0) * nch + ch;
-      for (int64_t i = 0; i < W; ++i) st[i * nch] = hv[i];
-    }
+    if (states)  // state entering this chunk: (b, d, nch, 1)
+      store_lanes(h, states + (bi * g.d + c0) * nch + ch, nch);
     for (int64_t j = 0; j < T; ++j) {
       const int64_t sj = s0 + j, t = g.time(sj, op.reverse);
       if (sj + kAheadN1 < l) {
@@ -639,11 +657,8 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
         if (ZV) __builtin_prefetch(zp + ta * zs, 0, 3);
       }
       const Vec uv = Vec::loadu(u + t * us);
-      const Vec r = Vec::loadu(dl + t * ds) + bias;
-      const Vec dt = op.softplus ? softplus<acc_t>(r) : r;
-      const Vec bk = BV ? Vec(Bp[t]) : Bc;
       const Vec ck = CV ? Vec(Cp[t]) : Cc;
-      h = at::vec::fmadd(decay<acc_t>(dt, A2), h, (dt * uv) * bk);
+      n1_update(h, Vec::loadu(dl + t * ds), uv, BV ? Vec(Bp[t]) : Bc, bias, A2, op.softplus);
       Vec y = at::vec::fmadd(D, uv, at::vec::fmadd(h, ck, Vec(acc_t(0))));
       if (ZV) {
         const Vec z = Vec::loadu(zp + t * zs);
@@ -653,9 +668,7 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
     }
     if (!yo) store_out(out, ol, g, op.reverse, bi, c0, W, s0, T, s.y.data());
   }
-  acc_t hv[64];
-  h.store(hv);
-  for (int64_t i = 0; i < W; ++i) last[bi * g.d + c0 + i] = hv[i];
+  store_lanes(h, last + bi * g.d + c0, 1);
 }
 
 // forward_n1 when it applies (n = 1, a full block, io == work dtype, lane-contiguous
