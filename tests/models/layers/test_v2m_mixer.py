@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import mmssm.ops
 from mmssm.models.layers import V2MMixer2D
 from mmssm.models.layers.v2m_mixer import parse_corners
 
@@ -30,29 +29,16 @@ def _fake_scan(kind, log):
     return scan
 
 
-def _patch_scans(monkeypatch, kind, log):
-    """Replace the plain scan by the fake one and the two-direction scan (both directions
-    of a pass in one call, the mixer's eager CPU path) by two calls of it."""
-    scan = _fake_scan(kind, log)
-
-    def bidir(u, delta, A, B, C, sum_directions=False, **kw):
-        ys = [scan(u, delta, A, B, C, reverse=r, **kw) for r in (False, True)]
-        return ys[0] + ys[1] if sum_directions else torch.stack(ys)
-
-    monkeypatch.setattr(mmssm.ops, 'selective_scan', scan)
-    monkeypatch.setattr(mmssm.ops, 'bidir_selective_scan', bidir)
-
-
 def _onehot_grid(h, w):
     # token t = (i, j) carries the one-hot vector e_t: output channels name the sources
     return torch.eye(h * w).view(1, h, w, h * w)
 
 
 @pytest.mark.parametrize('corners', [1, 2, 3, 4, ('lr', ), ('ur', 'll')])
-def test_identity_scans_keep_every_token_in_place(monkeypatch, corners):
+def test_identity_scans_keep_every_token_in_place(patch_scans, corners):
     h, w = 3, 5  # non-square: a transpose cannot go unnoticed
     log = []
-    _patch_scans(monkeypatch, 'id', log)
+    patch_scans(_fake_scan('id', log))
     m = _identity_mixer(h * w, corners)
     x = _onehot_grid(h, w)
     y = m(x)
@@ -70,9 +56,9 @@ def test_identity_scans_keep_every_token_in_place(monkeypatch, corners):
 
 
 @pytest.mark.parametrize('corner', CORNER_NAMES)
-def test_cumsum_scans_reach_the_quadrant_behind_the_corner(monkeypatch, corner):
+def test_cumsum_scans_reach_the_quadrant_behind_the_corner(patch_scans, corner):
     h, w = 3, 4
-    _patch_scans(monkeypatch, 'cumsum', [])
+    patch_scans(_fake_scan('cumsum', []))
     m = _identity_mixer(h * w, (corner, ))
     y = m(_onehot_grid(h, w))[0]  # (h, w, h*w): y[i, j, t] = 1 iff token t reaches (i, j)
     for i in range(h):
