@@ -129,16 +129,16 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
   }
 }
 
-// True when the fast path applies to the whole call (see the file comment).
+// True when the fast path applies to the whole call (see the file comment); out_ok: the
+// output is in the work dtype.
 template <typename scalar_t, typename acc_t>
-bool bidir_fast(const Operands<scalar_t, acc_t>& op, const Geometry& g, const at::Tensor& out) {
+bool bidir_fast(const Operands<scalar_t, acc_t>& op, const Geometry& g, bool out_ok) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     return false;
   } else {
     const bool full = std::all_of(g.nl.begin(), g.nl.end(), [&](int64_t nl) { return nl == g.W; });
     return one_pass_enabled() && g.n == 1 && full && g.l <= kBidirMaxLine && op.u.s1 == 1 &&
-           op.delta.s1 == 1 && (!op.zv || op.z.s1 == 1) &&
-           out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
+           op.delta.s1 == 1 && (!op.zv || op.z.s1 == 1) && out_ok;
   }
 }
 
@@ -210,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor> bidir_scan_fwd(
     AT_DISPATCH_FLOATING_TYPES(io, "mmssm_bidir_fwd", [&] {
       const auto g = make_geometry(u, A, B, C, Vectorized<scalar_t>::size());
       auto op = make_operands<scalar_t, scalar_t>(u, delta, A, B, C, D, z, bias, softplus, false);
-      if ((done = bidir_fast(op, g, out))) bidir_kernel<scalar_t>(op, g, out, sum, states, save_states);
+      done = bidir_fast(op, g, true);  // out is in the work dtype here
+      if (done) bidir_kernel<scalar_t>(op, g, out, sum, states, save_states);
     });
     if (done) return {out, states};
   }
@@ -231,6 +232,204 @@ std::tuple<at::Tensor, at::Tensor> bidir_scan_fwd(
   return {out, states};
 }
 
+
+// ---------------------------------------------------------------- backward, n = 1
+// Per-thread (l, W) buffers of one line's backward: the shared terms (u, dt, a, dt u,
+// sigmoid of the pre-softplus delta, z, sigmoid(z)), both directions' states, the two
+// cotangents, and the gradients accumulated over the directions (du, d(dt), dz, and
+// per lane the dB / dC terms of an input-dependent B / C).
+template <typename acc_t>
+struct BidirBwdBuffers {
+  std::vector<acc_t> u, dt, a, dtu, sp, z, sg, hf, hr, g0, g1, du, dd, dz, pB, pC;
+  BidirBwdBuffers(int64_t l, int64_t W) {
+    for (auto* v : {&u, &dt, &a, &dtu, &sp, &z, &sg, &hf, &hr, &g0, &g1, &du, &dd, &dz, &pB, &pC})
+      v->assign(l * W, acc_t(0));
+  }
+};
+
+// Gradient sums of one task that are not per step: (W) lanes each.
+template <typename acc_t>
+struct BidirBwdSums {
+  Vectorized<acc_t> dA{acc_t(0)}, dD{acc_t(0)}, dbias{acc_t(0)}, dBc{acc_t(0)}, dCc{acc_t(0)};
+};
+
+// Both directions' backward of one line (n = 1, the forward fast path's conditions):
+// 1) t ascending: the shared terms and the forward direction's states; 2) t descending:
+// the reverse direction's states and the forward direction's adjoint scan; 3) t
+// ascending: the reverse direction's adjoint scan, then the softplus chain rule. The
+// adjoint step is the plain backward's (adjoint_states) at n = 1.
+template <typename acc_t, bool BV, bool CV, bool ZV>
+void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
+                       int64_t c0, const Scratch<acc_t>& s, BidirBwdBuffers<acc_t>& b,
+                       const acc_t* const dout[2], BidirBwdSums<acc_t>& acc) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t W = g.W, l = g.l;
+  const acc_t* u = op.u.p + bi * op.u.s0 + c0;
+  const acc_t* dl = op.delta.p + bi * op.delta.s0 + c0;
+  const acc_t* zp = ZV ? op.z.p + bi * op.z.s0 + c0 : nullptr;
+  const int64_t us = op.u.s2, ds = op.delta.s2, zs = ZV ? op.z.s2 : 0;
+  const acc_t* Bp = BV ? op.Bl + (bi * g.gB + c0 / g.sizeB) * l : nullptr;
+  const acc_t* Cp = CV ? op.Cl + (bi * g.gC + c0 / g.sizeC) * l : nullptr;
+  const Vec A = Vec::loadu(s.A.data()), A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
+  const Vec bias = Vec::loadu(s.bias.data());
+  const Vec Bc = Vec::loadu(s.Bc.data()), Cc = Vec::loadu(s.Cc.data()), one(acc_t(1));
+  auto ld = [&](const std::vector<acc_t>& v, int64_t t) { return Vec::loadu(v.data() + t * W); };
+  auto st = [&](std::vector<acc_t>& v, int64_t t, const Vec& x) { x.store(v.data() + t * W); };
+  for (auto* v : {&b.du, &b.dd, &b.dz, &b.pB, &b.pC}) std::fill(v->begin(), v->end(), acc_t(0));
+  // the cotangents, (l, W) in time order (dout rows are (b, d, l) contiguous)
+  for (int k = 0; k < 2; ++k)
+    gather_tile(dout[k] + (bi * g.d + c0) * l, l, int64_t{1}, g, false, 0, l, W,
+                (k ? b.g1 : b.g0).data());
+  // 1) shared terms, forward states
+  Vec h(acc_t(0));
+  for (int64_t t = 0; t < l; ++t) {
+    const Vec uv = Vec::loadu(u + t * us), r = Vec::loadu(dl + t * ds) + bias;
+    const Vec dt = op.softplus ? softplus<acc_t>(r) : r, a = decay<acc_t>(dt, A2);
+    const Vec dtu = dt * uv;
+    h = at::vec::fmadd(a, h, dtu * (BV ? Vec(Bp[t]) : Bc));
+    st(b.u, t, uv), st(b.dt, t, dt), st(b.a, t, a), st(b.dtu, t, dtu), st(b.hf, t, h);
+    if (op.softplus) st(b.sp, t, sigmoid<acc_t>(r));
+    if (ZV) {
+      const Vec z = Vec::loadu(zp + t * zs);
+      st(b.z, t, z), st(b.sg, t, sigmoid<acc_t>(z));
+    }
+  }
+  // one direction's adjoint step at time t: h its state, hp its previous state, G the
+  // adjoint carried from its previous adjoint step (a G)
+  auto adjoint = [&](int64_t t, const Vec& hv, const Vec& hp, Vec& G, const Vec& dout_t) {
+    const Vec uv = ld(b.u, t), dt = ld(b.dt, t), dtu = ld(b.dtu, t), a = ld(b.a, t);
+    const Vec bk = BV ? Vec(Bp[t]) : Bc, ck = CV ? Vec(Cp[t]) : Cc;
+    Vec dy = dout_t;
+    if (ZV) {  // out = y z sigmoid(z), y = h C + D u
+      const Vec z = ld(b.z, t), sg = ld(b.sg, t);
+      const Vec y = at::vec::fmadd(D, uv, hv * ck);
+      dy = dout_t * z * sg;
+      st(b.dz, t, ld(b.dz, t) + dout_t * y * sg * (one + z * (one - sg)));
+    }
+    acc.dD = at::vec::fmadd(dy, uv, acc.dD);
+    const Vec Gk = at::vec::fmadd(ck, dy, G);
+    const Vec hdy = hv * dy, gdtu = Gk * dtu;
+    if (CV) st(b.pC, t, ld(b.pC, t) + hdy); else acc.dCc = acc.dCc + hdy;
+    if (BV) st(b.pB, t, ld(b.pB, t) + gdtu); else acc.dBc = acc.dBc + gdtu;
+    const Vec sgb = Gk * bk, x = Gk * a * hp;  // x = dL/d(dt A)
+    acc.dA = at::vec::fmadd(x, dt, acc.dA);
+    G = a * Gk;
+    st(b.dd, t, ld(b.dd, t) + at::vec::fmadd(sgb, uv, x * A));
+    st(b.du, t, at::vec::fmadd(sgb, dt, at::vec::fmadd(D, dy, ld(b.du, t))));
+  };
+  // 2) reverse states; forward adjoint (its previous state is h_{t-1})
+  Vec hr(acc_t(0)), G(acc_t(0));
+  for (int64_t t = l - 1; t >= 0; --t) {
+    hr = at::vec::fmadd(ld(b.a, t), hr, ld(b.dtu, t) * (BV ? Vec(Bp[t]) : Bc));
+    st(b.hr, t, hr);
+    adjoint(t, ld(b.hf, t), t ? ld(b.hf, t - 1) : Vec(acc_t(0)), G, ld(b.g0, t));
+  }
+  // 3) reverse adjoint (its previous state is h_{t+1}); all of step t is then known
+  G = Vec(acc_t(0));
+  for (int64_t t = 0; t < l; ++t) {
+    adjoint(t, ld(b.hr, t), t + 1 < l ? ld(b.hr, t + 1) : Vec(acc_t(0)), G, ld(b.g1, t));
+    Vec dr = ld(b.dd, t);
+    if (op.softplus) dr = dr * ld(b.sp, t);
+    acc.dbias = acc.dbias + dr;
+    st(b.dd, t, dr);
+  }
+}
+
+template <typename acc_t>
+void bidir_bwd_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g,
+                      const acc_t* const dout[2], Grads<acc_t, acc_t>& gr) {
+  const int64_t W = g.W, l = g.l, nblk = g.c0.size();
+  at::parallel_for(0, g.b * nblk, grain(4 * l, g.n, W), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s(g.n, W);
+    BidirBwdBuffers<acc_t> b(l, W);
+    int64_t loaded = -1;
+    for (int64_t task = begin; task < end; ++task) {  // block-major, as the forward
+      const int64_t blk = task / g.b, bi = task % g.b, c0 = g.c0[blk];
+      if (blk != loaded) load_params(op, g, c0, W, s);
+      loaded = blk;
+      BidirBwdSums<acc_t> acc;
+      auto run = [&](auto bv, auto cv, auto zv) {
+        bidir_bwd_line_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
+            op, g, bi, c0, s, b, dout, acc);
+      };
+      using T_ = std::true_type;
+      using F_ = std::false_type;
+      auto with_z = [&](auto bv, auto cv) { op.zv ? run(bv, cv, T_{}) : run(bv, cv, F_{}); };
+      if (op.Bv) {
+        op.Cv ? with_z(T_{}, T_{}) : with_z(T_{}, F_{});
+      } else {
+        op.Cv ? with_z(F_{}, T_{}) : with_z(F_{}, F_{});
+      }
+      store_tile(gr.du, g, false, bi, c0, W, 0, l, b.du.data());
+      store_tile(gr.ddelta, g, false, bi, c0, W, 0, l, b.dd.data());
+      if (op.zv) store_tile(gr.dz, g, false, bi, c0, W, 0, l, b.dz.data());
+      // input-dependent B / C: this block's lane sums per step, (b, nblk, l, 1)
+      if (op.Bv) lane_sums(b.pB.data(), l, W, gr.dBp + (bi * nblk + blk) * l);
+      if (op.Cv) lane_sums(b.pC.data(), l, W, gr.dCp + (bi * nblk + blk) * l);
+      const int64_t row = bi * g.d + c0;  // (b, d[, 1]) per-row sums: W lanes in a row
+      acc.dA.store(gr.dA + row);
+      acc.dD.store(gr.dD + row);
+      acc.dbias.store(gr.dbias + row);
+      if (!op.Bv) acc.dBc.store(gr.dBc + row);
+      if (!op.Cv) acc.dCc.store(gr.dCc + row);
+    }
+  });
+}
+
+// The fast path of bidir_scan_bwd; an empty vector when it does not apply.
+std::vector<at::Tensor> bidir_bwd_fast(const at::Tensor& dout, const at::Tensor& u_in,
+                                       const at::Tensor& delta_in, const at::Tensor& A_in,
+                                       const at::Tensor& B_in, const at::Tensor& C_in,
+                                       const c10::optional<at::Tensor>& D_in,
+                                       const c10::optional<at::Tensor>& z_in,
+                                       const c10::optional<at::Tensor>& bias_in, bool softplus,
+                                       bool sum) {
+  const auto acc = acc_type(u_in.scalar_type());
+  const at::Tensor z_opt = z_in.has_value() ? *z_in : at::Tensor();
+  const auto io = io_type(u_in, {delta_in, B_in, C_in, z_opt});
+  if (io != acc || A_in.size(1) != 1 || u_in.size(2) > kBidirMaxLine) return {};
+  const at::Tensor u = as_io(u_in, io), delta = as_io(delta_in, io), z = as_io(z_opt, io);
+  const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
+  const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
+  const int64_t b = u.size(0), d = u.size(1), l = u.size(2);
+  const at::Tensor dsum = dout.to(acc).contiguous();  // (b, d, l) or (2, b, d, l)
+  auto fo = u.options().dtype(acc);
+  at::Tensor du = at::empty({b, d, l}, fo), ddelta = at::empty({b, d, l}, fo);
+  at::Tensor dz = z.defined() ? at::empty({b, d, l}, fo) : at::empty({0}, fo);
+  at::Tensor dA = at::empty({b, d, 1}, fo), dD = at::empty({b, d}, fo), dbias = at::empty({b, d}, fo);
+  std::vector<at::Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(io, "mmssm_bidir_bwd", [&] {
+    const auto g = make_geometry(u, A, B, C, Vectorized<scalar_t>::size());
+    auto op = make_operands<scalar_t, scalar_t>(u, delta, A, B, C, D, z, bias, softplus, false);
+    if (!bidir_fast(op, g, true)) return;
+    const int64_t nblk = g.c0.size();
+    at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, 1}, fo) : at::empty({b, nblk, l, 1}, fo);
+    at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, 1}, fo) : at::empty({b, nblk, l, 1}, fo);
+    Grads<scalar_t, scalar_t> gr;
+    gr.du = du.data_ptr<scalar_t>();
+    gr.ddelta = ddelta.data_ptr<scalar_t>();
+    gr.dz = z.defined() ? dz.data_ptr<scalar_t>() : nullptr;
+    gr.dA = dA.data_ptr<scalar_t>();
+    gr.dD = dD.data_ptr<scalar_t>();
+    gr.dbias = dbias.data_ptr<scalar_t>();
+    gr.dBc = B.dim() == 2 ? dBx.data_ptr<scalar_t>() : nullptr;
+    gr.dCc = C.dim() == 2 ? dCx.data_ptr<scalar_t>() : nullptr;
+    gr.dBp = B.dim() == 4 ? dBx.data_ptr<scalar_t>() : nullptr;
+    gr.dCp = C.dim() == 4 ? dCx.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* p = dsum.data_ptr<scalar_t>();
+    const scalar_t* const douts[2] = {p, sum ? p : p + b * d * l};
+    bidir_bwd_kernel<scalar_t>(op, g, douts, gr);
+    // per-block dB / dC partials -> per group, summed over the group's blocks in order
+    auto reduce = [&](const at::Tensor& part, const at::Tensor& X) {
+      if (X.dim() == 2) return part.sum(0);
+      const int64_t groups = X.size(1);
+      return part.view({b, groups, nblk / groups, l, 1}).sum(2).transpose(2, 3).contiguous();
+    };
+    res = {du, ddelta, dA.sum(0), reduce(dBx, B), reduce(dCx, C), dD.sum(0), dz, dbias.sum(0)};
+  });
+  return res;
+}
+
 std::vector<at::Tensor> bidir_scan_bwd(
     const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
@@ -242,6 +441,10 @@ std::vector<at::Tensor> bidir_scan_bwd(
   TORCH_CHECK(dout.dim() == (sum ? 3 : 4),
               "mmssm bidir scan backward: dout must be (b, d, l) with sum_directions, else "
               "(2, b, d, l)");
+  check(u, A, B, C);
+  std::vector<at::Tensor> fast = bidir_bwd_fast(dout, u, delta, A, B, C, D, z, bias, softplus, sum);
+  if (!fast.empty()) return fast;
+  // anything else: the plain backward of each direction, summed
   std::vector<at::Tensor> g = scan_bwd(sum ? dout : dout.select(0, 0), c10::nullopt, u, delta,
                                        A, B, C, D, z, bias, states.select(0, 0), softplus, false);
   const std::vector<at::Tensor> r =
