@@ -20,8 +20,10 @@ Ops (registered on import, like :mod:`mmssm.ops.selective_scan_cpp`)::
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
 
 B / C are (d, n) or (b, g, n, l) as for the plain op. ``states`` (2, b, d, n_chunks, n)
-holds each direction's chunk states (empty unless ``save_states``); the backward is
-the plain backward of each direction, summed. Each slice of ``out`` has u's layout when
+holds each direction's chunk states (empty unless ``save_states``); the backward gives each
+direction's gradients, summed (the compiled kernel recomputes V2M's n = 1 lines whole and
+runs both adjoint scans in one pass over the line; other shapes run the plain backward
+of each direction). Each slice of ``out`` has u's layout when
 u is dense (``torch.empty_like(u)``), as the plain scan's output. Without the compiled
 kernel (or off the CPU) both ops run the plain scan op twice.
 """

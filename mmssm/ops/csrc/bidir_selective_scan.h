@@ -18,7 +18,7 @@
 //          saves them (empty unless save_states).
 //   bidir_bwd(dout, u, delta, A, B, C, D?, z?, delta_bias?, states, delta_softplus,
 //             sum_directions) -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
-//     the plain backward of each direction, summed (dout: out's shape).
+//     both directions' gradients, summed (dout: out's shape).
 //
 // Fast path (V2M's passes: n = 1, fp32 / fp64 activations of one dtype, lane-contiguous
 // u / delta / z (token-major (b, l, d) memory seen as (b, d, l)), full channel blocks,
@@ -26,7 +26,11 @@
 // once, computing and keeping a_t, x_t (and u_t, z_t, sigmoid(z_t)) in (l, W) buffers
 // (56 steps x 16 lanes x 4 B = 3.5 KB each: L1) while it runs the forward recurrence,
 // then runs the reverse recurrence from the buffers. Each direction does the plain
-// scan's operations in its order: its output is bit-identical to a plain scan's.
+// scan's operations in its order: its output is bit-identical to a plain scan's. The
+// backward of such a line recomputes it whole (no saved states needed): the shared terms
+// and the forward states (t ascending), the reverse states with the forward direction's
+// adjoint scan (t descending), the reverse direction's adjoint scan (t ascending), each
+// adjoint step the plain backward's; the directions' gradients are summed per step.
 // Everything else runs the plain kernel twice (scan_fwd / scan_bwd) and adds.
 #pragma once
 
