@@ -51,6 +51,33 @@ inline void n1_terms(const Vectorized<acc_t>& delta, const Vectorized<acc_t>& uv
   x = (dt * uv) * bk;
 }
 
+// The operands of one n = 1 line (batch row bi, channel block c0 of W full lanes):
+// activation pointers and their step strides, the input-dependent B / C rows ((b, g, l, 1)
+// in the work dtype, one scalar per time step), the block's parameters (A: the plain A,
+// A2: decay()'s).
+template <typename acc_t, bool BV, bool CV, bool ZV>
+struct LineN1 {
+  using Vec = Vectorized<acc_t>;
+  const acc_t *u, *dl, *zp, *Bp, *Cp;
+  int64_t us, ds, zs;
+  Vec A, A2, D, bias, Bc, Cc;
+  LineN1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
+         const Scratch<acc_t>& s)
+      : u(op.u.p + bi * op.u.s0 + c0), dl(op.delta.p + bi * op.delta.s0 + c0),
+        zp(ZV ? op.z.p + bi * op.z.s0 + c0 : nullptr),
+        Bp(BV ? op.Bl + (bi * g.gB + c0 / g.sizeB) * g.l : nullptr),
+        Cp(CV ? op.Cl + (bi * g.gC + c0 / g.sizeC) * g.l : nullptr),
+        us(op.u.s2), ds(op.delta.s2), zs(ZV ? op.z.s2 : 0),
+        A(Vec::loadu(s.A.data())), A2(Vec::loadu(s.A2.data())), D(Vec::loadu(s.D.data())),
+        bias(Vec::loadu(s.bias.data())), Bc(Vec::loadu(s.Bc.data())),
+        Cc(Vec::loadu(s.Cc.data())) {}
+  Vec u_at(int64_t t) const { return Vec::loadu(u + t * us); }
+  Vec delta_at(int64_t t) const { return Vec::loadu(dl + t * ds); }
+  Vec z_at(int64_t t) const { return Vec::loadu(zp + t * zs); }
+  Vec B_at(int64_t t) const { return BV ? Vec(Bp[t]) : Bc; }
+  Vec C_at(int64_t t) const { return CV ? Vec(Cp[t]) : Cc; }
+};
+
 // Per-thread (l, W) buffers of one line: the shared terms and the outputs when they
 // cannot be stored in place.
 template <typename acc_t>
@@ -69,16 +96,7 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
                    const OutLayout& ol, acc_t* states) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, l = g.l, nch = g.n_chunks();
-  const acc_t* u = op.u.p + bi * op.u.s0 + c0;
-  const acc_t* dl = op.delta.p + bi * op.delta.s0 + c0;
-  const acc_t* zp = ZV ? op.z.p + bi * op.z.s0 + c0 : nullptr;
-  const int64_t us = op.u.s2, ds = op.delta.s2, zs = ZV ? op.z.s2 : 0;
-  // input-dependent B / C: (b, g, l, 1) in the work dtype, one scalar per time step
-  const acc_t* Bp = BV ? op.Bl + (bi * g.gB + c0 / g.sizeB) * l : nullptr;
-  const acc_t* Cp = CV ? op.Cl + (bi * g.gC + c0 / g.sizeC) * l : nullptr;
-  const Vec A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
-  const Vec bias = Vec::loadu(s.bias.data());
-  const Vec Bc = Vec::loadu(s.Bc.data()), Cc = Vec::loadu(s.Cc.data());
+  const LineN1<acc_t, BV, CV, ZV> ln(op, g, bi, c0, s);
   const bool sum = out[1] == nullptr, direct = !ol.contiguous && ol.s1 == 1;
   acc_t* yf = direct ? out[0] + bi * ol.s0 + c0 : lb.y0.data();
   acc_t* yr = sum ? yf : (direct ? out[1] + bi * ol.s0 + c0 : lb.y1.data());
@@ -87,7 +105,7 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
   acc_t* sgb = lb.sg.data();
   // the readout and gate of one step, as forward_n1's
   auto readout = [&](const Vec& h, const Vec& uv, int64_t t, const Vec& z, const Vec& sg) {
-    Vec y = at::vec::fmadd(D, uv, at::vec::fmadd(h, CV ? Vec(Cp[t]) : Cc, Vec(acc_t(0))));
+    Vec y = at::vec::fmadd(ln.D, uv, at::vec::fmadd(h, ln.C_at(t), Vec(acc_t(0))));
     return ZV ? y * z * sg : y;
   };
   // forward direction; the terms of every step are kept for the reverse one
@@ -96,19 +114,19 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
     if (states && t % kChunk == 0)  // state entering chunk t / kChunk: (b, d, nch, 1)
       store_lanes(h, states + (bi * g.d + c0) * nch + t / kChunk, nch);
     if (t + kAheadN1 < l) {
-      __builtin_prefetch(u + (t + kAheadN1) * us, 0, 3);
-      __builtin_prefetch(dl + (t + kAheadN1) * ds, 0, 3);
-      if (ZV) __builtin_prefetch(zp + (t + kAheadN1) * zs, 0, 3);
+      __builtin_prefetch(ln.u + (t + kAheadN1) * ln.us, 0, 3);
+      __builtin_prefetch(ln.dl + (t + kAheadN1) * ln.ds, 0, 3);
+      if (ZV) __builtin_prefetch(ln.zp + (t + kAheadN1) * ln.zs, 0, 3);
     }
-    const Vec uv = Vec::loadu(u + t * us);
+    const Vec uv = ln.u_at(t);
     Vec av, xt, z(acc_t(0)), sg(acc_t(0));
-    n1_terms(Vec::loadu(dl + t * ds), uv, BV ? Vec(Bp[t]) : Bc, bias, A2, op.softplus, av, xt);
+    n1_terms(ln.delta_at(t), uv, ln.B_at(t), ln.bias, ln.A2, op.softplus, av, xt);
     h = at::vec::fmadd(av, h, xt);
     av.store(a + t * W);
     xt.store(x + t * W);
     uv.store(ub + t * W);
     if (ZV) {
-      z = Vec::loadu(zp + t * zs);
+      z = ln.z_at(t);
       sg = sigmoid<acc_t>(z);
       z.store(zb + t * W);
       sg.store(sgb + t * W);
@@ -146,6 +164,20 @@ bool bidir_fast(const Operands<scalar_t, acc_t>& op, const Geometry& g, bool out
   }
 }
 
+// f(bv, cv, zv), each std::true_type or std::false_type: input-dependent B, C and a z
+// gate as the compile-time flags of the n = 1 line loops.
+template <typename acc_t, typename F>
+void dispatch_bcz(const Operands<acc_t, acc_t>& op, F&& f) {
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  auto with_z = [&](auto bv, auto cv) { op.zv ? f(bv, cv, T_{}) : f(bv, cv, F_{}); };
+  if (op.Bv) {
+    op.Cv ? with_z(T_{}, T_{}) : with_z(T_{}, F_{});
+  } else {
+    op.Cv ? with_z(F_{}, T_{}) : with_z(F_{}, F_{});
+  }
+}
+
 template <typename acc_t>
 void bidir_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g, at::Tensor& out, bool sum,
                   at::Tensor& states, bool save) {
@@ -165,18 +197,10 @@ void bidir_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g, at::Tenso
       const int64_t blk = task / g.b, bi = task % g.b, c0 = g.c0[blk];
       if (blk != loaded) load_params(op, g, c0, g.W, s);
       loaded = blk;
-      auto run = [&](auto bv, auto cv, auto zv) {
+      dispatch_bcz(op, [&](auto bv, auto cv, auto zv) {
         bidir_line_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
             op, g, bi, c0, s, lb, outs, ol, st);
-      };
-      using T_ = std::true_type;
-      using F_ = std::false_type;
-      auto with_z = [&](auto bv, auto cv) { op.zv ? run(bv, cv, T_{}) : run(bv, cv, F_{}); };
-      if (op.Bv) {
-        op.Cv ? with_z(T_{}, T_{}) : with_z(T_{}, F_{});
-      } else {
-        op.Cv ? with_z(F_{}, T_{}) : with_z(F_{}, F_{});
-      }
+      });
     }
   });
 }
@@ -268,15 +292,8 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
                        const acc_t* const dout[2], BidirBwdSums<acc_t>& acc) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, l = g.l;
-  const acc_t* u = op.u.p + bi * op.u.s0 + c0;
-  const acc_t* dl = op.delta.p + bi * op.delta.s0 + c0;
-  const acc_t* zp = ZV ? op.z.p + bi * op.z.s0 + c0 : nullptr;
-  const int64_t us = op.u.s2, ds = op.delta.s2, zs = ZV ? op.z.s2 : 0;
-  const acc_t* Bp = BV ? op.Bl + (bi * g.gB + c0 / g.sizeB) * l : nullptr;
-  const acc_t* Cp = CV ? op.Cl + (bi * g.gC + c0 / g.sizeC) * l : nullptr;
-  const Vec A = Vec::loadu(s.A.data()), A2 = Vec::loadu(s.A2.data()), D = Vec::loadu(s.D.data());
-  const Vec bias = Vec::loadu(s.bias.data());
-  const Vec Bc = Vec::loadu(s.Bc.data()), Cc = Vec::loadu(s.Cc.data()), one(acc_t(1));
+  const LineN1<acc_t, BV, CV, ZV> ln(op, g, bi, c0, s);
+  const Vec A = ln.A, D = ln.D, one(acc_t(1));
   auto ld = [&](const std::vector<acc_t>& v, int64_t t) { return Vec::loadu(v.data() + t * W); };
   auto st = [&](std::vector<acc_t>& v, int64_t t, const Vec& x) { x.store(v.data() + t * W); };
   for (auto* v : {&b.du, &b.dd, &b.dz, &b.pB, &b.pC}) std::fill(v->begin(), v->end(), acc_t(0));
@@ -287,14 +304,14 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
   // 1) shared terms, forward states
   Vec h(acc_t(0));
   for (int64_t t = 0; t < l; ++t) {
-    const Vec uv = Vec::loadu(u + t * us), r = Vec::loadu(dl + t * ds) + bias;
-    const Vec dt = op.softplus ? softplus<acc_t>(r) : r, a = decay<acc_t>(dt, A2);
+    const Vec uv = ln.u_at(t), r = ln.delta_at(t) + ln.bias;
+    const Vec dt = op.softplus ? softplus<acc_t>(r) : r, a = decay<acc_t>(dt, ln.A2);
     const Vec dtu = dt * uv;
-    h = at::vec::fmadd(a, h, dtu * (BV ? Vec(Bp[t]) : Bc));
+    h = at::vec::fmadd(a, h, dtu * ln.B_at(t));
     st(b.u, t, uv), st(b.dt, t, dt), st(b.a, t, a), st(b.dtu, t, dtu), st(b.hf, t, h);
     if (op.softplus) st(b.sp, t, sigmoid<acc_t>(r));
     if (ZV) {
-      const Vec z = Vec::loadu(zp + t * zs);
+      const Vec z = ln.z_at(t);
       st(b.z, t, z), st(b.sg, t, sigmoid<acc_t>(z));
     }
   }
@@ -302,7 +319,7 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
   // adjoint carried from its previous adjoint step (a G)
   auto adjoint = [&](int64_t t, const Vec& hv, const Vec& hp, Vec& G, const Vec& dout_t) {
     const Vec uv = ld(b.u, t), dt = ld(b.dt, t), dtu = ld(b.dtu, t), a = ld(b.a, t);
-    const Vec bk = BV ? Vec(Bp[t]) : Bc, ck = CV ? Vec(Cp[t]) : Cc;
+    const Vec bk = ln.B_at(t), ck = ln.C_at(t);
     Vec dy = dout_t;
     if (ZV) {  // out = y z sigmoid(z), y = h C + D u
       const Vec z = ld(b.z, t), sg = ld(b.sg, t);
@@ -324,7 +341,7 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
   // 2) reverse states; forward adjoint (its previous state is h_{t-1})
   Vec hr(acc_t(0)), G(acc_t(0));
   for (int64_t t = l - 1; t >= 0; --t) {
-    hr = at::vec::fmadd(ld(b.a, t), hr, ld(b.dtu, t) * (BV ? Vec(Bp[t]) : Bc));
+    hr = at::vec::fmadd(ld(b.a, t), hr, ld(b.dtu, t) * ln.B_at(t));
     st(b.hr, t, hr);
     adjoint(t, ld(b.hf, t), t ? ld(b.hf, t - 1) : Vec(acc_t(0)), G, ld(b.g0, t));
   }
@@ -352,18 +369,10 @@ void bidir_bwd_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g,
       if (blk != loaded) load_params(op, g, c0, W, s);
       loaded = blk;
       BidirBwdSums<acc_t> acc;
-      auto run = [&](auto bv, auto cv, auto zv) {
+      dispatch_bcz(op, [&](auto bv, auto cv, auto zv) {
         bidir_bwd_line_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
             op, g, bi, c0, s, b, dout, acc);
-      };
-      using T_ = std::true_type;
-      using F_ = std::false_type;
-      auto with_z = [&](auto bv, auto cv) { op.zv ? run(bv, cv, T_{}) : run(bv, cv, F_{}); };
-      if (op.Bv) {
-        op.Cv ? with_z(T_{}, T_{}) : with_z(T_{}, F_{});
-      } else {
-        op.Cv ? with_z(F_{}, T_{}) : with_z(F_{}, F_{});
-      }
+      });
       store_tile(gr.du, g, false, bi, c0, W, 0, l, b.du.data());
       store_tile(gr.ddelta, g, false, bi, c0, W, 0, l, b.dd.data());
       if (op.zv) store_tile(gr.dz, g, false, bi, c0, W, 0, l, b.dz.data());
