@@ -201,3 +201,28 @@ def test_fused_backward_equals_two_plain_backwards(varying, sum_directions, gate
     for name, a, b in zip(NAMES, fused, plain):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@needs_ext
+def test_every_built_simd_level():
+    """Each SIMD build the CPU runs (separate compilations of one source): the fast path's
+    directions equal that build's plain scan, the fused backward its plain backward."""
+    runnable = selective_scan_cpp._cpu_levels()
+    x = make_inputs(2, 32, 11, varying='C')
+    args = [x[k] for k in NAMES]
+    tested = []
+    for level in selective_scan_cpp.built_levels():
+        if level not in runnable:
+            continue
+        torch.ops.load_library(selective_scan_cpp._path(level))
+        ns = getattr(torch.ops, f'mmssm_scan_{level}')
+        out, states = ns.bidir_fwd(*args, True, False, False, True)
+        plain = [ns.fwd(*args, True, False, rev, True) for rev in (False, True)]
+        assert torch.equal(out[0], plain[0][0]) and torch.equal(out[1], plain[1][0])
+        dout = torch.randn_like(out)
+        fused = ns.bidir_bwd(dout, *args, states, True, False)
+        ref = [ns.bwd(dout[k], None, *args, plain[k][2], True, k == 1) for k in (0, 1)]
+        for name, a, r0, r1 in zip(NAMES, fused, *ref):
+            torch.testing.assert_close(a, r0 + r1, rtol=1e-5, atol=1e-5, msg=name)
+        tested.append(level)
+    assert tested and 'default' in tested
