@@ -23,9 +23,9 @@
 // Fast path (V2M's passes: n = 1, fp32 / fp64 activations of one dtype, lane-contiguous
 // u / delta / z (token-major (b, l, d) memory seen as (b, d, l)), full channel blocks,
 // l <= kBidirMaxLine): a task (batch row, block of W channels) walks the line forward
-// once, computing and keeping a_t, x_t (and u_t, z_t, sigmoid(z_t)) in (l, W) buffers
-// (56 steps x 16 lanes x 4 B = 3.5 KB each: L1) while it runs the forward recurrence,
-// then runs the reverse recurrence from the buffers. Each direction does the plain
+// once, computing and keeping a_t, x_t (and sigmoid(z_t)) in (l, W) buffers (56 steps x
+// 16 lanes x 4 B = 3.5 KB each: L1) while it runs the forward recurrence, then runs the
+// reverse recurrence from the buffers (u_t, z_t re-read: the line is still in cache). Each direction does the plain
 // scan's operations in its order: its output is bit-identical to a plain scan's. The
 // backward of such a line recomputes it whole (no saved states needed): the shared terms
 // and the forward states (t ascending), the reverse states with the forward direction's
@@ -82,9 +82,9 @@ struct LineN1 {
 // cannot be stored in place.
 template <typename acc_t>
 struct LineBuffers {
-  std::vector<acc_t> a, x, u, z, sg, y0, y1;
+  std::vector<acc_t> a, x, sg, y0, y1;
   LineBuffers(int64_t l, int64_t W) {
-    for (auto* v : {&a, &x, &u, &z, &sg, &y0, &y1}) v->assign(l * W, acc_t(0));
+    for (auto* v : {&a, &x, &sg, &y0, &y1}) v->assign(l * W, acc_t(0));
   }
 };
 
@@ -101,8 +101,7 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
   acc_t* yf = direct ? out[0] + bi * ol.s0 + c0 : lb.y0.data();
   acc_t* yr = sum ? yf : (direct ? out[1] + bi * ol.s0 + c0 : lb.y1.data());
   const int64_t ys = direct ? ol.s2 : W;  // step stride of yf / yr
-  acc_t *a = lb.a.data(), *x = lb.x.data(), *ub = lb.u.data(), *zb = lb.z.data();
-  acc_t* sgb = lb.sg.data();
+  acc_t *a = lb.a.data(), *x = lb.x.data(), *sgb = lb.sg.data();
   // the readout and gate of one step, as forward_n1's
   auto readout = [&](const Vec& h, const Vec& uv, int64_t t, const Vec& z, const Vec& sg) {
     Vec y = at::vec::fmadd(ln.D, uv, at::vec::fmadd(h, ln.C_at(t), Vec(acc_t(0))));
@@ -124,11 +123,9 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
     h = at::vec::fmadd(av, h, xt);
     av.store(a + t * W);
     xt.store(x + t * W);
-    uv.store(ub + t * W);
     if (ZV) {
       z = ln.z_at(t);
       sg = sigmoid<acc_t>(z);
-      z.store(zb + t * W);
       sg.store(sgb + t * W);
     }
     readout(h, uv, t, z, sg).store(yf + t * ys);
@@ -139,9 +136,9 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
     const int64_t t = l - 1 - sj;
     if (st_r && sj % kChunk == 0) store_lanes(hr, st_r + (bi * g.d + c0) * nch + sj / kChunk, nch);
     hr = at::vec::fmadd(Vec::loadu(a + t * W), hr, Vec::loadu(x + t * W));
-    const Vec z = ZV ? Vec::loadu(zb + t * W) : Vec(acc_t(0));
+    const Vec z = ZV ? ln.z_at(t) : Vec(acc_t(0));  // u, z: re-read (in cache)
     const Vec sg = ZV ? Vec::loadu(sgb + t * W) : Vec(acc_t(0));
-    Vec y = readout(hr, Vec::loadu(ub + t * W), t, z, sg);
+    Vec y = readout(hr, ln.u_at(t), t, z, sg);
     if (sum) y = Vec::loadu(yf + t * ys) + y;  // forward + reverse
     y.store(yr + t * ys);
   }
