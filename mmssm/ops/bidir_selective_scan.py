@@ -124,6 +124,9 @@ def _backward(ctx, dout, dstates):
         raise RuntimeError('mmssm.bidir_selective_scan_fwd ran with save_states=False, so it '
                            'has no backward; call it with save_states=True (the public '
                            'mmssm.ops.bidir_selective_scan does this when a gradient is needed)')
+    if dout is None:  # only the states were used: a zero cotangent of out's shape
+        shape = tuple(u.shape) if sum_dirs else (2, ) + tuple(u.shape)
+        dout = u.new_zeros(shape, dtype=_work_dtype(u))
     grads = torch.ops.mmssm.bidir_selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias,
                                                      states, softplus, sum_dirs)
     inputs = (u, delta, A, B, C, D, z, delta_bias)

@@ -31,7 +31,8 @@
 // and the forward states (t ascending), the reverse states with the forward direction's
 // adjoint scan (t descending), the reverse direction's adjoint scan (t ascending), each
 // adjoint step the plain backward's; the directions' gradients are summed per step.
-// Everything else runs the plain kernel twice (scan_fwd / scan_bwd) and adds.
+// Everything else runs the plain kernel twice (scan_fwd / scan_bwd) and adds; so does
+// MMSSM_SCAN_TILED_ONLY=1, which turns the plain kernel's one-pass loops off too (A/B).
 #pragma once
 
 namespace {
