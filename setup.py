@@ -97,7 +97,8 @@ def scan_extensions() -> dict:
                                    ([f'-DCPU_CAPABILITY_{cap}'] if cap != 'DEFAULT' else []) +
                                    flags},
         depends=['mmssm/ops/csrc/selective_scan.h', 'mmssm/ops/csrc/scan_order.h',
-                 'mmssm/ops/csrc/cross_selective_scan.h'],
+                 'mmssm/ops/csrc/cross_selective_scan.h',
+                 'mmssm/ops/csrc/bidir_selective_scan.h'],
         extra_link_args=['-fopenmp']) for name, (cap, flags) in levels.items()]
 
     class TolerantBuildExtension(BuildExtension.with_options(use_ninja=False)):

@@ -18,8 +18,9 @@ below add our own ops, which the tracer sees as single nodes:
 
   with u (B, D, L) and A (D, N). VMamba's direction-aware scan
   ``mmssm::cross_selective_scan_fwd`` (u (B, H, W, D), A (4D, N)) counts as the
-  (B, 4D, H*W) scan it replaces. softplus(delta + delta_bias) and the group
-  expansion of B/C are not counted (as in VMamba). The ``ref`` backend is a
+  (B, 4D, H*W) scan it replaces, and the two-direction scan
+  ``mmssm::bidir_selective_scan_fwd`` as the two scans it runs. softplus(delta +
+  delta_bias) and the group expansion of B/C are not counted (as in VMamba). The ``ref`` backend is a
   python loop of small ops and would be mis-counted: :func:`count_flops`
   clears MMSSM_SCAN_BACKEND while tracing on CPU (so the custom op runs).
 * **scan-order ops** (``cross_scan``/``cross_merge``, ``corner_rotate_all``/
@@ -123,6 +124,16 @@ def cross_selective_scan_op_flop_jit(inputs: List[Any], outputs: List[Any]) -> C
                                                        with_D=not _is_none(inputs[5])))
 
 
+def bidir_selective_scan_op_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """Handle for ``mmssm::bidir_selective_scan_fwd`` (u, delta, A, B, C, D, z, ...): the
+    forward and the reverse scan, counted as the two plain scans it replaces (the sum of
+    the two outputs is element-wise, not counted)."""
+    b, d, l = get_shape(inputs[0])
+    n = get_shape(inputs[2])[1]
+    return Counter(selective_scan=2 * selective_scan_flops(
+        b, d, l, n, with_D=not _is_none(inputs[5]), with_z=not _is_none(inputs[6])))
+
+
 def zero_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """Handle for pure re-indexing ops (scan orders): 0 flops."""
     return 0
@@ -173,6 +184,7 @@ def op_handles() -> Dict[str, Any]:
     handles = {f'prim::PythonOp.{n}': selective_scan_flop_jit for n in SCAN_FUNCTIONS}
     handles['mmssm::selective_scan_fwd'] = selective_scan_op_flop_jit
     handles['mmssm::cross_selective_scan_fwd'] = cross_selective_scan_op_flop_jit
+    handles['mmssm::bidir_selective_scan_fwd'] = bidir_selective_scan_op_flop_jit
     handles.update({f'prim::PythonOp.{n}': zero_flop_jit for n in SCAN_ORDER_FUNCTIONS})
     for kind in ('rfft', 'irfft', 'fft'):
         for suffix, nd in (('', False), ('n', True), ('2', True)):

@@ -13,12 +13,13 @@ from mmssm.models.layers.s4nd import S4ND
 
 ORIGINAL_SCAN = mmssm.ops.selective_scan
 ORIGINAL_CROSS_SCAN = mmssm.ops.cross_selective_scan
+ORIGINAL_BIDIR_SCAN = mmssm.ops.bidir_selective_scan
 
 
 @pytest.fixture
 def scan_spy(monkeypatch):
-    """Replace ``selective_scan`` and ``cross_selective_scan`` wherever mmssm imported them;
-    check and record every call."""
+    """Replace ``selective_scan``, ``cross_selective_scan`` and ``bidir_selective_scan``
+    wherever mmssm imported them; check and record every call."""
     calls = []
 
     def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -41,11 +42,29 @@ def scan_spy(monkeypatch):
         calls.append(dict(u=u.dtype, delta=delta.dtype, state=out.dtype, out=out.dtype))
         return out
 
+    def bidir_spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  out_fp32=False, sum_directions=False, **kw):
+        # both directions of a pass (V2M on CPU): the state is the kernel's saved chunk
+        # states, read from a second (no-grad) run of the op
+        out = ORIGINAL_BIDIR_SCAN(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  out_fp32, sum_directions, **kw)
+        with torch.no_grad():
+            bc = [X.unsqueeze(1) if X.dim() == 3 else X for X in (B, C)]
+            states = torch.ops.mmssm.bidir_selective_scan_fwd(
+                u, delta, A, *bc, D, z, delta_bias, delta_softplus, out_fp32, sum_directions,
+                True)[1]
+        assert A.dtype == torch.float32, f'A (decay rates) in {A.dtype}'
+        assert out.dtype == (torch.float32 if out_fp32 else u.dtype)
+        calls.append(dict(u=u.dtype, delta=delta.dtype, state=states.dtype, out=out.dtype))
+        return out
+
     for mod in list(sys.modules.values()):
         if not getattr(mod, '__name__', '').startswith('mmssm'):
             continue
         if getattr(mod, 'selective_scan', None) is ORIGINAL_SCAN:
             monkeypatch.setattr(mod, 'selective_scan', spy)
+        if getattr(mod, 'bidir_selective_scan', None) is ORIGINAL_BIDIR_SCAN:
+            monkeypatch.setattr(mod, 'bidir_selective_scan', bidir_spy)
         if getattr(mod, 'cross_selective_scan', None) is ORIGINAL_CROSS_SCAN:
             monkeypatch.setattr(mod, 'cross_selective_scan', cross_spy)
     return calls

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mmssm import ops
 from mmssm.ops import CORNERS
+from mmssm.ops.selective_scan import resolve_backend
 from .mamba_mixer import (_state_dtype, in_proj_halves, make_conv1d, make_dt_proj, ones_D,
                           pass_inputs, resolve_dt_rank, s4d_real_A_log, ssm_pass)
 
@@ -148,6 +149,10 @@ class V2MMixer2D(SSM2D):
     # the conv-free path gates the column passes' corner sum once (False: each column
     # scan gates its corner, as traced graphs do; equal to fp32 rounding; for tests / A/B)
     gate_corner_sum: bool = True
+    # the conv-free path runs both directions of a pass as one two-direction scan
+    # (:func:`mmssm.ops.bidir_selective_scan`: decay and input terms computed once) in
+    # eager CPU code (False: one scan per direction, as traced graphs; for tests / A/B)
+    two_direction_scan: bool = True
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
@@ -270,7 +275,14 @@ class V2MMixer2D(SSM2D):
           load, a sigmoid and a multiply per element, ~10-30% of its time) and one
           silu + multiply follow. A traced or exported graph (FLOP counting, ONNX)
           keeps the per-pass gate, the official formulation whose counted FLOPs
-          include it.
+          include it;
+        - in eager CPU code both directions of a pass run as one two-direction scan
+          (:func:`mmssm.ops.bidir_selective_scan`, ``two_direction_scan``): the row pass
+          gives both latents in one (2, B*H, d, W) tensor (x_proj_2 / dt_proj_2 then run
+          once for both), each latent's column pass the sum of its two directions. The
+          decay and input terms of a token are computed once for both directions; each
+          direction's values are the plain scan's (bit-identical), the column sum is
+          fp32 rounding apart. Traced / exported graphs keep one scan per direction.
         """
         b, h, w, d = xs.shape
         R = self.dt_rank
@@ -309,23 +321,39 @@ class V2MMixer2D(SSM2D):
                         delta_bias=bias, delta_softplus=True)
         N = A.shape[1]
         inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
-        y = None
+        # both directions of a pass in one two-direction scan call (eager, compiled CPU
+        # scan); traced / exported graphs keep one plain scan per direction (FLOP counts,
+        # ONNX)
+        bidir = self.two_direction_scan and not exporting and resolve_backend(xs) == 'cpp'
         revs = sorted({_CORNER_DIRS[c][0] for c in self.corners})
         x_r, dt_r = rows(xs), rows(dt)
-        lats = [ops.selective_scan(x_r, dt_r, reverse=rev, **row_args)
-                for rev in revs]                                       # (B*H, d, W) each
-        for rev, lat in zip(revs, lats):
-            lat = lat.view(b, h, d, w).transpose(2, 3).contiguous()    # tokens, no-op copy
-            x_dbl2 = F.linear(lat, self.x_proj_2.weight)               # (B, H, W, R+N)
-            dt2 = F.linear(x_dbl2[..., :R], self.dt_proj_2.weight)     # (B, H, W, d)
-            C = x_dbl2[..., R:].transpose(1, 2).contiguous().transpose(2, 3)  # (B, W, N, H)
-            C = C.reshape(nb, N, h) if nw == 1 else C                  # (nb, [nw,] N, H) view
-            x_c, dt_c = cols(lat), cols(dt2)
-            for c in self.corners:
-                if _CORNER_DIRS[c][0] != rev:
-                    continue
-                y_c = ops.selective_scan(x_c, dt_c, C=C, reverse=_CORNER_DIRS[c][1],
-                                         **col_args)                   # (nb, nw*d, H)
+        if bidir and len(revs) == 2:  # (2, B*H, d, W): the two latents, token-major
+            lat = ops.bidir_selective_scan(x_r, dt_r, **row_args)
+        else:
+            lat = [ops.selective_scan(x_r, dt_r, reverse=rev, **row_args)
+                   for rev in revs]                                    # (B*H, d, W) each
+        # latents as tokens (k, B, H, W, d), no-op copies (the scan wrote them token-major);
+        # one x_proj_2 / dt_proj_2 GEMM for all of them when they come from one call
+        toks = ([lat.view(2, b, h, d, w).transpose(3, 4).contiguous()] if torch.is_tensor(lat)
+                else [t.view(1, b, h, d, w).transpose(3, 4).contiguous() for t in lat])
+        passes = []  # (x_c, dt_c, C) per latent, in the order of revs
+        for tok in toks:
+            x_dbl2 = F.linear(tok, self.x_proj_2.weight)               # (k, B, H, W, R+N)
+            dt2 = F.linear(x_dbl2[..., :R], self.dt_proj_2.weight)     # (k, B, H, W, d)
+            Cs = x_dbl2[..., R:].transpose(2, 3).contiguous().transpose(3, 4)  # (k, B, W, N, H)
+            for i in range(tok.shape[0]):
+                C = Cs[i].reshape(nb, N, h) if nw == 1 else Cs[i]      # (nb, [nw,] N, H) view
+                passes.append((cols(tok[i]), cols(dt2[i]), C))
+        y = None
+        for rev, (x_c, dt_c, C) in zip(revs, passes):
+            col_revs = [_CORNER_DIRS[c][1] for c in self.corners if _CORNER_DIRS[c][0] == rev]
+            if bidir and len(col_revs) == 2:  # both column directions, summed in the kernel
+                ys = [ops.bidir_selective_scan(x_c, dt_c, C=C, sum_directions=True,
+                                               **col_args)]
+            else:
+                ys = [ops.selective_scan(x_c, dt_c, C=C, reverse=r, **col_args)
+                      for r in col_revs]                               # (nb, nw*d, H) each
+            for y_c in ys:
                 if y is None:
                     y = y_c
                 elif inplace:  # y is a scan output of this call: no new buffer

@@ -1153,6 +1153,7 @@ std::string capability() { return MMSSM_STR(CPU_CAPABILITY); }
 }  // namespace
 
 #include "cross_selective_scan.h"  // the direction-aware entry (VMamba), on the above
+#include "bidir_selective_scan.h"  // two directions over shared operands (V2M)
 
 TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "

@@ -34,8 +34,8 @@ def _make_identity(mixer):
 
 # ------------------------------------------------------- layout (token ids)
 @pytest.mark.parametrize('corners', [1, 2, 3, 4])
-def test_token_ids_through_real_block_with_identity_scans(monkeypatch, corners):
-    monkeypatch.setattr(mmssm.ops, 'selective_scan', _fake_scan('id'))
+def test_token_ids_through_real_block_with_identity_scans(patch_scans, corners):
+    patch_scans(_fake_scan('id'))
     h, w = 3, 5
     c = h * w
     mixer = _make_identity(V2MMixer2D(c, d_state=2, expand=1, d_conv=0, use_z=False,
@@ -49,8 +49,8 @@ def test_token_ids_through_real_block_with_identity_scans(monkeypatch, corners):
 
 
 @pytest.mark.parametrize('corner', ['ul', 'lr', 'ur', 'll'])
-def test_quadrants_through_real_block_with_cumsum_scans(monkeypatch, corner):
-    monkeypatch.setattr(mmssm.ops, 'selective_scan', _fake_scan('cumsum'))
+def test_quadrants_through_real_block_with_cumsum_scans(patch_scans, corner):
+    patch_scans(_fake_scan('cumsum'))
     h, w = 3, 4
     c = h * w
     mixer = _make_identity(V2MMixer2D(c, d_state=2, expand=1, d_conv=0, use_z=False,

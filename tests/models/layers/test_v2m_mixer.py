@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import mmssm.ops
 from mmssm.models.layers import V2MMixer2D
 from mmssm.models.layers.v2m_mixer import parse_corners
 
@@ -36,10 +35,10 @@ def _onehot_grid(h, w):
 
 
 @pytest.mark.parametrize('corners', [1, 2, 3, 4, ('lr', ), ('ur', 'll')])
-def test_identity_scans_keep_every_token_in_place(monkeypatch, corners):
+def test_identity_scans_keep_every_token_in_place(patch_scans, corners):
     h, w = 3, 5  # non-square: a transpose cannot go unnoticed
     log = []
-    monkeypatch.setattr(mmssm.ops, 'selective_scan', _fake_scan('id', log))
+    patch_scans(_fake_scan('id', log))
     m = _identity_mixer(h * w, corners)
     x = _onehot_grid(h, w)
     y = m(x)
@@ -57,9 +56,9 @@ def test_identity_scans_keep_every_token_in_place(monkeypatch, corners):
 
 
 @pytest.mark.parametrize('corner', CORNER_NAMES)
-def test_cumsum_scans_reach_the_quadrant_behind_the_corner(monkeypatch, corner):
+def test_cumsum_scans_reach_the_quadrant_behind_the_corner(patch_scans, corner):
     h, w = 3, 4
-    monkeypatch.setattr(mmssm.ops, 'selective_scan', _fake_scan('cumsum', []))
+    patch_scans(_fake_scan('cumsum', []))
     m = _identity_mixer(h * w, (corner, ))
     y = m(_onehot_grid(h, w))[0]  # (h, w, h*w): y[i, j, t] = 1 iff token t reaches (i, j)
     for i in range(h):
@@ -244,14 +243,16 @@ def test_direction_scans_equal_rotated_corners(kw):
 
 
 @pytest.mark.parametrize('kw, b', [
-    (dict(), 1), (dict(), 3), (dict(corners=3, d_conv2d=0), 2),
-    (dict(corners=('ll', 'ur'), gate='last', d_state=3), 1),
+    (dict(), 1), (dict(), 3), (dict(corners=3, d_conv2d=0), 2), (dict(d_state=1), 1),
+    (dict(d_state=1), 2), (dict(corners=('ll', 'ur'), gate='last', d_state=3), 1),
     (dict(use_z=False, corners=('lr', ), d_conv2d=0), 2)])
 def test_conv_free_path_equals_general_path(monkeypatch, kw, b):
     """Mixers without conv1d take ``_forward_noconv`` (token-major latents, column passes
-    on views, W channel groups per image when B > 1, the column gate on the corner sum):
-    outputs equal to the general path to fp32 rounding (bit-equal with the per-pass gate),
-    with and without grad, gradients equal to fp32 rounding."""
+    on views, W channel groups per image when B > 1, the column gate on the corner sum,
+    both directions of a pass in one two-direction scan; d_state = 1 and 16 channels is
+    the compiled two-direction kernel's own path): outputs equal to the general path to
+    fp32 rounding (bit-equal with the per-pass gate and one scan per direction), with and
+    without grad, gradients equal to fp32 rounding."""
     torch.manual_seed(0)
     kw = {'d_state': 2, 'd_conv2d': 3, **kw}
     m = V2MMixer2D(16, expand=1, d_conv=0, **kw)
@@ -261,21 +262,23 @@ def test_conv_free_path_equals_general_path(monkeypatch, kw, b):
     x = torch.randn(b, 3, 5, 16, requires_grad=True)
     g = torch.randn(b, 3, 5, 16)
     res = {}
-    for fast, gate_sum in ((False, True), (True, False), (True, True)):
+    for fast, gate_sum, bidir in ((False, True, False), (True, False, False),
+                                  (True, True, False), (True, False, True), (True, True, True)):
         monkeypatch.setattr(V2MMixer2D, 'fast_path', fast)
         monkeypatch.setattr(V2MMixer2D, 'gate_corner_sum', gate_sum)
+        monkeypatch.setattr(V2MMixer2D, 'two_direction_scan', bidir)
         m.zero_grad()
         x.grad = None
         y = m(x)
         (y * g).sum().backward()
         with torch.no_grad():
             y_inf = m(x)
-        res[fast, gate_sum] = (y.detach(), y_inf, x.grad.clone(),
-                               {n: p.grad.clone() for n, p in m.named_parameters()})
-    y0, yi0, dx0, dp0 = res[False, True]
-    y1, yi1 = res[True, False][:2]
+        res[fast, gate_sum, bidir] = (y.detach(), y_inf, x.grad.clone(),
+                                      {n: p.grad.clone() for n, p in m.named_parameters()})
+    y0, yi0, dx0, dp0 = res.pop((False, True, False))
+    y1, yi1 = res[True, False, False][:2]
     assert torch.equal(y0, y1) and torch.equal(yi0, yi1)  # per-pass gate: same operations
-    for y2, yi2, dx2, dp2 in (res[True, False], res[True, True]):
+    for y2, yi2, dx2, dp2 in res.values():
         torch.testing.assert_close(y2, y0, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(yi2, yi0, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dx2, dx0, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,20 @@
+"""Fixtures of the model tests."""
+import pytest
+import torch
+
+import mmssm.ops
+
+
+@pytest.fixture
+def patch_scans(monkeypatch):
+    """``patch_scans(scan)`` installs a fake plain scan as ``mmssm.ops.selective_scan`` and
+    the two-direction scan (V2M's eager CPU path runs both directions of a pass in one
+    call) as two calls of it: layout tests see every direction whichever path runs."""
+    def install(scan):
+        def bidir(u, delta, A, B, C, sum_directions=False, **kw):
+            ys = [scan(u, delta, A, B, C, reverse=r, **kw) for r in (False, True)]
+            return ys[0] + ys[1] if sum_directions else torch.stack(ys)
+
+        monkeypatch.setattr(mmssm.ops, 'selective_scan', scan)
+        monkeypatch.setattr(mmssm.ops, 'bidir_selective_scan', bidir)
+    return install
