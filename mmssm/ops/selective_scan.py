@@ -210,14 +210,14 @@ def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     # an out that autograd tracks takes the result through out.add_ / copy_ (_into)
     tracked = save or (out is not None and torch.is_grad_enabled() and out.requires_grad)
     ext = selective_scan_cpp.direct_kernel(u) if not tracked else None
-    if ext is not None and out is not None:  # the kernel writes into out: no temporary
+    if ext is not None and type(out) is Tensor:  # the kernel writes into out: no temporary
         last = ext.fwd_out(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
                            accumulate, out)
         return out, last
     if ext is not None:  # plain eager inference: the compiled op itself (~11 us less a call)
         res, last, _ = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
                                reverse, False)
-        return res, last
+        return _into(res, out, accumulate), last
     res, last, _ = torch.ops.mmssm.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
                                                       delta_softplus, out_fp32, reverse, save)
     return _into(res, out, accumulate), last

@@ -541,3 +541,32 @@ def test_scan_into_out_every_simd_level(reverse):
             torch.testing.assert_close(out, prior * acc + ref, rtol=2e-5, atol=2e-5)
         tested.append(level)
     assert tested
+
+
+def test_compile_and_export_with_accumulate():
+    """Under torch.compile / torch.export accumulate=True is the public op plus an add
+    (the op itself mutates nothing): one scan node, eager's result."""
+    class TwoDirections(_TinyScan):
+        def forward(self, u):
+            dbc = self.proj(u.transpose(1, 2)).transpose(1, 2)
+            dt, B, C = dbc.split([u.shape[1], self.n, self.n], dim=1)
+            A = -torch.exp(self.A_log)
+            y = selective_scan(u, dt, A, B, C, delta_softplus=True)
+            return selective_scan(u, dt, A, B, C, delta_softplus=True, reverse=True, out=y,
+                                  accumulate=True)
+
+    m, u = TwoDirections(), torch.randn(2, 6, 11)
+    with torch.no_grad():
+        want = m(u)
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        got = torch.compile(m, backend=backend, fullgraph=True)(u)
+    torch.testing.assert_close(got, want)
+    assert sum(len(_scan_nodes(g)) for g in graphs) == 2
+    ep = torch.export.export(m, (u,))
+    assert len(_scan_nodes(ep.graph_module)) == 2
+    torch.testing.assert_close(ep.module()(u), want)
