@@ -408,11 +408,13 @@ void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t
     }
   }
 #endif
-  for (; j < T; ++j) {
+  for (; j < T; ++j) {  // add decided outside the lane loops: the plain store reads nothing
     out_t* p = base + g.time(s0 + j, reverse);
-    for (int64_t i = 0; i < nl; ++i)
-      p[i * l] = static_cast<out_t>(add ? static_cast<acc_t>(p[i * l]) + tile[j * W + i]
-                                        : tile[j * W + i]);
+    const acc_t* t = tile + j * W;
+    if (add)
+      for (int64_t i = 0; i < nl; ++i) p[i * l] = static_cast<out_t>(acc_t(p[i * l]) + t[i]);
+    else
+      for (int64_t i = 0; i < nl; ++i) p[i * l] = static_cast<out_t>(t[i]);
   }
 }
 
@@ -439,17 +441,22 @@ void store_out(out_t* out, const OutLayout& o, const Geometry& g, bool reverse, 
     if (o.s1 == 1 && nl == W) {
       for (int64_t j = 0; j < T; ++j) {
         acc_t* p = base + g.time(s0 + j, reverse) * o.s2;
-        const Vec v = Vec::loadu(tile + j * W);
-        (add ? Vec::loadu(p) + v : v).store(p);
+        if (add)
+          (Vec::loadu(p) + Vec::loadu(tile + j * W)).store(p);
+        else
+          Vec::loadu(tile + j * W).store(p);
       }
       return;
     }
   }
   for (int64_t j = 0; j < T; ++j) {
     out_t* p = base + g.time(s0 + j, reverse) * o.s2;
-    for (int64_t i = 0; i < nl; ++i)
-      p[i * o.s1] = static_cast<out_t>(add ? static_cast<acc_t>(p[i * o.s1]) + tile[j * W + i]
-                                           : tile[j * W + i]);
+    const acc_t* t = tile + j * W;
+    if (add)
+      for (int64_t i = 0; i < nl; ++i)
+        p[i * o.s1] = static_cast<out_t>(acc_t(p[i * o.s1]) + t[i]);
+    else
+      for (int64_t i = 0; i < nl; ++i) p[i * o.s1] = static_cast<out_t>(t[i]);
   }
 }
 
@@ -682,12 +689,12 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
         const Vec z = Vec::loadu(zp + t * zs);
         y = y * z * sigmoid<acc_t>(z);
       }
-      if (yo) {
-        acc_t* p = yo + t * ol.s2;
-        (add ? Vec::loadu(p) + y : y).store(p);
-      } else {
+      if (!yo)
         y.store(s.y.data() + j * W);
-      }
+      else if (add)
+        (Vec::loadu(yo + t * ol.s2) + y).store(yo + t * ol.s2);
+      else
+        y.store(yo + t * ol.s2);
     }
     if (!yo) store_out(out, ol, g, op.reverse, bi, c0, W, s0, T, s.y.data(), add);
   }
