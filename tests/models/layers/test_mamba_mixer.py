@@ -93,3 +93,16 @@ def test_bimamba_inplace_inference_equals_allocating(monkeypatch, b, l):
         monkeypatch.setattr(BiMambaMixer, '_direction_sum_inplace', BiMambaMixer._direction_sum)
         y_alloc = m(x)
     assert torch.equal(y_inplace, y_alloc)
+
+
+def test_bimamba_inplace_inference_under_torch_compile():
+    """torch.compile (functionalized, aot_eager) of the in-place inference path: the
+    scan into its own input and the accumulate become the public op plus copy / add,
+    one graph, eager's output."""
+    torch.manual_seed(0)
+    m = BiMambaMixer(16, d_state=16).eval()
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, backend='aot_eager', fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
