@@ -18,6 +18,11 @@ unless ``out_fp32`` (VMamba "oflex").
 ``reverse=True`` scans from t = l-1 down to 0 (same result as flipping every
 time axis, scanning and flipping the output back, without the copies): Vim's
 backward direction.
+``out=`` writes the result into a given tensor, ``accumulate=True`` adds it to its
+values: in eager CPU inference the compiled kernel stores (or adds) straight into it,
+so no (b, d, l) result is allocated (Vim: the backward direction accumulates into the
+forward direction's output); elsewhere (autograd, compile / export, other backends)
+the result is computed and then copied / added, the same values.
 
 Backends (all exact, same signature):
 - ``ref``: the sequential loop below (ground truth, slow).
@@ -189,21 +194,57 @@ def resolve_backend(u: Tensor, backend: Optional[str] = None) -> str:
 
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-             out_fp32: bool, reverse: bool) -> Tuple[Tensor, Tensor]:
-    """Call the custom op ``mmssm::selective_scan_fwd`` (one graph node)."""
+             out_fp32: bool, reverse: bool, out: Optional[Tensor] = None,
+             accumulate: bool = False) -> Tuple[Tensor, Tensor]:
+    """Call the custom op ``mmssm::selective_scan_fwd`` (one graph node).
+
+    With ``out`` (validated by :func:`_check_out`), plain eager inference stores / adds
+    the scan into it inside the compiled kernel; everything else goes through the
+    custom op and :func:`_into`.
+    """
     from . import selective_scan_cpp  # noqa: F401  (registers the op)
     B = B.unsqueeze(1) if B.dim() == 3 else B  # (b, n, l) -> (b, 1, n, l)
     C = C.unsqueeze(1) if C.dim() == 3 else C
     save = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
-    ext = selective_scan_cpp.direct_kernel(u) if not save else None
-    if ext is not None:  # plain eager inference: the compiled op itself (~11 us less a call)
-        out, last, _ = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
-                               reverse, False)
+    # an out that autograd tracks takes the result through out.add_ / copy_ (_into)
+    tracked = save or (out is not None and torch.is_grad_enabled() and out.requires_grad)
+    ext = selective_scan_cpp.direct_kernel(u) if not tracked else None
+    if ext is not None and type(out) is Tensor:  # the kernel writes into out: no temporary
+        last = ext.fwd_out(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                           accumulate, out)
         return out, last
-    out, last, _ = torch.ops.mmssm.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+    if ext is not None:  # plain eager inference: the compiled op itself (~11 us less a call)
+        res, last, _ = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
+                               reverse, False)
+        return _into(res, out, accumulate), last
+    res, last, _ = torch.ops.mmssm.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
                                                       delta_softplus, out_fp32, reverse, save)
-    return out, last
+    return _into(res, out, accumulate), last
+
+
+def _check_out(u: Tensor, out: Optional[Tensor], accumulate: bool, out_fp32: bool) -> None:
+    """``out`` must be a (b, d, l) tensor of the result's dtype on u's device."""
+    if out is None:
+        if accumulate:
+            raise ValueError('accumulate=True adds the scan into out: pass out= as well')
+        return
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(u.shape):
+        raise ValueError(f'out must be a tensor of u\'s shape {tuple(u.shape)}, got '
+                         f'{tuple(out.shape) if isinstance(out, Tensor) else type(out)}')
+    want = (torch.float32 if out_fp32 and u.dtype != torch.float64 else u.dtype)
+    if out.dtype != want:
+        raise TypeError(f'out must have the result\'s dtype {want} (u\'s dtype, float32 with '
+                        f'out_fp32), got {out.dtype}')
+    if out.device != u.device:
+        raise ValueError(f'out is on {out.device} but u is on {u.device}')
+
+
+def _into(res: Tensor, out: Optional[Tensor], accumulate: bool) -> Tensor:
+    """res itself (no out), or out after ``out += res`` / ``out[:] = res``."""
+    if out is None:
+        return res
+    return out.add_(res) if accumulate else out.copy_(res)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -213,7 +254,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    return_last_state: bool = False,
                    out_fp32: bool = False,
                    backend: Optional[str] = None,
-                   reverse: bool = False) -> ScanOut:
+                   reverse: bool = False,
+                   out: Optional[Tensor] = None,
+                   accumulate: bool = False) -> ScanOut:
     """Selective scan with automatic backend choice (see module docstring).
 
     Args:
@@ -226,6 +269,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         out_fp32: return the output in fp32 whatever the input dtype.
         backend: None (auto), or force one of 'ref', 'cpu', 'cpp', 'triton'.
         reverse: scan from the last time step to the first.
+        out: optional (b, d, l) tensor (any strides, the result's dtype: u's, or fp32
+            with ``out_fp32``) that receives the result and is returned. In eager CPU
+            inference the compiled kernel writes into it directly, and it may then be u,
+            delta or z itself (each step's inputs are read before its output is
+            written; no partial overlap), e.g. a private conv output that the scan
+            overwrites. With autograd it must not be an input the scan saves.
+        accumulate: add the result to ``out``'s values instead (needs ``out``); the
+            same values as ``out += selective_scan(...)`` (fp32 output: bit-identical).
 
     Returns:
         out (b, d, l), or (out, last_state) if ``return_last_state``. On the CPU
@@ -235,29 +286,31 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         backends return it contiguous.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_out(u, out, accumulate, out_fp32)
     if torch.compiler.is_exporting():  # one op per scan in the exported graph
-        out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
-                             reverse)
-        return (out, last) if return_last_state else out
+        res, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
+                             reverse, out, accumulate)
+        return (res, last) if return_last_state else res
     name = resolve_backend(u, backend)
     forced = bool(backend or os.environ.get('MMSSM_SCAN_BACKEND'))
     b, d, l = u.shape
     if name == 'cpp' or (name == 'cpu' and not forced and u.device.type == 'cpu'):
         # the custom op: compiled kernel if built, else the chunked scan inside the op
-        out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
-                             reverse)
-        return (out, last) if return_last_state else out
+        res, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
+                             reverse, out, accumulate)
+        return (res, last) if return_last_state else res
     if l == 0:  # nothing to scan; keep the graph connected for autograd
-        out = u.float() * 0 if out_fp32 and u.dtype != torch.float64 else u * 0
+        res = u.float() * 0 if out_fp32 and u.dtype != torch.float64 else u * 0
         last = u.new_zeros(b, d, A.shape[1], dtype=torch.float64 if u.dtype == torch.float64
                            else torch.float32)
-        return (out, last) if return_last_state else out
-    if name == 'ref':
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  return_last_state, out_fp32, reverse)
-    if name == 'cpu':
-        from .selective_scan_cpu import selective_scan_chunked as fn
+    elif name == 'ref':
+        res, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       True, out_fp32, reverse)
     else:
-        from .selective_scan_triton import selective_scan_triton as fn
-    out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
-    return (out, last) if return_last_state else out
+        if name == 'cpu':
+            from .selective_scan_cpu import selective_scan_chunked as fn
+        else:
+            from .selective_scan_triton import selective_scan_triton as fn
+        res, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32, reverse)
+    res = _into(res, out, accumulate)
+    return (res, last) if return_last_state else res

@@ -366,3 +366,207 @@ def test_token_major_output_gradients_and_layout():
                                                   A, Bv.unsqueeze(1), C1, D, None, None, True,
                                                   False, False, False)[0]
     assert fake.stride() == u0.stride()
+
+
+def _accumulate_operands(b, d, l, n, gB, gC, layout, seed, dtype=torch.float32):
+    """Scan operands with u / delta / z laid out as 'contig' (b, d, l), 'tokens' (views of
+    (b, l, d) memory: Vim's and V2M's passes) or 'strided' (time stride 2)."""
+    inp = make_inputs(b=b, d=d, l=l, n=n, gB=gB, gC=gC, seed=seed, dtype=dtype)
+    for k in ('u', 'delta', 'z'):
+        v = inp[k]
+        if layout == 'tokens':
+            inp[k] = v.transpose(1, 2).contiguous().transpose(1, 2)
+        elif layout == 'strided':
+            inp[k] = torch.stack([v, torch.full_like(v, 9.0)], -1).flatten(-2)[..., ::2]
+    return inp
+
+
+def _fresh_out(u, layout, seed):
+    """A (b, d, l) output buffer with prior values, in the given layout."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(u.shape, generator=g, dtype=torch.float64).to(u.dtype)
+    if layout == 'tokens':
+        return base.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == 'strided':
+        return torch.stack([base, torch.zeros_like(base)], -1).flatten(-2)[..., ::2]
+    return base
+
+
+@needs_ext
+@pytest.mark.parametrize('layout', ['contig', 'tokens', 'strided'])
+@pytest.mark.parametrize('b,d,l,n,gB,gC', [
+    (2, 20, 67, 4, 2, 1),       # odd length over a 64-step tile, partial channel blocks
+    (1, 32, 9, 16, 1, 1),       # Vim's n = 16, full blocks
+    (2, 33, 70, 1, 1, None),    # n = 1: the one-pass loop on full token-major blocks
+    (1, 16, 1, 3, None, 4),     # l = 1, groups of C
+])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_scan_into_out_and_accumulate(layout, b, d, l, n, gB, gC, reverse, monkeypatch):
+    """out= / accumulate=True of the eager inference path (the kernel stores into out)
+    against the float64 reference: out = scan, out = prior + scan, at the right token
+    positions in both directions, any out layout; bit-identical to the allocating scan
+    (+ an fp32 add), also on the tiled path (MMSSM_SCAN_TILED_ONLY=1); the last state
+    too."""
+    inp = _accumulate_operands(b, d, l, n, gB, gC, layout, seed=l + n)
+    kw = dict(delta_softplus=True, reverse=reverse, return_last_state=True)
+    ref, ref_last = selective_scan_ref(**{k: (None if v is None else v.double())
+                                          for k, v in inp.items()}, **kw)
+    with torch.no_grad():
+        plain, plain_last = selective_scan(**inp, **kw)
+        for tiled in ('0', '1'):
+            monkeypatch.setenv('MMSSM_SCAN_TILED_ONLY', tiled)
+            out = _fresh_out(inp['u'], layout, seed=5)
+            ptr = out.data_ptr()
+            res, last = selective_scan(**inp, **kw, out=out)
+            assert res is out and out.data_ptr() == ptr
+            assert torch.equal(out, plain) and torch.equal(last, plain_last)
+            prior = _fresh_out(inp['u'], layout, seed=6)
+            acc = prior.clone()
+            res, last = selective_scan(**inp, **kw, out=acc, accumulate=True)
+            assert res is acc and torch.equal(acc, prior + plain)
+            torch.testing.assert_close(acc.double(), prior.double() + ref, rtol=2e-5,
+                                       atol=2e-5)
+            torch.testing.assert_close(last.double(), ref_last, rtol=2e-5, atol=2e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize('n', [1, 16])
+@pytest.mark.parametrize('alias', ['u', 'delta', 'z'])
+def test_scan_into_its_own_input(n, alias):
+    """out may be u, delta or z itself (every step reads its inputs before its output
+    is stored): the result equals the allocating scan bit for bit, and a backward
+    direction accumulated into it gives forward + backward (Vim's in-place mixer)."""
+    b, d, l = 1, 32, 75
+    inp = _accumulate_operands(b, d, l, n, 1, 1, 'tokens', seed=n)
+    if n == 1:  # V2M-like: constant C
+        inp['C'] = torch.ones(d, 1)
+    kw = dict(delta_softplus=True)
+    with torch.no_grad():
+        fwd = selective_scan(**inp, **kw)
+        inp2 = {k: (v.clone() if k == alias else v) for k, v in inp.items()}
+        res = selective_scan(**inp2, **kw, out=inp2[alias])
+        assert res is inp2[alias] and torch.equal(res, fwd)
+        bwd = selective_scan(**inp, **kw, reverse=True)
+        res = selective_scan(**inp, **kw, reverse=True, out=res, accumulate=True)
+        assert torch.equal(res, fwd + bwd)
+
+
+@needs_ext
+@pytest.mark.parametrize('dtype,out_fp32', [(torch.bfloat16, False), (torch.bfloat16, True),
+                                            (torch.float64, False)])
+def test_scan_into_out_dtypes(dtype, out_fp32):
+    """bf16 out (added in fp32, rounded once), fp32 out of a bf16 scan (out_fp32) and
+    fp64: the reference within the dtype's tolerance; mixed activation dtypes (autocast)
+    go through a temporary and agree too."""
+    inp = make_inputs(b=2, d=12, l=37, n=4, gB=2, gC=1, dtype=dtype, seed=2)
+    ref = selective_scan_ref(**{k: (None if v is None else v.double())
+                                for k, v in inp.items()}, delta_softplus=True)
+    want = torch.float32 if out_fp32 else dtype
+    tol = 1e-11 if dtype == torch.float64 else (1e-4 if out_fp32 else 3e-2)
+    prior = torch.randn(2, 12, 37, dtype=torch.float64).to(want)
+    with torch.no_grad():
+        acc = prior.clone()
+        selective_scan(**inp, delta_softplus=True, out_fp32=out_fp32, out=acc, accumulate=True)
+        torch.testing.assert_close(acc.double(), prior.double() + ref, rtol=tol, atol=tol)
+        if dtype == torch.bfloat16:  # delta in fp32: activations mixed
+            mixed = dict(inp, delta=inp['delta'].float())
+            acc = prior.clone()
+            selective_scan(**mixed, delta_softplus=True, out_fp32=out_fp32, out=acc,
+                           accumulate=True)
+            torch.testing.assert_close(acc.double(), prior.double() + ref, rtol=tol, atol=tol)
+
+
+def test_scan_into_out_with_autograd_and_other_backends():
+    """With autograd (custom op, then out.add_) and on the reference / chunked backends
+    out= and accumulate= give out + scan, and gradients flow through both terms."""
+    inp = make_inputs(b=2, d=8, l=21, n=4, gB=1, gC=2, seed=4)
+    kw = dict(delta_softplus=True, reverse=True)
+    want = selective_scan_ref(**inp, **kw)
+    backends = ['ref', 'cpu'] + (['cpp'] if selective_scan_cpp.available() else [])
+    for backend in backends:
+        u = inp['u'].clone().requires_grad_()
+        prior = torch.randn(2, 8, 21, requires_grad=True)
+        acc = prior * 1.0  # a non-leaf that autograd tracks
+        res = selective_scan(**dict(inp, u=u), **kw, backend=backend, out=acc, accumulate=True)
+        assert res is acc
+        torch.testing.assert_close(res, prior.detach() + want, rtol=2e-5, atol=2e-5)
+        res.sum().backward()
+        assert torch.equal(prior.grad, torch.ones_like(prior))
+        u_ref = inp['u'].clone().requires_grad_()
+        selective_scan_ref(**dict(inp, u=u_ref), **kw).sum().backward()
+        torch.testing.assert_close(u.grad, u_ref.grad, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            out = torch.empty(2, 8, 21)
+            selective_scan(**inp, **kw, backend=backend, out=out)
+            torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+def test_scan_into_out_errors():
+    inp = make_inputs(b=1, d=4, l=5, n=2)
+    with pytest.raises(ValueError, match='accumulate=True.*out='):
+        selective_scan(**inp, accumulate=True)
+    with pytest.raises(ValueError, match="out must be a tensor of u's shape"):
+        selective_scan(**inp, out=torch.zeros(1, 4, 6))
+    with pytest.raises(TypeError, match="out must have the result's dtype torch.float32"):
+        selective_scan(**inp, out=torch.zeros(1, 4, 5, dtype=torch.float64))
+    if selective_scan_cpp.available():  # the private op refuses overlapping operands
+        buf = torch.randn(21)
+        u, out = buf[:20].view(1, 4, 5), buf[1:].view(1, 4, 5)  # shifted by one element
+        args = (inp['delta'], inp['A'], inp['B'], inp['C'], inp['D'], inp['z'],
+                inp['delta_bias'], True, False, False)
+        with pytest.raises(RuntimeError, match='refer to a single memory location'):
+            selective_scan_cpp._EXT.fwd_out(u, *args, out)
+        with pytest.raises(RuntimeError, match="out must be a CPU tensor of u's shape"):
+            selective_scan_cpp._EXT.fwd_out(u, *args, torch.zeros(1, 4, 4))
+
+
+@needs_ext
+@pytest.mark.parametrize('reverse', [False, True])
+def test_scan_into_out_every_simd_level(reverse):
+    """fwd_out of every SIMD build the CPU runs (AVX2 stores contiguous rows through 8 x 8
+    register transposes, a path of its own): out + scan at the right positions."""
+    inp = make_inputs(b=2, d=16, l=70, n=4, gB=1, gC=2, seed=7)
+    ref = selective_scan_ref(**inp, delta_softplus=True, reverse=reverse)
+    tested = []
+    for level in selective_scan_cpp.built_levels():
+        if level not in selective_scan_cpp._cpu_levels():
+            continue
+        torch.ops.load_library(selective_scan_cpp._path(level))
+        ns = getattr(torch.ops, f'mmssm_scan_{level}')
+        prior = torch.randn(2, 16, 70)
+        for acc in (False, True):
+            out = prior.clone()
+            ns.fwd_out(inp['u'], inp['delta'], inp['A'], inp['B'], inp['C'], inp['D'],
+                       inp['z'], inp['delta_bias'], True, reverse, acc, out)
+            torch.testing.assert_close(out, prior * acc + ref, rtol=2e-5, atol=2e-5)
+        tested.append(level)
+    assert tested
+
+
+def test_compile_and_export_with_accumulate():
+    """Under torch.compile / torch.export accumulate=True is the public op plus an add
+    (the op itself mutates nothing): one scan node, eager's result."""
+    class TwoDirections(_TinyScan):
+        def forward(self, u):
+            dbc = self.proj(u.transpose(1, 2)).transpose(1, 2)
+            dt, B, C = dbc.split([u.shape[1], self.n, self.n], dim=1)
+            A = -torch.exp(self.A_log)
+            y = selective_scan(u, dt, A, B, C, delta_softplus=True)
+            return selective_scan(u, dt, A, B, C, delta_softplus=True, reverse=True, out=y,
+                                  accumulate=True)
+
+    m, u = TwoDirections(), torch.randn(2, 6, 11)
+    with torch.no_grad():
+        want = m(u)
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        got = torch.compile(m, backend=backend, fullgraph=True)(u)
+    torch.testing.assert_close(got, want)
+    assert sum(len(_scan_nodes(g)) for g in graphs) == 2
+    ep = torch.export.export(m, (u,))
+    assert len(_scan_nodes(ep.graph_module)) == 2
+    torch.testing.assert_close(ep.module()(u), want)

@@ -205,6 +205,7 @@ class Vim(SSMBackbone):
         p = self.patch_embed(x)  # (B, h, w, C)
         h, w = p.shape[1:3]
         x = self.drop_after_pos(self._tokens(p))
+        del p  # (B, h, w, C) patch map: not alive while the layers run (3 MB at 1024^2)
         if self.residual_in_fp32:
             x = x.float()
         outs = []

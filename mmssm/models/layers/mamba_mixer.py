@@ -151,7 +151,8 @@ def pass_inputs(x: Tensor, conv1d: Optional[nn.Conv1d], x_proj: nn.Linear,
 def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
              x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, D: Tensor,
              varying: str = 'BC', reverse: bool = False,
-             inputs: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+             inputs: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+             out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
     """One Mamba pass over sequences (no out_proj).
 
     Args:
@@ -168,9 +169,11 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
             flipped copies (the conv becomes anti-causal, the scan runs ``reverse``).
         inputs: :func:`pass_inputs` of this pass, when already computed (shared by the
             two directions of a pass without conv).
+        out, accumulate: the scan's ``out`` / ``accumulate`` (see
+            :func:`mmssm.ops.selective_scan`): write, or add, the pass into a given tensor.
 
     Returns:
-        (n, d, l) in x's dtype.
+        (n, d, l) in x's dtype (``out`` when given).
     """
     if inputs is None:
         inputs = pass_inputs(x, conv1d, x_proj, dt_proj, A_log, varying, reverse)
@@ -179,7 +182,7 @@ def ssm_pass(x: Tensor, z: Optional[Tensor], conv1d: Optional[nn.Conv1d],
     A = -torch.exp(A_log.to(f))
     return ops.selective_scan(x, dt, A, B, C, D.to(f), z,
                               delta_bias=dt_proj.bias.to(f), delta_softplus=True,
-                              reverse=reverse)
+                              reverse=reverse, out=out, accumulate=accumulate)
 
 
 class BiMambaMixer(nn.Module):
@@ -257,10 +260,22 @@ class BiMambaMixer(nn.Module):
         maps of a layer's peak: Vim-T at 1024^2 46 -> 35 MB) and the gate costs one
         silu per element instead of two.
         The same maths up to fp32 rounding; traced / exported graphs (FLOP counting,
-        ONNX) keep the official per-scan gate of :meth:`forward`.
+        ONNX) keep the official per-scan gate of :meth:`forward`. Inference with convs
+        also runs the scans in place (:meth:`_direction_sum_inplace`: one map fewer).
         """
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
         b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+        inference = not torch.is_grad_enabled()
+        if inference and self.conv1d is not None and self.conv1d_b is not None:
+            y = self._direction_sum_inplace(x, w_x, b_x)
+        else:
+            y = self._direction_sum(x, w_x, b_x)
+        y = y.transpose(1, 2)                                                 # (B, L, d)
+        g = F.silu(F.linear(x, w_z, b_z), inplace=inference)                 # (B, L, d)
+        return self._out_proj(g.mul_(y) if inference else g * y)
+
+    def _direction_sum(self, x: Tensor, w_x: Tensor, b_x: Optional[Tensor]) -> Tensor:
+        """y_f + y_b (B, d_inner, L) of the ungated scans, autograd-safe."""
         xs = F.linear(x, w_x, b_x).transpose(1, 2)                            # (B, d, L) view
         y = ssm_pass(xs, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         # xs feeds only the convs: gone before the backward scan runs (with a conv)
@@ -270,11 +285,31 @@ class BiMambaMixer(nn.Module):
         y_b = ssm_pass(None, None, self.conv1d_b, self.x_proj_b, self.dt_proj_b,
                        self.A_b_log, self.D_b, reverse=True, inputs=inputs)
         del inputs
-        inference = not torch.is_grad_enabled()
-        y = (y.add_(y_b) if inference else y + y_b).transpose(1, 2)          # (B, L, d)
-        del y_b
-        g = F.silu(F.linear(x, w_z, b_z), inplace=inference)                 # (B, L, d)
-        return self._out_proj(g.mul_(y) if inference else g * y)
+        return y.add_(y_b) if not torch.is_grad_enabled() else y + y_b
+
+    def _direction_sum_inplace(self, x: Tensor, w_x: Tensor, b_x: Optional[Tensor]) -> Tensor:
+        """:meth:`_direction_sum` for inference with convs, in place: at most three
+        (B, L, d_inner) maps are alive (Vim-T at 1024^2: 6.3 MB each), not four.
+
+        Each direction's conv output is its own buffer: silu runs in place on it, the
+        forward scan overwrites its own input with y_f (each step's input is read
+        before its output is written), the backward scan adds y_b into that buffer
+        (``accumulate``, at the same token positions), so neither y_f nor y_b gets a map
+        of its own, and xs is dropped before the backward direction's dt is computed.
+        The same values as :meth:`_direction_sum` (fp32 addition commutes).
+        """
+        xs = F.linear(x, w_x, b_x).transpose(1, 2)                            # (B, d, L) view
+        u = F.silu(causal_conv1d(xs, self.conv1d), inplace=True)             # (B, d, L) view
+        inputs = pass_inputs(u, None, self.x_proj, self.dt_proj, self.A_log)  # conv done
+        y = ssm_pass(None, None, None, self.x_proj, self.dt_proj, self.A_log, self.D,
+                     inputs=inputs, out=u)                                    # y_f, in u
+        del inputs, u
+        u = F.silu(causal_conv1d(xs, self.conv1d_b, reverse=True), inplace=True)
+        del xs
+        inputs = pass_inputs(u, None, self.x_proj_b, self.dt_proj_b, self.A_b_log)
+        del u
+        return ssm_pass(None, None, None, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                        self.D_b, reverse=True, inputs=inputs, out=y, accumulate=True)
 
     def _out_proj(self, y: Tensor) -> Tensor:
         """out_proj of the direction sum y (B, L, d_inner); the mean when ``divide_out``."""

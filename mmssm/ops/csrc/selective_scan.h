@@ -4,8 +4,9 @@
 // by setup.py (baseline, AVX2+FMA, AVX-512) into
 // mmssm/ops/_scan_cpu_{default,avx2,avx512}; mmssm/ops/selective_scan_cpp.py
 // loads the best one the CPU supports. Each build registers its kernels as the
-// private ops MMSSM_SCAN_NS::fwd / ::bwd (and ::cross_fwd / ::cross_bwd, VMamba's
-// direction-aware entry: cross_selective_scan.h); the public ops
+// private ops MMSSM_SCAN_NS::fwd / ::bwd (::fwd_out: eager inference into a given output,
+// or added to it; ::cross_fwd / ::cross_bwd, VMamba's direction-aware entry:
+// cross_selective_scan.h); the public ops
 // mmssm::selective_scan_fwd / mmssm::cross_selective_scan_fwd (Python, torch.library)
 // call them.
 //
@@ -31,6 +32,7 @@
 // block, written per block, and reduced over the blocks of a group afterwards in
 // a fixed order (deterministic, no atomics).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -382,9 +384,10 @@ void gather_tile(const scalar_t* src, int64_t ls, int64_t ts, const Geometry& g,
 }
 
 // Inverse of gather_tile into a contiguous (b, d, l) tensor: rows of l steps per lane.
+// add: out += tile instead of out = tile (the forward's accumulate, see store_out).
 template <typename acc_t, typename out_t>
 void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t c0, int64_t nl,
-                int64_t s0, int64_t T, const acc_t* tile) {
+                int64_t s0, int64_t T, const acc_t* tile, bool add = false) {
   const int64_t W = g.W, l = g.l;
   out_t* base = out + (bi * g.d + c0) * l;
   int64_t j = 0;
@@ -396,21 +399,31 @@ void store_tile(out_t* out, const Geometry& g, bool reverse, int64_t bi, int64_t
         __m256 r[8];
         for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(tile + (j + q) * W);
         transpose8(r);
-        for (int i = 0; i < 8; ++i)
-          _mm256_storeu_ps(base + i * l + t, reverse ? reverse8(r[i]) : r[i]);
+        for (int i = 0; i < 8; ++i) {
+          __m256 v = reverse ? reverse8(r[i]) : r[i];
+          if (add) v = _mm256_add_ps(_mm256_loadu_ps(base + i * l + t), v);
+          _mm256_storeu_ps(base + i * l + t, v);
+        }
       }
     }
   }
 #endif
-  for (; j < T; ++j) {
+  for (; j < T; ++j) {  // add decided outside the lane loops: the plain store reads nothing
     out_t* p = base + g.time(s0 + j, reverse);
-    for (int64_t i = 0; i < nl; ++i) p[i * l] = static_cast<out_t>(tile[j * W + i]);
+    const acc_t* t = tile + j * W;
+    if (add)
+      for (int64_t i = 0; i < nl; ++i) p[i * l] = static_cast<out_t>(acc_t(p[i * l]) + t[i]);
+    else
+      for (int64_t i = 0; i < nl; ++i) p[i * l] = static_cast<out_t>(t[i]);
   }
 }
 
-// The forward's output (b, d, l) has u's layout (see scan_fwd): contiguous rows go
-// through store_tile (transposed), a lane-contiguous layout (token-major: V2M's
-// passes) takes one vector per step, anything else element by element.
+// The forward's output (b, d, l) has u's layout (see scan_fwd), or any layout when the
+// caller gives it (scan_fwd_out): contiguous rows go through store_tile (transposed), a
+// lane-contiguous layout (token-major: V2M's and Vim's passes) takes one vector per
+// step, anything else element by element. add: the tile is added to what out holds
+// (old + new, one rounding to out_t: Vim's backward direction into the forward's
+// output, at the same time positions g.time() gives the plain store).
 struct OutLayout {
   int64_t s0, s1, s2;
   bool contiguous;
@@ -418,20 +431,32 @@ struct OutLayout {
 
 template <typename acc_t, typename out_t>
 void store_out(out_t* out, const OutLayout& o, const Geometry& g, bool reverse, int64_t bi,
-               int64_t c0, int64_t nl, int64_t s0, int64_t T, const acc_t* tile) {
-  if (o.contiguous) return store_tile(out, g, reverse, bi, c0, nl, s0, T, tile);
+               int64_t c0, int64_t nl, int64_t s0, int64_t T, const acc_t* tile,
+               bool add = false) {
+  if (o.contiguous) return store_tile(out, g, reverse, bi, c0, nl, s0, T, tile, add);
+  using Vec = Vectorized<acc_t>;
   const int64_t W = g.W;
   out_t* base = out + bi * o.s0 + c0 * o.s1;
   if constexpr (std::is_same_v<out_t, acc_t>) {
     if (o.s1 == 1 && nl == W) {
-      for (int64_t j = 0; j < T; ++j)
-        Vectorized<acc_t>::loadu(tile + j * W).store(base + g.time(s0 + j, reverse) * o.s2);
+      for (int64_t j = 0; j < T; ++j) {
+        acc_t* p = base + g.time(s0 + j, reverse) * o.s2;
+        if (add)
+          (Vec::loadu(p) + Vec::loadu(tile + j * W)).store(p);
+        else
+          Vec::loadu(tile + j * W).store(p);
+      }
       return;
     }
   }
   for (int64_t j = 0; j < T; ++j) {
     out_t* p = base + g.time(s0 + j, reverse) * o.s2;
-    for (int64_t i = 0; i < nl; ++i) p[i * o.s1] = static_cast<out_t>(tile[j * W + i]);
+    const acc_t* t = tile + j * W;
+    if (add)
+      for (int64_t i = 0; i < nl; ++i)
+        p[i * o.s1] = static_cast<out_t>(acc_t(p[i * o.s1]) + t[i]);
+    else
+      for (int64_t i = 0; i < nl; ++i) p[i * o.s1] = static_cast<out_t>(t[i]);
   }
 }
 
@@ -627,7 +652,7 @@ inline void store_lanes(const Vectorized<acc_t>& h, acc_t* dst, int64_t stride) 
 
 template <typename acc_t, bool BV, bool CV, bool ZV>
 void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
-                Scratch<acc_t>& s, acc_t* out, const OutLayout& ol, acc_t* last,
+                Scratch<acc_t>& s, acc_t* out, const OutLayout& ol, bool add, acc_t* last,
                 acc_t* states) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, l = g.l, nch = g.n_chunks();
@@ -664,9 +689,14 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
         const Vec z = Vec::loadu(zp + t * zs);
         y = y * z * sigmoid<acc_t>(z);
       }
-      y.store(yo ? yo + t * ol.s2 : s.y.data() + j * W);
+      if (!yo)
+        y.store(s.y.data() + j * W);
+      else if (add)
+        (Vec::loadu(yo + t * ol.s2) + y).store(yo + t * ol.s2);
+      else
+        y.store(yo + t * ol.s2);
     }
-    if (!yo) store_out(out, ol, g, op.reverse, bi, c0, W, s0, T, s.y.data());
+    if (!yo) store_out(out, ol, g, op.reverse, bi, c0, W, s0, T, s.y.data(), add);
   }
   store_lanes(h, last + bi * g.d + c0, 1);
 }
@@ -676,7 +706,7 @@ void forward_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
 template <typename scalar_t, typename acc_t>
 bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int64_t bi,
                     int64_t c0, int64_t nl, bool enabled, Scratch<acc_t>& s, at::Tensor& out,
-                    const OutLayout& ol, acc_t* last, acc_t* states) {
+                    const OutLayout& ol, bool add, acc_t* last, acc_t* states) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     return false;
   } else {
@@ -686,7 +716,7 @@ bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int6
     acc_t* o = out.data_ptr<acc_t>();
     auto run = [&](auto bv, auto cv, auto zv) {
       forward_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
-          op, g, bi, c0, s, o, ol, last, states);
+          op, g, bi, c0, s, o, ol, add, last, states);
     };
     using T_ = std::true_type;
     using F_ = std::false_type;
@@ -700,9 +730,10 @@ bool try_forward_n1(const Operands<scalar_t, acc_t>& op, const Geometry& g, int6
   }
 }
 
+// add: the output is added to out's values (scan_fwd_out's accumulate), else written.
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::Tensor& out,
-                    at::Tensor& last, at::Tensor& states, bool save) {
+                    at::Tensor& last, at::Tensor& states, bool save, bool add = false) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, n = g.n, nblk = g.c0.size(), nch = g.n_chunks();
   const bool out_acc = out.scalar_type() != c10::CppTypeToScalarType<scalar_t>::value;
@@ -715,7 +746,7 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, blk = task % nblk, c0 = g.c0[blk], nl = g.nl[blk];
       load_params(op, g, c0, nl, s);
-      if (try_forward_n1(op, g, bi, c0, nl, one_pass, s, out, ol, last_p, st_p)) continue;
+      if (try_forward_n1(op, g, bi, c0, nl, one_pass, s, out, ol, add, last_p, st_p)) continue;
       std::fill(s.h.begin(), s.h.end(), acc_t(0));
       acc_t* h = s.h.data();
       const Vec D = Vec::loadu(s.D.data());
@@ -738,9 +769,11 @@ void forward_kernel(const Operands<scalar_t, acc_t>& op, const Geometry& g, at::
           y.store(s.y.data() + j * W);
         }
         if (out_acc)
-          store_out(out.data_ptr<acc_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data());
+          store_out(out.data_ptr<acc_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data(),
+                    add);
         else
-          store_out(out.data_ptr<scalar_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data());
+          store_out(out.data_ptr<scalar_t>(), ol, g, op.reverse, bi, c0, nl, s0, T, s.y.data(),
+                    add);
       }
       for (int64_t i = 0; i < nl; ++i)
         for (int64_t k = 0; k < n; ++k) last_p[(bi * g.d + c0 + i) * n + k] = h[k * W + i];
@@ -1051,11 +1084,15 @@ void check(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B, const 
                 "unsqueezes (b, n, l))");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
+// The forward of scan_fwd / scan_fwd_out: into == undefined allocates the output (u's
+// layout, out_t); else the scan is written into `into` (any layout, its dtype), or added
+// to it when `add`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& C_in, const c10::optional<at::Tensor>& D_in,
     const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& bias_in,
-    bool softplus, bool out_fp32, bool reverse, bool save_states) {
+    bool softplus, bool out_fp32, bool reverse, bool save_states, const at::Tensor& into,
+    bool add) {
   check(u_in, A_in, B_in, C_in);
   const auto acc = acc_type(u_in.scalar_type());
   const at::Tensor z_opt = z_in.has_value() ? *z_in : at::Tensor();
@@ -1063,7 +1100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
   const at::Tensor u = as_io(u_in, io), delta = as_io(delta_in, io), z = as_io(z_opt, io);
   const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
   const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
-  const auto out_t = acc == at::kDouble ? acc : (out_fp32 ? at::kFloat : u_in.scalar_type());
+  const auto out_t = into.defined() ? into.scalar_type()
+                     : acc == at::kDouble ? acc : (out_fp32 ? at::kFloat : u_in.scalar_type());
   // the kernel writes either the io dtype or the work dtype; anything else is cast after
   const auto write_t = (out_t == io || out_t == acc) ? out_t : acc;
   const int64_t b = u.size(0), d = u.size(1), l = u.size(2), n = A.size(1);
@@ -1071,7 +1109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
   // follows it too): token-major views (V2M's passes) get a token-major output, stored
   // one vector per step instead of transposed, and a caller's transpose back to tokens
   // becomes a no-op; contiguous u (every other caller) gets a contiguous out, as before
-  at::Tensor out = at::empty_like(u, u.options().dtype(write_t), at::MemoryFormat::Preserve);
+  const bool direct = into.defined() && write_t == out_t;  // the kernel stores into `into`
+  at::Tensor out = direct ? into
+                          : at::empty_like(u, u.options().dtype(write_t),
+                                           at::MemoryFormat::Preserve);
   at::Tensor last = at::empty({b, d, n}, u.options().dtype(acc));
   at::Tensor states = save_states ? at::empty({b, d, (l + kChunk - 1) / kChunk, n},
                                               u.options().dtype(acc))
@@ -1080,10 +1121,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
     using acc_t = at::opmath_type<scalar_t>;
     const auto g = make_geometry(u, A, B, C, Vectorized<acc_t>::size());
     auto op = make_operands<scalar_t, acc_t>(u, delta, A, B, C, D, z, bias, softplus, reverse);
-    forward_kernel<scalar_t, acc_t>(op, g, out, last, states, save_states);
+    forward_kernel<scalar_t, acc_t>(op, g, out, last, states, save_states, direct && add);
   });
+  if (into.defined() && !direct) {  // a dtype the kernel does not write: via a temporary
+    if (add) into.add_(out);
+    else into.copy_(out);
+    out = into;
+  }
   if (out.scalar_type() != out_t) out = out.to(out_t);
   return {out, last, states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
+    const at::Tensor& B_in, const at::Tensor& C_in, const c10::optional<at::Tensor>& D_in,
+    const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& bias_in,
+    bool softplus, bool out_fp32, bool reverse, bool save_states) {
+  return forward_impl(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, softplus,
+                      out_fp32, reverse, save_states, at::Tensor(), false);
+}
+
+// The forward scan into a given (b, d, l) tensor `out` (any strides, u's dtype or the work
+// dtype), added to its values when `accumulate` (inference: no chunk states); returns the
+// last state. Each step's u / delta / z are read before its output is stored at the same
+// position, so out may be u, delta or z itself (Vim's forward direction overwrites its
+// conv output), but must not partially overlap them, nor overlap A, B, C, D, delta_bias.
+at::Tensor scan_fwd_out(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& C,
+                        const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                        const c10::optional<at::Tensor>& bias, bool softplus, bool reverse,
+                        bool accumulate, at::Tensor out) {
+  check(u, A, B, C);
+  TORCH_CHECK(out.device().is_cpu() && out.sizes() == u.sizes(),
+              "mmssm CPU scan: out must be a CPU tensor of u's shape ", u.sizes(), ", got ",
+              out.sizes());
+  const auto acc = acc_type(u.scalar_type());
+  TORCH_CHECK(out.scalar_type() == u.scalar_type() || out.scalar_type() == acc,
+              "mmssm CPU scan: out must have u's dtype or ", acc, ", got ", out.scalar_type());
+  at::assert_no_internal_overlap(out);
+  for (const auto& x : {u, delta, z.has_value() ? *z : at::Tensor()})
+    if (x.defined()) at::assert_no_partial_overlap(out, x);
+  for (const auto& x : {A, B, C, D.has_value() ? *D : at::Tensor(),
+                        bias.has_value() ? *bias : at::Tensor()})
+    if (x.defined()) at::assert_no_overlap(out, x);
+  return std::get<1>(forward_impl(u, delta, A, B, C, D, z, bias, softplus,
+                                  out.scalar_type() != u.scalar_type(), reverse, false, out,
+                                  accumulate));
 }
 
 std::vector<at::Tensor> scan_bwd(
@@ -1159,6 +1242,9 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
   m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus, bool out_fp32, bool reverse, "
         "bool save_states) -> (Tensor, Tensor, Tensor)");
+  m.def("fwd_out(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool delta_softplus, bool reverse, bool accumulate, "
+        "Tensor(a!) out) -> Tensor");
   m.def("bwd(Tensor dout, Tensor? dlast, Tensor u, Tensor delta, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor chunk_states, "
         "bool delta_softplus, bool reverse) -> Tensor[]");
@@ -1176,6 +1262,7 @@ TORCH_LIBRARY(MMSSM_SCAN_NS, m) {
 
 TORCH_LIBRARY_IMPL(MMSSM_SCAN_NS, CPU, m) {
   m.impl("fwd", &scan_fwd);
+  m.impl("fwd_out", &scan_fwd_out);
   m.impl("bwd", &scan_bwd);
   m.impl("cross_fwd", &cross_scan_fwd);
   m.impl("cross_bwd", &cross_scan_bwd);

@@ -72,3 +72,37 @@ def test_bimamba_gate_sum_equals_per_scan_gate(monkeypatch, d_conv, bias):
     # traced graphs keep the per-scan gate (FLOP counts, ONNX): same outputs
     traced = torch.jit.trace(m.eval(), x, check_trace=False)
     torch.testing.assert_close(traced(x), yi1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('b,l', [(1, 9), (2, 70)])
+def test_bimamba_inplace_inference_equals_allocating(monkeypatch, b, l):
+    """The in-place inference path (silu on the conv outputs, the forward scan into its
+    own input, the backward scan added into it) gives the allocating path's output bit
+    for bit, leaves the mixer input alone, and is what no_grad with convs runs."""
+    torch.manual_seed(1)
+    m = BiMambaMixer(16, d_state=16)  # Vim's n = 16
+    x = torch.randn(b, l, 16)
+    x0 = x.clone()
+    calls = []
+    inplace = BiMambaMixer._direction_sum_inplace
+    monkeypatch.setattr(BiMambaMixer, '_direction_sum_inplace',
+                        lambda self, *a: calls.append(1) or inplace(self, *a))
+    with torch.no_grad():
+        y_inplace = m(x)
+        assert calls and torch.equal(x, x0)
+        monkeypatch.setattr(BiMambaMixer, '_direction_sum_inplace', BiMambaMixer._direction_sum)
+        y_alloc = m(x)
+    assert torch.equal(y_inplace, y_alloc)
+
+
+def test_bimamba_inplace_inference_under_torch_compile():
+    """torch.compile (functionalized, aot_eager) of the in-place inference path: the
+    scan into its own input and the accumulate become the public op plus copy / add,
+    one graph, eager's output."""
+    torch.manual_seed(0)
+    m = BiMambaMixer(16, d_state=16).eval()
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, backend='aot_eager', fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
