@@ -161,6 +161,11 @@ class V2MMixer2D(SSM2D):
     # constant B / C, D, delta bias, per pass) between calls, recomputed when a parameter
     # changes (False: recompute every call; for A/B)
     cache_scan_params: bool = True
+    # eager inference of the conv-free path: the second row latent's column passes add
+    # into the first latent's column sum and gate it inside the compiled two-direction
+    # kernel (:func:`mmssm.ops.bidir_selective_scan_sum_into`) instead of an add, a silu
+    # and a multiply afterwards (fp32 rounding apart; False: the separate ops, for A/B)
+    fuse_column_sum: bool = True
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
@@ -352,9 +357,18 @@ class V2MMixer2D(SSM2D):
             for i in range(tok.shape[0]):
                 C = Cs[i].reshape(nb, N, h) if nw == 1 else Cs[i]      # (nb, [nw,] N, H) view
                 passes.append((cols(tok[i]), cols(dt2[i]), C))
-        y = None
-        for rev, (x_c, dt_c, C) in zip(revs, passes):
+        y, gated = None, False
+        for i, (rev, (x_c, dt_c, C)) in enumerate(zip(revs, passes)):
             col_revs = [_CORNER_DIRS[c][1] for c in self.corners if _CORNER_DIRS[c][0] == rev]
+            if (bidir and len(col_revs) == 2 and y is not None and inplace and
+                    self.fuse_column_sum and col_args['z'] is None):
+                # y += both column directions (then y *= silu(z) after the last latent)
+                g = cols(z) if gate_sum and i == len(passes) - 1 else None
+                if ops.bidir_selective_scan_sum_into(y, x_c, dt_c, C=C, gate=g,
+                                                     **{k_: v for k_, v in col_args.items()
+                                                        if k_ != 'z'}):
+                    gated = g is not None
+                    continue
             if bidir and len(col_revs) == 2:  # both column directions, summed in the kernel
                 ys = [ops.bidir_selective_scan(x_c, dt_c, C=C, sum_directions=True,
                                                **col_args)]
@@ -369,7 +383,9 @@ class V2MMixer2D(SSM2D):
                 else:
                     y = y + y_c
         y = y.view(b, w, d, h).permute(0, 3, 1, 2)  # tokens (B, H, W, d)
-        if gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
+        if gated:  # the kernel gated the corner sum
+            pass
+        elif gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
             y = F.silu(z, inplace=True).mul_(y)  # contiguous tokens whatever y's layout
         elif gate_sum:
             y = y * F.silu(z)

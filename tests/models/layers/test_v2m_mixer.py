@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import mmssm.ops
 from mmssm.models.layers import V2MMixer2D
+from mmssm.ops import selective_scan_cpp
 from mmssm.models.layers.v2m_mixer import parse_corners
 
 CORNER_NAMES = ('ul', 'lr', 'ur', 'll')
@@ -329,3 +331,26 @@ def test_folded_corner_mean_and_cached_params_are_exact(monkeypatch, kw, b):
         assert torch.equal(y_cached, m(x))
         assert not torch.equal(y_cached, new[1])
     assert set(m.state_dict()) == keys
+
+
+@pytest.mark.skipif(not selective_scan_cpp.available(), reason='compiled scan not built')
+@pytest.mark.parametrize('b', [1, 2])
+def test_fused_column_sum_equals_separate_ops(monkeypatch, b):
+    """Eager inference adds the second latent's column passes into the first's sum and
+    gates it in the kernel (``fuse_column_sum``): equal to the add / silu / multiply to
+    fp32 rounding; the kernel's fast path is taken (d_state 1, 16 channels)."""
+    torch.manual_seed(0)
+    m = V2MMixer2D(16, d_state=1, expand=1, d_conv=0, d_conv2d=3).eval()
+    x = torch.randn(b, 3, 5, 16)
+    done = []
+    fused = mmssm.ops.bidir_selective_scan_sum_into
+    monkeypatch.setattr(mmssm.ops, 'bidir_selective_scan_sum_into',
+                        lambda *a, **k: done.append(fused(*a, **k)) or done[-1])
+    with torch.no_grad():
+        monkeypatch.setattr(V2MMixer2D, 'fuse_column_sum', False)
+        y0 = m(x)
+        assert not done
+        monkeypatch.setattr(V2MMixer2D, 'fuse_column_sum', True)
+        y1 = m(x)
+    assert done == [True]
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
