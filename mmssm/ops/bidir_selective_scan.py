@@ -19,6 +19,9 @@ Ops (registered on import, like :mod:`mmssm.ops.selective_scan_cpp`)::
                              delta_softplus, sum_directions)
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
 
+:func:`bidir_selective_scan_sum_into` (eager inference) adds both directions' sum into an
+existing output and gates it, in the compiled kernel (V2M's column passes).
+
 B / C are (d, n) or (b, g, n, l) as for the plain op. ``states`` (2, b, d, n_chunks, n)
 holds each direction's chunk states (empty unless ``save_states``); the backward gives each
 direction's gradients, summed (the compiled kernel recomputes V2M's n = 1 lines whole and

@@ -295,7 +295,12 @@ class V2MMixer2D(SSM2D):
           once for both), each latent's column pass the sum of its two directions. The
           decay and input terms of a token are computed once for both directions; each
           direction's values are the plain scan's (bit-identical), the column sum is
-          fp32 rounding apart. Traced / exported graphs keep one scan per direction.
+          fp32 rounding apart. Traced / exported graphs keep one scan per direction;
+        - eager code only (``fold_corner_mean``, ``cache_scan_params``,
+          ``fuse_column_sum``): the mean over 2 / 4 corners is a power-of-two scale of the
+          column passes' constant B and D (bit-identical), inference keeps the scan
+          parameters between calls, and the second latent's column passes add into the
+          first's sum and gate it inside the kernel (fp32 rounding).
         """
         b, h, w, d = xs.shape
         R = self.dt_rank

@@ -19,6 +19,10 @@
 //   bidir_bwd(dout, u, delta, A, B, C, D?, z?, delta_bias?, states, delta_softplus,
 //             sum_directions) -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
 //     both directions' gradients, summed (dout: out's shape).
+//   bidir_sum_into(u, delta, A, B, C, D?, delta_bias?, delta_softplus, out!, gate?) -> bool
+//     inference: out += forward + reverse, then out *= silu(gate), in place, on the fast
+//     path's token-major layout (u, delta, out, gate of one layout); false (out
+//     untouched) elsewhere. V2M adds its second latent's column passes to the first's.
 //
 // Fast path (V2M's passes: n = 1, fp32 / fp64 activations of one dtype, lane-contiguous
 // u / delta / z (token-major (b, l, d) memory seen as (b, d, l)), full channel blocks,
@@ -251,7 +255,8 @@ bool bidir_scan_sum_into(const at::Tensor& u, const at::Tensor& delta, const at:
   // direct layout: lane-contiguous, not dense (bidir_line_n1's `direct`)
   if (u.scalar_type() != acc || !same(delta) || !same(out) || (gate.defined() && !same(gate)) ||
       A_in.size(1) != 1 || u.size(2) > kBidirMaxLine || u.stride(1) != 1 || u.is_contiguous() ||
-      (B_in.dim() > 2 && B_in.scalar_type() != acc) || (C_in.dim() > 2 && C_in.scalar_type() != acc))
+      (B_in.dim() > 2 && B_in.scalar_type() != acc) ||
+      (C_in.dim() > 2 && C_in.scalar_type() != acc))
     return false;
   const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
   const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
