@@ -19,6 +19,9 @@ Ops (registered on import, like :mod:`mmssm.ops.selective_scan_cpp`)::
                              delta_softplus, sum_directions)
         -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
 
+:func:`bidir_selective_scan_sum_into` (eager inference) adds both directions' sum into an
+existing output and gates it, in the compiled kernel (V2M's column passes).
+
 B / C are (d, n) or (b, g, n, l) as for the plain op. ``states`` (2, b, d, n_chunks, n)
 holds each direction's chunk states (empty unless ``save_states``); the backward gives each
 direction's gradients, summed (the compiled kernel recomputes V2M's n = 1 lines whole and
@@ -189,3 +192,39 @@ def bidir_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     return torch.ops.mmssm.bidir_selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
                                                     delta_softplus, out_fp32, sum_directions,
                                                     save)[0]
+
+
+def bidir_selective_scan_sum_into(out: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                                  C: Tensor, D: Optional[Tensor] = None,
+                                  delta_bias: Optional[Tensor] = None,
+                                  delta_softplus: bool = False,
+                                  gate: Optional[Tensor] = None) -> bool:
+    """``out += forward + reverse scan`` (then ``out *= silu(gate)``) in place, if it can.
+
+    Eager inference helper for V2M's column passes: the second row latent's two column
+    directions are added to the first latent's sum (and the corner sum gated) inside the
+    compiled two-direction kernel, instead of an add, a silu and a multiply over the
+    whole map afterwards. Each direction's scan is the plain one; the sums and the gate
+    are fp32 rounding apart from the separate ops (the kernel's own sigmoid).
+
+    Args:
+        out: (b, d, l) of the work dtype, with u's strides (the output of a summed
+            :func:`bidir_selective_scan` of the same shape); updated in place.
+        u, delta, A, B, C, D, delta_bias, delta_softplus: as for
+            :func:`bidir_selective_scan` (no z).
+        gate: None or (b, d, l) with u's strides.
+
+    Returns:
+        True when done; False (``out`` untouched) when the compiled kernel's fast path does
+        not apply (no gradient may be needed, n = 1, fp32 / fp64 token-major views of one
+        layout, full channel blocks, l <= 1024), or under tracing / compile / export: the
+        caller then runs :func:`bidir_selective_scan` and adds.
+    """
+    ext = selective_scan_cpp.direct_kernel(u)
+    if (ext is None or not hasattr(ext, 'bidir_sum_into') or torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad
+                    for x in (out, u, delta, A, B, C, D, delta_bias, gate))):
+        return False
+    B = B.unsqueeze(1) if B.dim() == 3 else B  # (b, n, l) -> (b, 1, n, l)
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    return bool(ext.bidir_sum_into(u, delta, A, B, C, D, delta_bias, delta_softplus, out, gate))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import mmssm.ops
+from mmssm.models.layers import V2MMixer2D
 
 
 @pytest.fixture
@@ -17,4 +18,6 @@ def patch_scans(monkeypatch):
 
         monkeypatch.setattr(mmssm.ops, 'selective_scan', scan)
         monkeypatch.setattr(mmssm.ops, 'bidir_selective_scan', bidir)
+        # the fakes ignore B and D, so V2M's corner mean must not be folded into them
+        monkeypatch.setattr(V2MMixer2D, 'fold_corner_mean', False)
     return install

@@ -226,3 +226,35 @@ def test_every_built_simd_level():
             torch.testing.assert_close(a, r0 + r1, rtol=1e-5, atol=1e-5, msg=name)
         tested.append(level)
     assert tested and 'default' in tested
+
+
+@needs_ext
+@pytest.mark.parametrize('case', CASES, ids=str)
+@pytest.mark.parametrize('gate', [False, True])
+def test_sum_into_adds_and_gates_in_place(case, gate):
+    """``bidir_selective_scan_sum_into``: out + forward + reverse (times silu(gate)) in
+    place on the kernel's fast path (fp32 rounding of the separate add / silu / multiply);
+    elsewhere it declines (False) and leaves out untouched, as with a gradient."""
+    from mmssm.ops import bidir_selective_scan_sum_into
+    b, d, l, n, layout = case
+    x = make_inputs(b, d, l, n, 'C', layout, z=False)
+    x.pop('z')
+    out0 = torch.randn(b, l, d).transpose(1, 2) if layout == 'tokens' else torch.randn(b, d, l)
+    g = torch.randn_like(out0)  # out0's strides (a transposed view of (b, l, d) or contiguous)
+    with torch.no_grad():
+        expect = out0 + bidir_selective_scan(**x, delta_softplus=True, sum_directions=True)
+        if gate:
+            expect = expect * torch.nn.functional.silu(g)
+        out = out0.clone().transpose(1, 2).contiguous().transpose(1, 2) if layout == 'tokens' \
+            else out0.clone()
+        done = bidir_selective_scan_sum_into(out, **x, delta_softplus=True,
+                                             gate=g if gate else None)
+    fast = n == 1 and d % 16 == 0 and layout == 'tokens'
+    assert done == fast
+    if fast:
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(out, out0)
+    # a gradient is needed: declined
+    u = x['u'].clone().requires_grad_()
+    assert not bidir_selective_scan_sum_into(out, **{**x, 'u': u}, delta_softplus=True)

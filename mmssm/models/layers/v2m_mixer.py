@@ -153,6 +153,19 @@ class V2MMixer2D(SSM2D):
     # (:func:`mmssm.ops.bidir_selective_scan`: decay and input terms computed once) in
     # eager CPU code (False: one scan per direction, as traced graphs; for tests / A/B)
     two_direction_scan: bool = True
+    # the conv-free path's eager code folds the mean over 2 or 4 corners into the column
+    # passes' constant B and their D (a power-of-two scale: exact, outputs bit-identical)
+    # instead of a division of the corner sum (False: divide, as traced graphs; for A/B)
+    fold_corner_mean: bool = True
+    # in eager inference the conv-free path keeps its scan parameters (-exp(A_log), the
+    # constant B / C, D, delta bias, per pass) between calls, recomputed when a parameter
+    # changes (False: recompute every call; for A/B)
+    cache_scan_params: bool = True
+    # eager inference of the conv-free path: the second row latent's column passes add
+    # into the first latent's column sum and gate it inside the compiled two-direction
+    # kernel (:func:`mmssm.ops.bidir_selective_scan_sum_into`) instead of an add, a silu
+    # and a multiply afterwards (fp32 rounding apart; False: the separate ops, for A/B)
+    fuse_column_sum: bool = True
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
@@ -282,7 +295,12 @@ class V2MMixer2D(SSM2D):
           once for both), each latent's column pass the sum of its two directions. The
           decay and input terms of a token are computed once for both directions; each
           direction's values are the plain scan's (bit-identical), the column sum is
-          fp32 rounding apart. Traced / exported graphs keep one scan per direction.
+          fp32 rounding apart. Traced / exported graphs keep one scan per direction;
+        - eager code only (``fold_corner_mean``, ``cache_scan_params``,
+          ``fuse_column_sum``): the mean over 2 / 4 corners is a power-of-two scale of the
+          column passes' constant B and D (bit-identical), inference keeps the scan
+          parameters between calls, and the second latent's column passes add into the
+          first's sum and gate it inside the kernel (fp32 rounding).
         """
         b, h, w, d = xs.shape
         R = self.dt_rank
@@ -302,25 +320,25 @@ class V2MMixer2D(SSM2D):
         def cols(t: Tensor) -> Tensor:  # tokens (B, H, W, c) -> (nb, nw*c, H), a view
             return t.permute(0, 2, 3, 1).reshape(nb, nw * t.shape[-1], h)
 
+        inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        # the mean over corners as a scale of the column passes (see fold_corner_mean)
+        k = len(self.corners)
+        scale = 1.0 / k if self.fold_corner_mean and not exporting and k in (2, 4) else 1.0
+        A_r, C_r, D_r, bias_r, A_c, B_c, D_c, bias_c = self._scan_params(
+            f, nw, scale, cache=(inplace and self.cache_scan_params and not exporting
+                                and not torch.compiler.is_compiling()))
         # row passes (B varying, C = ones): operands shared by both directions
         x_dbl = F.linear(xs, self.x_proj.weight)                      # (B, H, W, R+N)
         dt = F.linear(x_dbl[..., :R], self.dt_proj.weight)            # (B, H, W, d)
-        A = -torch.exp(self.A_log.to(f))
         # B, C: (b, N, L) views of (b, L, N) contiguous memory, the layout the compiled scan
         # reads (it would copy a strided view once per scan; here once per pass group)
         B_r = x_dbl[..., R:].reshape(b * h, w, -1).contiguous().transpose(1, 2)  # (B*H, N, W)
-        row_args = dict(A=A, B=B_r, C=torch.ones_like(A), D=self.D.to(f),
-                        z=rows(z) if gated_rows else None,
-                        delta_bias=self.dt_proj.bias.to(f), delta_softplus=True)
-        # column passes (B = ones, C varying), nw groups of d channels per batch row
-        A, D, bias = -torch.exp(self.A_2_log.to(f)), self.D_2.to(f), self.dt_proj_2.bias.to(f)
-        if nw > 1:  # per-channel parameters of nw groups: (nw*d, N) / (nw*d,)
-            A, D, bias = A.repeat(nw, 1), D.repeat(nw), bias.repeat(nw)
-        col_args = dict(A=A, B=torch.ones_like(A), D=D,
-                        z=None if z is None or gate_sum else cols(z),
-                        delta_bias=bias, delta_softplus=True)
-        N = A.shape[1]
-        inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        row_args = dict(A=A_r, B=B_r, C=C_r, D=D_r, z=rows(z) if gated_rows else None,
+                        delta_bias=bias_r, delta_softplus=True)
+        # column passes (B constant, C varying), nw groups of d channels per batch row
+        col_args = dict(A=A_c, B=B_c, D=D_c, z=None if z is None or gate_sum else cols(z),
+                        delta_bias=bias_c, delta_softplus=True)
+        N = A_c.shape[1]
         # both directions of a pass in one two-direction scan call (eager, compiled CPU
         # scan); traced / exported graphs keep one plain scan per direction (FLOP counts,
         # ONNX)
@@ -344,9 +362,18 @@ class V2MMixer2D(SSM2D):
             for i in range(tok.shape[0]):
                 C = Cs[i].reshape(nb, N, h) if nw == 1 else Cs[i]      # (nb, [nw,] N, H) view
                 passes.append((cols(tok[i]), cols(dt2[i]), C))
-        y = None
-        for rev, (x_c, dt_c, C) in zip(revs, passes):
+        y, gated = None, False
+        for i, (rev, (x_c, dt_c, C)) in enumerate(zip(revs, passes)):
             col_revs = [_CORNER_DIRS[c][1] for c in self.corners if _CORNER_DIRS[c][0] == rev]
+            if (bidir and len(col_revs) == 2 and y is not None and inplace and
+                    self.fuse_column_sum and col_args['z'] is None):
+                # y += both column directions (then y *= silu(z) after the last latent)
+                g = cols(z) if gate_sum and i == len(passes) - 1 else None
+                if ops.bidir_selective_scan_sum_into(y, x_c, dt_c, C=C, gate=g,
+                                                     **{k_: v for k_, v in col_args.items()
+                                                        if k_ != 'z'}):
+                    gated = g is not None
+                    continue
             if bidir and len(col_revs) == 2:  # both column directions, summed in the kernel
                 ys = [ops.bidir_selective_scan(x_c, dt_c, C=C, sum_directions=True,
                                                **col_args)]
@@ -361,10 +388,46 @@ class V2MMixer2D(SSM2D):
                 else:
                     y = y + y_c
         y = y.view(b, w, d, h).permute(0, 3, 1, 2)  # tokens (B, H, W, d)
-        if gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
+        if gated:  # the kernel gated the corner sum
+            pass
+        elif gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
             y = F.silu(z, inplace=True).mul_(y)  # contiguous tokens whatever y's layout
         elif gate_sum:
             y = y * F.silu(z)
-        if len(self.corners) > 1:
-            y = y.div_(len(self.corners)) if inplace else y / len(self.corners)
+        if k > 1 and scale == 1.0:  # the mean, unless the column passes scaled by 1 / k
+            y = y.div_(k) if inplace else y / k
         return self.out_proj(y.contiguous())  # one 2-D GEMM (no copy if already tokens)
+
+    def _scan_params(self, f: torch.dtype, nw: int, scale: float,
+                     cache: bool) -> Tuple[Tensor, ...]:
+        """The scan parameters of ``_forward_noconv``'s row and column passes.
+
+        Returns (A, C, D, delta_bias) of the row passes ((d, N), (d, N) ones, (d,), (d,))
+        and (A, B, D, delta_bias) of the column passes, tiled ``nw`` times ((nw*d, N),
+        (nw*d,)), with the column passes' constant B and D multiplied by ``scale`` (the
+        mean over corners: the column output is linear in B and D together, and a
+        power-of-two scale is exact, so the outputs equal the unscaled ones divided by
+        1 / scale bit for bit). All in dtype ``f``. With ``cache`` (eager inference) the
+        tensors are kept on the module and reused while every parameter they come from is
+        the same tensor at the same version (``load_state_dict``, optimiser steps and
+        in-place edits bump it): ~8 small ops per call less.
+        """
+        srcs = (self.A_log, self.D, self.dt_proj.bias, self.A_2_log, self.D_2,
+                self.dt_proj_2.bias)
+        key = (f, nw, scale) + tuple((id(p), p.data_ptr(), p._version) for p in srcs)
+        hit = self.__dict__.get('_scan_param_cache')
+        if cache and hit is not None and hit[0] == key:
+            return hit[1]
+        A_r = -torch.exp(self.A_log.to(f))
+        A_c, D_c, bias_c = -torch.exp(self.A_2_log.to(f)), self.D_2.to(f), self.dt_proj_2.bias.to(f)
+        B_c = torch.ones_like(A_c)
+        if scale != 1.0:
+            B_c, D_c = B_c.fill_(scale), D_c * scale
+        if nw > 1:  # per-channel parameters of nw groups: (nw*d, N) / (nw*d,)
+            A_c, B_c, D_c, bias_c = A_c.repeat(nw, 1), B_c.repeat(nw, 1), D_c.repeat(nw), \
+                bias_c.repeat(nw)
+        res = (A_r, torch.ones_like(A_r), self.D.to(f), self.dt_proj.bias.to(f), A_c, B_c, D_c,
+               bias_c)
+        # a plain attribute (no buffer: not in the state dict), dropped when not caching
+        self.__dict__['_scan_param_cache'] = (key, res) if cache else None
+        return res

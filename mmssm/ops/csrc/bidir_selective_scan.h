@@ -19,6 +19,10 @@
 //   bidir_bwd(dout, u, delta, A, B, C, D?, z?, delta_bias?, states, delta_softplus,
 //             sum_directions) -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
 //     both directions' gradients, summed (dout: out's shape).
+//   bidir_sum_into(u, delta, A, B, C, D?, delta_bias?, delta_softplus, out!, gate?) -> bool
+//     inference: out += forward + reverse, then out *= silu(gate), in place, on the fast
+//     path's token-major layout (u, delta, out, gate of one layout); false (out
+//     untouched) elsewhere. V2M adds its second latent's column passes to the first's.
 //
 // Fast path (V2M's passes: n = 1, fp32 / fp64 activations of one dtype, lane-contiguous
 // u / delta / z (token-major (b, l, d) memory seen as (b, d, l)), full channel blocks,
@@ -91,17 +95,30 @@ struct LineBuffers {
 
 // Output pointers of one task: y[k] the lane-contiguous place of direction k's step 0
 // (null: the line goes through LineBuffers and store_out); y[1] is null when summed.
+// A summed call that adds into its output: out = out + (forward + reverse), then, with a
+// gate g, out * silu(g) (g: an activation in out's layout). Only on the direct layout.
+template <typename acc_t>
+struct SumInto {
+  bool on = false;
+  const acc_t* g = nullptr;  // the gate's (b, d, l) memory, null: no gate
+};
+
 template <typename acc_t, bool BV, bool CV, bool ZV>
 void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi, int64_t c0,
                    const Scratch<acc_t>& s, LineBuffers<acc_t>& lb, acc_t* const out[2],
-                   const OutLayout& ol, acc_t* states) {
+                   const OutLayout& ol, acc_t* states, const SumInto<acc_t>& into = {}) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, l = g.l, nch = g.n_chunks();
   const LineN1<acc_t, BV, CV, ZV> ln(op, g, bi, c0, s);
   const bool sum = out[1] == nullptr, direct = !ol.contiguous && ol.s1 == 1;
-  acc_t* yf = direct ? out[0] + bi * ol.s0 + c0 : lb.y0.data();
-  acc_t* yr = sum ? yf : (direct ? out[1] + bi * ol.s0 + c0 : lb.y1.data());
-  const int64_t ys = direct ? ol.s2 : W;  // step stride of yf / yr
+  // adding into out: the forward outputs wait in the line buffer (out holds the addend)
+  acc_t* const line_out = direct ? out[0] + bi * ol.s0 + c0 : nullptr;
+  acc_t* yf = direct && !into.on ? line_out : lb.y0.data();
+  acc_t* yr = sum ? (into.on ? line_out : yf)
+                  : (direct ? out[1] + bi * ol.s0 + c0 : lb.y1.data());
+  const int64_t ys = direct ? ol.s2 : W;  // step stride of yr (and of yf unless into.on)
+  const int64_t fs = direct && !into.on ? ol.s2 : W;  // step stride of yf
+  const acc_t* gp = into.g ? into.g + bi * ol.s0 + c0 : nullptr;
   acc_t *a = lb.a.data(), *x = lb.x.data(), *sgb = lb.sg.data();
   // the readout and gate of one step, as forward_n1's
   auto readout = [&](const Vec& h, const Vec& uv, int64_t t, const Vec& z, const Vec& sg) {
@@ -129,7 +146,7 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
       sg = sigmoid<acc_t>(z);
       sg.store(sgb + t * W);
     }
-    readout(h, uv, t, z, sg).store(yf + t * ys);
+    readout(h, uv, t, z, sg).store(yf + t * fs);
   }
   acc_t* st_r = states ? states + g.b * g.d * nch : nullptr;  // the reverse direction's
   Vec hr(acc_t(0));
@@ -140,7 +157,14 @@ void bidir_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t 
     const Vec z = ZV ? ln.z_at(t) : Vec(acc_t(0));  // u, z: re-read (in cache)
     const Vec sg = ZV ? Vec::loadu(sgb + t * W) : Vec(acc_t(0));
     Vec y = readout(hr, ln.u_at(t), t, z, sg);
-    if (sum) y = Vec::loadu(yf + t * ys) + y;  // forward + reverse
+    if (sum) y = Vec::loadu(yf + t * fs) + y;  // forward + reverse
+    if (into.on) {  // out + (forward + reverse), gated: silu(g) = g * sigmoid(g)
+      y = Vec::loadu(yr + t * ys) + y;
+      if (gp) {
+        const Vec gv = Vec::loadu(gp + t * ys);
+        y = y * (gv * sigmoid<acc_t>(gv));
+      }
+    }
     y.store(yr + t * ys);
   }
   if (!direct) {
@@ -178,7 +202,7 @@ void dispatch_bcz(const Operands<acc_t, acc_t>& op, F&& f) {
 
 template <typename acc_t>
 void bidir_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g, at::Tensor& out, bool sum,
-                  at::Tensor& states, bool save) {
+                  at::Tensor& states, bool save, const SumInto<acc_t>& into = {}) {
   const int64_t nblk = g.c0.size();
   acc_t* o = out.data_ptr<acc_t>();
   acc_t* const outs[2] = {o, sum ? nullptr : o + out.stride(0)};
@@ -197,7 +221,7 @@ void bidir_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g, at::Tenso
       loaded = blk;
       dispatch_bcz(op, [&](auto bv, auto cv, auto zv) {
         bidir_line_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
-            op, g, bi, c0, s, lb, outs, ol, st);
+            op, g, bi, c0, s, lb, outs, ol, st, into);
       });
     }
   });
@@ -211,6 +235,46 @@ at::Tensor bidir_out(const at::Tensor& u, at::ScalarType t, bool sum) {
   size.insert(size.end(), one.sizes().begin(), one.sizes().end());
   stride.insert(stride.end(), one.strides().begin(), one.strides().end());
   return at::empty_strided(size, stride, one.options());
+}
+
+// out += forward + reverse (then out *= silu(gate)) on the fast path's direct layout: u,
+// delta (and the gate) token-major views of one layout, out of that layout, all of the
+// work dtype; inference only (no states). False (out untouched) when the fast path does
+// not apply: the caller then runs bidir_fwd and adds.
+bool bidir_scan_sum_into(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A_in,
+                         const at::Tensor& B_in, const at::Tensor& C_in,
+                         const c10::optional<at::Tensor>& D_in,
+                         const c10::optional<at::Tensor>& bias_in, bool softplus,
+                         at::Tensor& out, const c10::optional<at::Tensor>& gate_in) {
+  check(u, A_in, B_in, C_in);
+  const auto acc = acc_type(u.scalar_type());
+  const at::Tensor gate = gate_in.has_value() ? *gate_in : at::Tensor();
+  auto same = [&](const at::Tensor& t) {
+    return t.scalar_type() == acc && t.sizes() == u.sizes() && t.strides() == u.strides();
+  };
+  // direct layout: lane-contiguous, not dense (bidir_line_n1's `direct`)
+  if (u.scalar_type() != acc || !same(delta) || !same(out) || (gate.defined() && !same(gate)) ||
+      A_in.size(1) != 1 || u.size(2) > kBidirMaxLine || u.stride(1) != 1 || u.is_contiguous() ||
+      (B_in.dim() > 2 && B_in.scalar_type() != acc) ||
+      (C_in.dim() > 2 && C_in.scalar_type() != acc))
+    return false;
+  const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
+  const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(acc, "mmssm_bidir_sum_into", [&] {
+    const auto g = make_geometry(u, A, B, C, Vectorized<scalar_t>::size());
+    auto op = make_operands<scalar_t, scalar_t>(u, delta, A, B, C, D, at::Tensor(), bias,
+                                                softplus, false);
+    done = bidir_fast(op, g, true);
+    if (done) {
+      SumInto<scalar_t> into;
+      into.on = true;
+      into.g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
+      at::Tensor states = at::empty({0}, u.options());
+      bidir_kernel<scalar_t>(op, g, out, true, states, false, into);
+    }
+  });
+  return done;
 }
 
 std::tuple<at::Tensor, at::Tensor> bidir_scan_fwd(
@@ -475,9 +539,12 @@ TORCH_LIBRARY_FRAGMENT(MMSSM_SCAN_NS, m) {
   m.def("bidir_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
         "Tensor? D, Tensor? z, Tensor? delta_bias, Tensor states, bool delta_softplus, "
         "bool sum_directions) -> Tensor[]");
+  m.def("bidir_sum_into(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? delta_bias, bool delta_softplus, Tensor(a!) out, Tensor? gate) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(MMSSM_SCAN_NS, CPU, m) {
   m.impl("bidir_fwd", &bidir_scan_fwd);
   m.impl("bidir_bwd", &bidir_scan_bwd);
+  m.impl("bidir_sum_into", &bidir_scan_sum_into);
 }

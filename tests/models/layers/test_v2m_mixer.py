@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import mmssm.ops
 from mmssm.models.layers import V2MMixer2D
+from mmssm.ops import selective_scan_cpp
 from mmssm.models.layers.v2m_mixer import parse_corners
 
 CORNER_NAMES = ('ul', 'lr', 'ur', 'll')
@@ -285,3 +287,70 @@ def test_conv_free_path_equals_general_path(monkeypatch, kw, b):
         assert dp0.keys() == dp2.keys()
         for n in dp0:
             torch.testing.assert_close(dp2[n], dp0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize('kw, b', [(dict(d_state=1), 1), (dict(d_state=1, corners=2), 2),
+                                   (dict(d_state=2, corners=3), 1)])
+def test_folded_corner_mean_and_cached_params_are_exact(monkeypatch, kw, b):
+    """The conv-free path's mean over 2 / 4 corners as a scale of the column passes' B
+    and D (a power of two: exact) and the scan parameters kept between inference calls:
+    outputs bit-equal to dividing the corner sum and recomputing the parameters, gradients
+    equal to fp32 rounding; an in-place parameter change (as ``load_state_dict``) reaches
+    the cached parameters; the cache is not in the state dict."""
+    torch.manual_seed(0)
+    m = V2MMixer2D(16, expand=1, d_conv=0, d_conv2d=3, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    keys = set(m.state_dict())
+    x = torch.randn(b, 3, 5, 16, requires_grad=True)
+    g = torch.randn(b, 3, 5, 16)
+
+    def run(on):
+        monkeypatch.setattr(V2MMixer2D, 'fold_corner_mean', on)
+        monkeypatch.setattr(V2MMixer2D, 'cache_scan_params', on)
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * g).sum().backward()
+        with torch.no_grad():
+            y_inf, y_inf2 = m(x), m(x)  # the second call reads the cache
+        return y.detach(), y_inf, y_inf2, x.grad.clone(), [p.grad.clone() for p in m.parameters()]
+
+    old, new = run(False), run(True)
+    for a, n in zip(old[:3], new[:3]):
+        assert torch.equal(a, n)
+    torch.testing.assert_close(new[3], old[3], rtol=1e-5, atol=1e-6)
+    for a, n in zip(old[4], new[4]):
+        torch.testing.assert_close(n, a, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        m.A_2_log.add_(0.5)
+        m.D.mul_(2)
+        y_cached = m(x)
+        monkeypatch.setattr(V2MMixer2D, 'cache_scan_params', False)
+        assert torch.equal(y_cached, m(x))
+        assert not torch.equal(y_cached, new[1])
+    assert set(m.state_dict()) == keys
+
+
+@pytest.mark.skipif(not selective_scan_cpp.available(), reason='compiled scan not built')
+@pytest.mark.parametrize('b', [1, 2])
+def test_fused_column_sum_equals_separate_ops(monkeypatch, b):
+    """Eager inference adds the second latent's column passes into the first's sum and
+    gates it in the kernel (``fuse_column_sum``): equal to the add / silu / multiply to
+    fp32 rounding; the kernel's fast path is taken (d_state 1, 16 channels)."""
+    torch.manual_seed(0)
+    m = V2MMixer2D(16, d_state=1, expand=1, d_conv=0, d_conv2d=3).eval()
+    x = torch.randn(b, 3, 5, 16)
+    done = []
+    fused = mmssm.ops.bidir_selective_scan_sum_into
+    monkeypatch.setattr(mmssm.ops, 'bidir_selective_scan_sum_into',
+                        lambda *a, **k: done.append(fused(*a, **k)) or done[-1])
+    with torch.no_grad():
+        monkeypatch.setattr(V2MMixer2D, 'fuse_column_sum', False)
+        y0 = m(x)
+        assert not done
+        monkeypatch.setattr(V2MMixer2D, 'fuse_column_sum', True)
+        y1 = m(x)
+    assert done == [True]
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
