@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cauchy_cpu
+
 # ----------------------------------------------------------------------------- HiPPO
 
 
@@ -314,19 +316,36 @@ class _CauchyOuter(torch.autograd.Function):
     ``gM = X^T g`` gives the gradients of r1 = 1/(z-w) (holomorphic in w: ``dr1/dw =
     r1^2``) and r2 = 1/(z-conj w) (anti-holomorphic), so
     ``gw = sum_l g_r1 conj(r1)^2 + conj(g_r2) r2^2``.
+
+    complex128 CPU operands use the compiled kernel (:mod:`mmssm.ops.cauchy_cpu`) for both
+    passes instead: same formulas, one pass over the (H, N, Lf) entries, M and E never
+    stored (a ConvNeXt-S4ND-T training step at batch 1 spends most of its kernel generation
+    here otherwise).
     """
 
     @staticmethod
     def forward(ctx, Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        # compiled (cauchy.cpp): M and E are never stored, the backward recomputes them
+        ctx.fused = _fused(Bs, Cs, z, w)
+        if ctx.fused:
+            ctx.save_for_backward(Bs, Cs, z, w)
+            return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w)
         M = _cauchy_real(z, w)  # (H, 2N, 2Lf)
         X = _pairs(Bs, Cs)  # (H, A*Bc, 2N)
-        ctx.save_for_backward(Bs, Cs, X, M, z, w)
+        ctx.save_for_backward(Bs, Cs, z, w, X, M)
         H, Bc = Cs.shape[0], Cs.shape[1]
         return _from_real(torch.bmm(X, M), (H, Bs.shape[-2], Bc, z.shape[-1]))
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        Bs, Cs, X, M, z, w = ctx.saved_tensors
+        if ctx.fused:
+            Bs, Cs, z, w = ctx.saved_tensors
+            gB, gC, gw = cauchy_cpu.cauchy_bwd(Bs, Cs, z, w, g)
+            if Bs.dim() == 2:  # shared across H
+                gB = gB.sum(0)
+            need = ctx.needs_input_grad
+            return gB if need[0] else None, gC if need[1] else None, None, gw if need[3] else None
+        Bs, Cs, z, w, X, M = ctx.saved_tensors
         H, Bc, N = Cs.shape
         A, Lf = Bs.shape[-2], g.shape[-1]
         # (H, A*Bc, 2Lf) real: [Re g, Im g]
@@ -366,8 +385,16 @@ def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
     Bs, Cs, w = Bs.contiguous(), Cs.contiguous(), w.contiguous()
     if torch.is_grad_enabled() and (Bs.requires_grad or Cs.requires_grad or w.requires_grad):
         return _CauchyOuter.apply(Bs, Cs, z, w)
+    if _fused(Bs, Cs, z, w):  # one pass, no (H, 2N, 2Lf) matrix M
+        return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w)
     return _from_real(torch.bmm(_pairs(Bs, Cs), _cauchy_real(z, w)),
                       (Cs.shape[0], Bs.shape[-2], Cs.shape[1], z.shape[-1]))
+
+
+def _fused(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> bool:
+    """Whether :func:`cauchy_outer` runs the compiled kernel (complex128 CPU operands)."""
+    return (all(t.dtype == torch.complex128 for t in (Bs, Cs, z, w))
+            and cauchy_cpu.usable(Bs, Cs, z, w))
 
 
 # ----------------------------------------------------------------------------- kernels
