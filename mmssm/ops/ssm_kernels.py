@@ -520,8 +520,8 @@ class SSMKernelDiag(nn.Module):
 
         With ``expand=False`` a single copy (n_ssm == 1) is left to broadcast.
         """
-        if not expand and x.shape[dim] == 1:
-            return x
+        if (not expand and x.shape[dim] == 1) or x.shape[dim] == self.H:
+            return x  # one copy per channel already (n_ssm = H): no repeat copy
         reps = [1] * x.dim()
         reps[dim] = self.H // x.shape[dim]
         return x.repeat(*reps)
@@ -721,17 +721,23 @@ class SSMKernelDPLR(SSMKernelDiag):
         r (H, 1+R, ch+R, Lf) -> kernel (ch, H, L)."""
         R = self.rank
         if R == 1:  # Woodbury: k = r00 - r01 r10 / (1 + r11)
-            k_f = r[:, :1, :-1] - r[:, :1, -1:] * r[:, 1:, :-1] / (1 + r[:, 1:, -1:])
+            # unbind/split views: one backward node each, where every slice of r would
+            # allocate and fill a zero gradient of r's size in the backward
+            r0, r1 = r.unbind(1)  # (H, ch+1, Lf)
+            (r00, r01), (r10, r11) = (t.split([t.shape[1] - 1, 1], 1) for t in (r0, r1))
+            k_f = (r00 - r01 * r10 / (1 + r11)).transpose(0, 1)  # (ch, H, Lf)
         else:
             r11 = r[:, -R:, -R:].permute(0, 3, 1, 2)  # (H, Lf, R, R)
             eye = torch.eye(R, dtype=r.dtype, device=r.device)
             inv = torch.linalg.inv(eye + r11).permute(0, 2, 3, 1)  # (H, R, R, Lf)
             k_f = r[:, :-R, :-R] - torch.einsum('hijl,hjkl,hkml->himl', r[:, :-R, -R:], inv,
                                                 r[:, -R:, :-R])
-        k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
+            k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
         k_f = k_f * 2 / (1 + omega)  # bilinear-transform correction
-        K = torch.fft.irfft(k_f, n=n)[..., :L]
-        if K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
+        K = torch.fft.irfft(k_f, n=n)
+        if K.shape[-1] > L:
+            K = K[..., :L]
+        elif K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
             K = F.pad(K, (0, L - K.shape[-1]))
         return K
 
@@ -778,15 +784,17 @@ class SSMKernelDPLR(SSMKernelDiag):
             H = Cs.shape[0]
             step = H if torch.is_grad_enabled() else max(
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
+            # (no slicing of a single block: a full slice still costs a SliceBackward)
+            block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
             parts = [
                 ks[0]._kernel_from_cauchy(
-                    cauchy_outer(Bs if Bs.dim() == 2 else Bs[h:h + step], Cs[h:h + step], z,
-                                 w[h:h + step]), omega, n, max(Ls))
+                    cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
+                                 block(w, h)), omega, n, max(Ls))
                 for h in range(0, H, step)]
             # one block (always with autograd): no concatenation copy
             K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
-                out[i] = K_i[..., :L]
+                out[i] = K_i if K_i.shape[-1] == L else K_i[..., :L]
         return out
 
     @torch.no_grad()
