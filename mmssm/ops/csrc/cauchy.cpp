@@ -20,9 +20,10 @@
 //   U = sum_l g conj(r1^2) + conj(g) r2^2 (= G E^T).  gBs is per channel (H, A, N, 2): the
 //   caller sums it over H for a shared Bs.
 //
-// SIMD: the inner loops run over the N poles; the kernels are compiled for AVX-512,
-// AVX2+FMA and baseline x86-64 (GCC function multi-versioning, picked when the library
-// loads), so one build runs on any x86-64 CPU at its best width.
+// SIMD: the inner loops run over the N poles; the kernels are compiled for AVX-512, AVX2,
+// FMA (AVX) and baseline x86-64 (GCC function multi-versioning, picked by the CPU's
+// feature bits when the library loads), so one build runs on any x86-64 CPU at its best
+// width.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,8 +33,9 @@
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MMSSM_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// ISA names, not arch=: an "arch=" clone is picked by CPU model (__builtin_cpu_is), which
+// virtual machines often hide, while ISA clones test the CPUID feature bits
+#define MMSSM_CLONES __attribute__((target_clones("avx512f", "avx2", "fma", "default")))
 #else
 #define MMSSM_CLONES
 #endif
