@@ -781,8 +781,10 @@ class SSMKernelDPLR(SSMKernelDiag):
                 Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
             # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf), then the
             # kernels (ch, sum H, max L); blocks of channels when nothing needs a gradient
+            # and the PyTorch Cauchy product builds its (H, 2N, 2Lf) matrices (the compiled
+            # one keeps no temporaries larger than its (H, 1+R, ch+R, Lf) output)
             H = Cs.shape[0]
-            step = H if torch.is_grad_enabled() else max(
+            step = H if torch.is_grad_enabled() or _fused(Bs, Cs, z, w) else max(
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
             # (no slicing of a single block: a full slice still costs a SliceBackward)
             block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
