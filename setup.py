@@ -69,10 +69,11 @@ SCAN_EXT_LEVELS = {  # module suffix -> (ATen CPU_CAPABILITY, compiler flags)
 
 
 def _ext_warning(msg: str) -> None:
-    warnings.warn(f'mmssm: the compiled CPU selective scan is NOT built ({msg}); mmssm still '
-                  'works with the slower chunked PyTorch scan. To build it: install a C++ '
-                  'compiler and run `python setup.py build_ext --inplace` (or reinstall).')
-    print(f'WARNING: mmssm compiled scan not built: {msg}')
+    warnings.warn(f'mmssm: a compiled CPU kernel (selective scan / S4 Cauchy products) is NOT '
+                  f'built ({msg}); mmssm still works with the slower PyTorch code for it. To '
+                  'build it: install a C++ compiler and run `python setup.py build_ext '
+                  '--inplace` (or reinstall).')
+    print(f'WARNING: mmssm compiled kernel not built: {msg}')
 
 
 def scan_extensions() -> dict:
@@ -87,7 +88,8 @@ def scan_extensions() -> dict:
     import platform
     levels = SCAN_EXT_LEVELS if platform.machine() in ('x86_64', 'AMD64') else {
         'default': SCAN_EXT_LEVELS['default']}
-    only = os.environ.get('MMSSM_BUILD_LEVELS')  # e.g. 'avx512' for a quick dev rebuild
+    # e.g. 'avx512' for a quick dev rebuild of one scan level ('cauchy': the Cauchy kernel)
+    only = os.environ.get('MMSSM_BUILD_LEVELS')
     if only:
         levels = {k: v for k, v in levels.items() if k in only.split(',')}
     exts = [CppExtension(
@@ -100,6 +102,13 @@ def scan_extensions() -> dict:
                  'mmssm/ops/csrc/cross_selective_scan.h',
                  'mmssm/ops/csrc/bidir_selective_scan.h'],
         extra_link_args=['-fopenmp']) for name, (cap, flags) in levels.items()]
+    # fused float64 Cauchy products of the S4 (DPLR) kernel generation
+    # (mmssm.ops.cauchy_cpu); one build, SIMD width picked at load time by the compiler's
+    # function multi-versioning. Without it ssm_kernels computes them in PyTorch.
+    if not only or 'cauchy' in only.split(','):
+        exts.append(CppExtension(
+            'mmssm.ops._cauchy_cpu', ['mmssm/ops/csrc/cauchy.cpp'],
+            extra_compile_args={'cxx': ['-O3', '-fopenmp']}, extra_link_args=['-fopenmp']))
 
     class TolerantBuildExtension(BuildExtension.with_options(use_ninja=False)):
         """Builds the SIMD levels in parallel; a failed compile warns, never fails.

@@ -6,12 +6,14 @@ S4ND / conv in one run. Not a test. Usage:
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 7]
         [--conv-mode auto|toeplitz|axes|outer] [--stem]
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --models [--train] [--threads 1 2] [--batch 1 8]
+        [--cauchy-ab]
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --memory [--threads 1 2] [--batch 1 8]
 
 ``--models``: whole ConvNeXt-S4ND-T against mmpretrain's ConvNeXt-T (224^2, inference),
 interleaved in one process, best of ``--repeat``: process CPU time (the honest number on a
 loaded machine at 1 thread) and wall time; with ``--train``, training steps (loss, backward,
-SGD step) instead. ``--memory``: peak RSS above the level before
+SGD step) instead; with ``--cauchy-ab``, S4ND-T also with the PyTorch Cauchy product
+instead of the compiled one ("torch" row). ``--memory``: peak RSS above the level before
 the first forward, in a fresh subprocess per (model, threads, batch): the first forward
 of a freshly built model (for S4ND: C -> C~ conversion, kernel generation, caches) and
 then 3 steady forwards.
@@ -26,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from mmssm.models.layers.s4nd import S4ND
+from mmssm.ops import cauchy_cpu
 
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-T (C, H=W) at 224
 
@@ -113,21 +116,42 @@ def _train_step(name: str):
     return step
 
 
-def bench_models(batches, threads, repeat: int, train: bool = False) -> None:
-    """Whole-model inference (or training steps), the two models interleaved, best of
-    ``repeat``."""
+def _with_cauchy_ext(f, enabled: bool):
+    """``f`` run with the compiled Cauchy kernel switched on or off (the PyTorch path)."""
+    def g(x):
+        saved, cauchy_cpu.enabled = cauchy_cpu.enabled, enabled
+        try:
+            f(x)
+        finally:
+            cauchy_cpu.enabled = saved
+    return g
+
+
+def bench_models(batches, threads, repeat: int, train: bool = False,
+                 cauchy_ab: bool = False) -> None:
+    """Whole-model inference (or training steps), the models interleaved, best of ``repeat``.
+
+    ``cauchy_ab``: ConvNeXt-S4ND-T also with the PyTorch Cauchy product instead of the
+    compiled one (same model instance, in the same rotation): an old/new A/B of the kernel.
+    """
     what = 'training step (loss, backward, SGD step)' if train else 'inference (no_grad)'
     print('whole models, 224^2 %s, best of %d, interleaved; ratio = '
           'ConvNeXt-T time / ConvNeXt-S4ND-T time (speed of S4ND-T relative to ConvNeXt-T)'
           % (what, repeat))
+    if cauchy_ab:
+        print('"torch": S4ND-T with the PyTorch Cauchy product (mmssm.ops.cauchy_cpu.enabled = '
+              'False); compiled kernel %s' % ('loaded' if cauchy_cpu.available() else
+                                             'NOT built: both rows use PyTorch'))
     print(f'{"thr":>3} {"B":>2} | {"s4nd cpu":>9} {"cnx cpu":>8} {"ratio":>6} | '
           f'{"s4nd wall":>9} {"cnx wall":>8} {"ratio":>6}')
     for B in batches:
         fwds = [_train_step(n) if train else _build(n, B)[1] for n in MODELS]
+        if cauchy_ab:
+            fwds = [_with_cauchy_ext(fwds[0], True), fwds[1], _with_cauchy_ext(fwds[0], False)]
         x = torch.randn(B, 3, 224, 224)
         for th in threads:
             torch.set_num_threads(th)
-            cpu, wall = [float('inf')] * 2, [float('inf')] * 2
+            cpu, wall = [float('inf')] * len(fwds), [float('inf')] * len(fwds)
             with torch.set_grad_enabled(train):
                 for f in fwds:
                     f(x)
@@ -137,9 +161,11 @@ def bench_models(batches, threads, repeat: int, train: bool = False) -> None:
                         f(x)
                         cpu[i] = min(cpu[i], time.process_time() - c)
                         wall[i] = min(wall[i], time.perf_counter() - w)
-            print(f'{th:>3} {B:>2} | {1e3 * cpu[0]:9.1f} {1e3 * cpu[1]:8.1f} '
-                  f'{cpu[1] / cpu[0]:6.3f} | {1e3 * wall[0]:9.1f} {1e3 * wall[1]:8.1f} '
-                  f'{wall[1] / wall[0]:6.3f}', flush=True)
+            rows = [('', 0)] + ([('torch', 2)] if cauchy_ab else [])
+            for tag, i in rows:
+                print(f'{th:>3} {B:>2} | {1e3 * cpu[i]:9.1f} {1e3 * cpu[1]:8.1f} '
+                      f'{cpu[1] / cpu[i]:6.3f} | {1e3 * wall[i]:9.1f} {1e3 * wall[1]:8.1f} '
+                      f'{wall[1] / wall[i]:6.3f} {tag}', flush=True)
 
 
 def _memory_child(name: str, batch: int, threads: int) -> None:
@@ -193,12 +219,15 @@ def main():
                    help='whole ConvNeXt-S4ND-T vs ConvNeXt-T inference (224^2), interleaved')
     p.add_argument('--train', action='store_true',
                    help='with --models: time training steps instead of inference')
+    p.add_argument('--cauchy-ab', action='store_true',
+                   help='with --models: also S4ND-T with the PyTorch Cauchy product (A/B of '
+                        'the compiled kernel, same process)')
     p.add_argument('--memory', action='store_true',
                    help='first-forward / steady peak RSS of both models, fresh process each')
     args = p.parse_args()
     if args.models or args.memory:
         if args.models:
-            bench_models(args.batch, args.threads, args.repeat, args.train)
+            bench_models(args.batch, args.threads, args.repeat, args.train, args.cauchy_ab)
         if args.memory:
             bench_memory(args.batch, args.threads)
         return

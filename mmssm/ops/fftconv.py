@@ -116,6 +116,12 @@ def conv_sizes(l_in: Sequence[int], l_k: Sequence[int], bidirectional: bool = Tr
     return out
 
 
+def _head(k: Tensor, n: int) -> Tensor:
+    """``k[..., :n]``, or k itself when that keeps every tap (training: a full slice still
+    adds a backward node that allocates and fills a zero gradient)."""
+    return k if k.shape[-1] <= n else k[..., :n]
+
+
 def prepare_kernels(l_in: Sequence[int], kernels: Sequence[Tensor],
                     backward_kernels: Optional[Sequence[Tensor]] = None):
     """Drop taps that cannot reach an output and pick the FFT sizes.
@@ -125,10 +131,10 @@ def prepare_kernels(l_in: Sequence[int], kernels: Sequence[Tensor],
     if backward_kernels is not None and len(backward_kernels) != len(kernels):
         raise ValueError('backward_kernels must have one kernel per axis')
     l_k = [k.shape[-1] for k in kernels]
-    kernels = [k[..., :l] for k, l in zip(kernels, l_in)]
+    kernels = [_head(k, l) for k, l in zip(kernels, l_in)]
     if backward_kernels is not None:
         l_k = [max(a, b.shape[-1]) for a, b in zip(l_k, backward_kernels)]
-        backward_kernels = [k[..., :max(l - 1, 0)] for k, l in zip(backward_kernels, l_in)]
+        backward_kernels = [_head(k, max(l - 1, 0)) for k, l in zip(backward_kernels, l_in)]
     return kernels, backward_kernels, conv_sizes(l_in, l_k, backward_kernels is not None)
 
 
@@ -484,10 +490,10 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
 
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
     """Explicit 1-D kernel over offsets -length..length (index j <-> offset j - length)."""
-    k_fwd = k_fwd[..., :length + 1]
+    k_fwd = _head(k_fwd, length + 1)
     parts = [k_fwd]
     if k_bwd is not None:
-        parts.insert(0, k_bwd[..., :length].flip(-1))
+        parts.insert(0, _head(k_bwd, length).flip(-1))
     k2 = torch.cat(parts, -1) if len(parts) > 1 else k_fwd
     # zero taps beyond the given ones on either side
     left = length - (0 if k_bwd is None else min(k_bwd.shape[-1], length))

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cauchy_cpu
+
 # ----------------------------------------------------------------------------- HiPPO
 
 
@@ -314,19 +316,36 @@ class _CauchyOuter(torch.autograd.Function):
     ``gM = X^T g`` gives the gradients of r1 = 1/(z-w) (holomorphic in w: ``dr1/dw =
     r1^2``) and r2 = 1/(z-conj w) (anti-holomorphic), so
     ``gw = sum_l g_r1 conj(r1)^2 + conj(g_r2) r2^2``.
+
+    complex128 CPU operands use the compiled kernel (:mod:`mmssm.ops.cauchy_cpu`) for both
+    passes instead: same formulas, one pass over the (H, N, Lf) entries, M and E never
+    stored (a ConvNeXt-S4ND-T training step at batch 1 spends most of its kernel generation
+    here otherwise).
     """
 
     @staticmethod
     def forward(ctx, Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        # compiled (cauchy.cpp): M and E are never stored, the backward recomputes them
+        ctx.fused = _fused(Bs, Cs, z, w)
+        if ctx.fused:
+            ctx.save_for_backward(Bs, Cs, z, w)
+            return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w)
         M = _cauchy_real(z, w)  # (H, 2N, 2Lf)
         X = _pairs(Bs, Cs)  # (H, A*Bc, 2N)
-        ctx.save_for_backward(Bs, Cs, X, M, z, w)
+        ctx.save_for_backward(Bs, Cs, z, w, X, M)
         H, Bc = Cs.shape[0], Cs.shape[1]
         return _from_real(torch.bmm(X, M), (H, Bs.shape[-2], Bc, z.shape[-1]))
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        Bs, Cs, X, M, z, w = ctx.saved_tensors
+        if ctx.fused:
+            Bs, Cs, z, w = ctx.saved_tensors
+            gB, gC, gw = cauchy_cpu.cauchy_bwd(Bs, Cs, z, w, g)
+            if Bs.dim() == 2:  # shared across H
+                gB = gB.sum(0)
+            need = ctx.needs_input_grad
+            return gB if need[0] else None, gC if need[1] else None, None, gw if need[3] else None
+        Bs, Cs, z, w, X, M = ctx.saved_tensors
         H, Bc, N = Cs.shape
         A, Lf = Bs.shape[-2], g.shape[-1]
         # (H, A*Bc, 2Lf) real: [Re g, Im g]
@@ -366,8 +385,16 @@ def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
     Bs, Cs, w = Bs.contiguous(), Cs.contiguous(), w.contiguous()
     if torch.is_grad_enabled() and (Bs.requires_grad or Cs.requires_grad or w.requires_grad):
         return _CauchyOuter.apply(Bs, Cs, z, w)
+    if _fused(Bs, Cs, z, w):  # one pass, no (H, 2N, 2Lf) matrix M
+        return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w)
     return _from_real(torch.bmm(_pairs(Bs, Cs), _cauchy_real(z, w)),
                       (Cs.shape[0], Bs.shape[-2], Cs.shape[1], z.shape[-1]))
+
+
+def _fused(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> bool:
+    """Whether :func:`cauchy_outer` runs the compiled kernel (complex128 CPU operands)."""
+    return (all(t.dtype == torch.complex128 for t in (Bs, Cs, z, w))
+            and cauchy_cpu.usable(Bs, Cs, z, w))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -493,8 +520,8 @@ class SSMKernelDiag(nn.Module):
 
         With ``expand=False`` a single copy (n_ssm == 1) is left to broadcast.
         """
-        if not expand and x.shape[dim] == 1:
-            return x
+        if (not expand and x.shape[dim] == 1) or x.shape[dim] == self.H:
+            return x  # one copy per channel already (n_ssm = H): no repeat copy
         reps = [1] * x.dim()
         reps[dim] = self.H // x.shape[dim]
         return x.repeat(*reps)
@@ -694,17 +721,23 @@ class SSMKernelDPLR(SSMKernelDiag):
         r (H, 1+R, ch+R, Lf) -> kernel (ch, H, L)."""
         R = self.rank
         if R == 1:  # Woodbury: k = r00 - r01 r10 / (1 + r11)
-            k_f = r[:, :1, :-1] - r[:, :1, -1:] * r[:, 1:, :-1] / (1 + r[:, 1:, -1:])
+            # unbind/split views: one backward node each, where every slice of r would
+            # allocate and fill a zero gradient of r's size in the backward
+            r0, r1 = r.unbind(1)  # (H, ch+1, Lf)
+            (r00, r01), (r10, r11) = (t.split([t.shape[1] - 1, 1], 1) for t in (r0, r1))
+            k_f = (r00 - r01 * r10 / (1 + r11)).transpose(0, 1)  # (ch, H, Lf)
         else:
             r11 = r[:, -R:, -R:].permute(0, 3, 1, 2)  # (H, Lf, R, R)
             eye = torch.eye(R, dtype=r.dtype, device=r.device)
             inv = torch.linalg.inv(eye + r11).permute(0, 2, 3, 1)  # (H, R, R, Lf)
             k_f = r[:, :-R, :-R] - torch.einsum('hijl,hjkl,hkml->himl', r[:, :-R, -R:], inv,
                                                 r[:, -R:, :-R])
-        k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
+            k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
         k_f = k_f * 2 / (1 + omega)  # bilinear-transform correction
-        K = torch.fft.irfft(k_f, n=n)[..., :L]
-        if K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
+        K = torch.fft.irfft(k_f, n=n)
+        if K.shape[-1] > L:
+            K = K[..., :L]
+        elif K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
             K = F.pad(K, (0, L - K.shape[-1]))
         return K
 
@@ -748,18 +781,22 @@ class SSMKernelDPLR(SSMKernelDiag):
                 Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
             # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf), then the
             # kernels (ch, sum H, max L); blocks of channels when nothing needs a gradient
+            # and the PyTorch Cauchy product builds its (H, 2N, 2Lf) matrices (the compiled
+            # one keeps no temporaries larger than its (H, 1+R, ch+R, Lf) output)
             H = Cs.shape[0]
-            step = H if torch.is_grad_enabled() else max(
+            step = H if torch.is_grad_enabled() or _fused(Bs, Cs, z, w) else max(
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
+            # (no slicing of a single block: a full slice still costs a SliceBackward)
+            block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
             parts = [
                 ks[0]._kernel_from_cauchy(
-                    cauchy_outer(Bs if Bs.dim() == 2 else Bs[h:h + step], Cs[h:h + step], z,
-                                 w[h:h + step]), omega, n, max(Ls))
+                    cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
+                                 block(w, h)), omega, n, max(Ls))
                 for h in range(0, H, step)]
             # one block (always with autograd): no concatenation copy
             K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
-                out[i] = K_i[..., :L]
+                out[i] = K_i if K_i.shape[-1] == L else K_i[..., :L]
         return out
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from mmssm.ops import cauchy_cpu
 from mmssm.ops.ssm_kernels import (SSMKernelDiag, SSMKernelDPLR, diag_init, hippo_legs,
                                    nplr)
 
@@ -183,9 +184,16 @@ def test_cauchy_custom_backward_gradcheck():
     torch.testing.assert_close(cauchy(v, z, w), ref)
 
 
+_needs_cauchy_ext = pytest.mark.skipif(
+    not cauchy_cpu.available(),
+    reason='compiled Cauchy kernel not built (python setup.py build_ext --inplace)')
+
+
+@pytest.mark.parametrize('fused', [False, pytest.param(True, marks=_needs_cauchy_ext)])
 @pytest.mark.parametrize('shared', [True, False])
-def test_cauchy_outer_gradcheck(shared):
+def test_cauchy_outer_gradcheck(shared, fused, monkeypatch):
     from mmssm.ops.ssm_kernels import cauchy, cauchy_outer
+    monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
     g = torch.Generator().manual_seed(1)
     cplx = dict(generator=g, dtype=torch.complex128)
     H, N = 3, 4
@@ -199,6 +207,36 @@ def test_cauchy_outer_gradcheck(shared):
     B_ = Bs if not shared else Bs.expand(H, -1, -1)
     v = (B_[:, :, None] * Cs[:, None]).permute(1, 2, 0, 3)  # (A, Bc, H, N)
     torch.testing.assert_close(cauchy_outer(Bs, Cs, z, w), cauchy(v, z, w).permute(2, 0, 1, 3))
+
+
+@_needs_cauchy_ext
+@pytest.mark.parametrize('shape', [(5, 2, 3, 32, 29, True), (7, 3, 4, 9, 2, False),
+                                   (1, 1, 1, 1, 1, True)])
+def test_cauchy_outer_compiled_equals_pytorch(shape, monkeypatch):
+    """The compiled kernel (values, no-grad values, gradients of Bs, Cs, w) against the
+    PyTorch path, float64 round-off; N and Lf not multiples of the SIMD width."""
+    from mmssm.ops.ssm_kernels import _fused, cauchy_outer, _bilinear_nodes
+    H, A, Bc, N, Lf, shared = shape
+    g = torch.Generator().manual_seed(2)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    Bs = torch.randn(*(() if shared else (H,)), A, N, **cplx).requires_grad_()
+    Cs = torch.randn(H, Bc, N, **cplx).requires_grad_()
+    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) * 0.1,
+                      3 * torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    z = _bilinear_nodes(2 * Lf - 1, torch.float64, torch.device('cpu'))[0]
+    gr = torch.randn(H, A, Bc, z.shape[0], **cplx)
+    out = {}
+    for fused in (False, True):
+        monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
+        assert _fused(Bs, Cs, z, w) == fused
+        r = cauchy_outer(Bs, Cs, z, w)
+        with torch.no_grad():
+            r0 = cauchy_outer(Bs, Cs, z, w)
+        out[fused] = (r, r0, *torch.autograd.grad(r, (Bs, Cs, w), gr))
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * a.abs().max().item())
+    # complex64 operands (not the compiled kernel's float64) keep the PyTorch path
+    assert not _fused(Bs.detach().to(torch.complex64), Cs, z, w)
 
 
 def test_dplr_rank2_equals_recurrence():
@@ -260,6 +298,8 @@ def test_dplr_inference_kernels_in_channel_blocks(n_ssm, monkeypatch):
               dt_max=1.0)
     k = SSMKernelDPLR(**kw) if n_ssm is None else SSMKernelDPLR(n_ssm=n_ssm, **kw)
     ref = k(L=12)  # grad enabled: one product over all 10 channels
+    # the blocks are for the PyTorch Cauchy product (the compiled one runs in one block)
+    monkeypatch.setattr(cauchy_cpu, 'enabled', False)
     # 3 channels per block (N/2 = 4 poles x n/2 + 1 = 7 nodes each): blocks of 3, 3, 3, 1
     monkeypatch.setattr(SSMKernelDPLR, 'infer_block', 3 * 4 * 7)
     with torch.no_grad():
