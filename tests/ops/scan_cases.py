@@ -98,3 +98,16 @@ CASES: List[dict] = [
     dict(b=1, d=4, l=13, n=4, gB=None, gC=None),
     dict(b=2, d=4, l=7, n=4, gB=1, gC=2, squeeze_g=True),  # (b, n, l) form, mixed groups
 ]
+
+
+def simd_namespaces() -> List[tuple]:
+    """(level, op namespace) of every built SIMD level of the compiled scan that this CPU
+    runs (separate compilations of one source), each library loaded."""
+    from mmssm.ops import selective_scan_cpp
+    runnable = selective_scan_cpp._cpu_levels()
+    found = []
+    for level in selective_scan_cpp.built_levels():
+        if level in runnable:
+            torch.ops.load_library(selective_scan_cpp._path(level))
+            found.append((level, getattr(torch.ops, f'mmssm_scan_{level}')))
+    return found

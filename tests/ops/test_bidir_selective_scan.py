@@ -3,6 +3,7 @@ the plain scan: values (bit-identical to the compiled plain kernel on its fast p
 every gradient, float64 gradcheck, the Python fallback, fake kernels and the FLOP handle."""
 import pytest
 import torch
+from scan_cases import NAMES, simd_namespaces
 
 from mmssm.ops import (bidir_selective_scan, bidir_selective_scan_ref, selective_scan,
                        selective_scan_cpp, selective_scan_ref)
@@ -10,7 +11,6 @@ from mmssm.ops.bidir_selective_scan import bidir_selective_scan_fwd
 
 needs_ext = pytest.mark.skipif(not selective_scan_cpp.available(),
                                reason='compiled scan not built')
-NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 
 
 def make_inputs(b, d, l, n=1, varying='B', layout='tokens', z=True, D=True, bias=True,
@@ -207,15 +207,10 @@ def test_fused_backward_equals_two_plain_backwards(varying, sum_directions, gate
 def test_every_built_simd_level():
     """Each SIMD build the CPU runs (separate compilations of one source): the fast path's
     directions equal that build's plain scan, the fused backward its plain backward."""
-    runnable = selective_scan_cpp._cpu_levels()
     x = make_inputs(2, 32, 11, varying='C')
     args = [x[k] for k in NAMES]
     tested = []
-    for level in selective_scan_cpp.built_levels():
-        if level not in runnable:
-            continue
-        torch.ops.load_library(selective_scan_cpp._path(level))
-        ns = getattr(torch.ops, f'mmssm_scan_{level}')
+    for level, ns in simd_namespaces():
         out, states = ns.bidir_fwd(*args, True, False, False, True)
         plain = [ns.fwd(*args, True, False, rev, True) for rev in (False, True)]
         assert torch.equal(out[0], plain[0][0]) and torch.equal(out[1], plain[1][0])

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from scan_cases import NAMES, compare, make_inputs, run_with_grads
+from scan_cases import NAMES, compare, make_inputs, run_with_grads, simd_namespaces
 
 from mmssm.ops import selective_scan, selective_scan_cpp, selective_scan_ref
 from mmssm.ops.selective_scan import resolve_backend
@@ -202,15 +202,10 @@ def test_gradients_are_deterministic():
 def test_every_built_simd_level():
     """Each SIMD build the CPU can run gives the reference result (they are
     separate compilations of one source)."""
-    runnable = selective_scan_cpp._cpu_levels()
     inp = make_inputs(b=2, d=20, l=70, n=5, gB=2, gC=None)
     rout, rlast = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True)
     tested = []
-    for level in selective_scan_cpp.built_levels():
-        if level not in runnable:
-            continue
-        torch.ops.load_library(selective_scan_cpp._path(level))
-        ns = getattr(torch.ops, f'mmssm_scan_{level}')
+    for level, ns in simd_namespaces():
         Bk = inp['B']
         out, last, states = ns.fwd(inp['u'], inp['delta'], inp['A'], Bk, inp['C'], inp['D'],
                                    inp['z'], inp['delta_bias'], True, False, False, True)
@@ -528,11 +523,7 @@ def test_scan_into_out_every_simd_level(reverse):
     inp = make_inputs(b=2, d=16, l=70, n=4, gB=1, gC=2, seed=7)
     ref = selective_scan_ref(**inp, delta_softplus=True, reverse=reverse)
     tested = []
-    for level in selective_scan_cpp.built_levels():
-        if level not in selective_scan_cpp._cpu_levels():
-            continue
-        torch.ops.load_library(selective_scan_cpp._path(level))
-        ns = getattr(torch.ops, f'mmssm_scan_{level}')
+    for level, ns in simd_namespaces():
         prior = torch.randn(2, 16, 70)
         for acc in (False, True):
             out = prior.clone()
