@@ -305,3 +305,29 @@ def test_dplr_inference_kernels_in_channel_blocks(n_ssm, monkeypatch):
     with torch.no_grad():
         got = k(L=12)
     torch.testing.assert_close(got, ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_built_cauchy_kernel_is_what_kernel_generation_gets(monkeypatch):
+    """A compiled Cauchy kernel that was built must load and be the one S4 kernel
+    generation calls for CPU float64 operands (with and without autograd), so a broken
+    build cannot hide behind the PyTorch path."""
+    if cauchy_cpu._path() is None:
+        pytest.skip('compiled Cauchy kernel not built (MMSSM_BUILD_EXT=0 or no compiler)')
+    assert cauchy_cpu.available(), f'{cauchy_cpu._path()} was built but does not load'
+    from mmssm.ops.ssm_kernels import cauchy_outer
+    calls = []
+    for name in ('cauchy_fwd', 'cauchy_bwd'):
+        real = getattr(cauchy_cpu, name)
+        monkeypatch.setattr(cauchy_cpu, name,
+                            lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    g = torch.Generator().manual_seed(3)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    Bs = torch.randn(2, 2, 4, **cplx).requires_grad_()
+    Cs = torch.randn(2, 3, 4, **cplx)
+    w = torch.complex(-torch.rand(2, 4, generator=g, dtype=torch.float64) - 0.1,
+                      torch.randn(2, 4, generator=g, dtype=torch.float64))
+    z = 1j * torch.linspace(0, 3, 5, dtype=torch.float64).to(torch.complex128)
+    cauchy_outer(Bs, Cs, z, w).abs().sum().backward()
+    with torch.no_grad():
+        cauchy_outer(Bs, Cs, z, w)
+    assert calls == ['cauchy_fwd', 'cauchy_bwd', 'cauchy_fwd']
