@@ -388,12 +388,10 @@ class V2MMixer2D(SSM2D):
                 else:
                     y = y + y_c
         y = y.view(b, w, d, h).permute(0, 3, 1, 2)  # tokens (B, H, W, d)
-        if gated:  # the kernel gated the corner sum
-            pass
-        elif gate_sum and inplace:  # z (this call's in_proj output) is free after the scans
-            y = F.silu(z, inplace=True).mul_(y)  # contiguous tokens whatever y's layout
-        elif gate_sum:
-            y = y * F.silu(z)
+        if gate_sum and not gated:  # (gated: the kernel gated the corner sum)
+            # inplace: z (this call's in_proj output) is free after the scans; the product
+            # is contiguous tokens whatever y's layout
+            y = F.silu(z, inplace=True).mul_(y) if inplace else y * F.silu(z)
         if k > 1 and scale == 1.0:  # the mean, unless the column passes scaled by 1 / k
             y = y.div_(k) if inplace else y / k
         return self.out_proj(y.contiguous())  # one 2-D GEMM (no copy if already tokens)
