@@ -480,27 +480,13 @@ std::vector<at::Tensor> bidir_bwd_fast(const at::Tensor& dout, const at::Tensor&
     const int64_t nblk = g.c0.size();
     at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, 1}, fo) : at::empty({b, nblk, l, 1}, fo);
     at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, 1}, fo) : at::empty({b, nblk, l, 1}, fo);
-    Grads<scalar_t, scalar_t> gr;
-    gr.du = du.data_ptr<scalar_t>();
-    gr.ddelta = ddelta.data_ptr<scalar_t>();
-    gr.dz = z.defined() ? dz.data_ptr<scalar_t>() : nullptr;
-    gr.dA = dA.data_ptr<scalar_t>();
-    gr.dD = dD.data_ptr<scalar_t>();
-    gr.dbias = dbias.data_ptr<scalar_t>();
-    gr.dBc = B.dim() == 2 ? dBx.data_ptr<scalar_t>() : nullptr;
-    gr.dCc = C.dim() == 2 ? dCx.data_ptr<scalar_t>() : nullptr;
-    gr.dBp = B.dim() == 4 ? dBx.data_ptr<scalar_t>() : nullptr;
-    gr.dCp = C.dim() == 4 ? dCx.data_ptr<scalar_t>() : nullptr;
+    auto gr = grad_pointers<scalar_t, scalar_t>(du, ddelta, dz, dA, dD, dbias, dBx, dCx, B, C,
+                                                z.defined());
     const scalar_t* p = dsum.data_ptr<scalar_t>();
     const scalar_t* const douts[2] = {p, sum ? p : p + b * d * l};
     bidir_bwd_kernel<scalar_t>(op, g, douts, gr);
-    // per-block dB / dC partials -> per group, summed over the group's blocks in order
-    auto reduce = [&](const at::Tensor& part, const at::Tensor& X) {
-      if (X.dim() == 2) return part.sum(0);
-      const int64_t groups = X.size(1);
-      return part.view({b, groups, nblk / groups, l, 1}).sum(2).transpose(2, 3).contiguous();
-    };
-    res = {du, ddelta, dA.sum(0), reduce(dBx, B), reduce(dCx, C), dD.sum(0), dz, dbias.sum(0)};
+    res = {du, ddelta, dA.sum(0), reduce_bc_partials(dBx, B, nblk),
+           reduce_bc_partials(dCx, C, nblk), dD.sum(0), dz, dbias.sum(0)};
   });
   return res;
 }

@@ -1169,6 +1169,37 @@ at::Tensor scan_fwd_out(const at::Tensor& u, const at::Tensor& delta, const at::
                                   accumulate));
 }
 
+// The backward kernels' output pointers: du / ddelta / dz in the io type, the rest in
+// acc_t; dBx / dCx hold constant B / C gradients (b, d, n) or per-block partials
+// (b, nblk, l, n) of input-dependent ones (scan_bwd, bidir_bwd_fast).
+template <typename scalar_t, typename acc_t>
+Grads<scalar_t, acc_t> grad_pointers(const at::Tensor& du, const at::Tensor& ddelta,
+                                     const at::Tensor& dz, const at::Tensor& dA,
+                                     const at::Tensor& dD, const at::Tensor& dbias,
+                                     const at::Tensor& dBx, const at::Tensor& dCx,
+                                     const at::Tensor& B, const at::Tensor& C, bool has_z) {
+  Grads<scalar_t, acc_t> gr;
+  gr.du = du.data_ptr<scalar_t>();
+  gr.ddelta = ddelta.data_ptr<scalar_t>();
+  gr.dz = has_z ? dz.data_ptr<scalar_t>() : nullptr;
+  gr.dA = dA.data_ptr<acc_t>();
+  gr.dD = dD.data_ptr<acc_t>();
+  gr.dbias = dbias.data_ptr<acc_t>();
+  gr.dBc = B.dim() == 2 ? dBx.data_ptr<acc_t>() : nullptr;
+  gr.dCc = C.dim() == 2 ? dCx.data_ptr<acc_t>() : nullptr;
+  gr.dBp = B.dim() == 4 ? dBx.data_ptr<acc_t>() : nullptr;
+  gr.dCp = C.dim() == 4 ? dCx.data_ptr<acc_t>() : nullptr;
+  return gr;
+}
+
+// Per-block dB / dC partials (b, nblk, l, n) -> per group (b, groups, n, l), summed over
+// the group's blocks in order (deterministic); constant B / C: (b, d, n) -> (d, n).
+at::Tensor reduce_bc_partials(const at::Tensor& part, const at::Tensor& X, int64_t nblk) {
+  if (X.dim() == 2) return part.sum(0);
+  const int64_t b = part.size(0), l = part.size(2), n = part.size(3), groups = X.size(1);
+  return part.view({b, groups, nblk / groups, l, n}).sum(2).transpose(2, 3).contiguous();
+}
+
 std::vector<at::Tensor> scan_bwd(
     const at::Tensor& dout_in, const c10::optional<at::Tensor>& dlast_in, const at::Tensor& u_in,
     const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
@@ -1205,28 +1236,13 @@ std::vector<at::Tensor> scan_bwd(
     auto op = make_operands<scalar_t, acc_t>(u, delta, A, B, C, D, z, bias, softplus, reverse);
     at::Tensor dBx = B.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, l, n}, fo);
     at::Tensor dCx = C.dim() == 2 ? at::empty({b, d, n}, fo) : at::empty({b, nblk, l, n}, fo);
-    Grads<scalar_t, acc_t> gr;
-    gr.du = du.data_ptr<scalar_t>();
-    gr.ddelta = ddelta.data_ptr<scalar_t>();
-    gr.dz = z.defined() ? dz.data_ptr<scalar_t>() : nullptr;
-    gr.dA = dA.data_ptr<acc_t>();
-    gr.dD = dD.data_ptr<acc_t>();
-    gr.dbias = dbias.data_ptr<acc_t>();
-    gr.dBc = B.dim() == 2 ? dBx.data_ptr<acc_t>() : nullptr;
-    gr.dCc = C.dim() == 2 ? dCx.data_ptr<acc_t>() : nullptr;
-    gr.dBp = B.dim() == 4 ? dBx.data_ptr<acc_t>() : nullptr;
-    gr.dCp = C.dim() == 4 ? dCx.data_ptr<acc_t>() : nullptr;
+    auto gr = grad_pointers<scalar_t, acc_t>(du, ddelta, dz, dA, dD, dbias, dBx, dCx, B, C,
+                                             z.defined());
     backward_kernel<scalar_t, acc_t>(op, g, dout.data_ptr<acc_t>(),
                                      dlast.defined() ? dlast.data_ptr<acc_t>() : nullptr,
                                      states.data_ptr<acc_t>(), gr);
-    // per-block dB/dC partials -> per group, summed over the group's blocks in order
-    auto reduce = [&](const at::Tensor& part, const at::Tensor& X) {
-      if (X.dim() == 2) return part.sum(0);
-      const int64_t groups = X.size(1);
-      return part.view({b, groups, nblk / groups, l, n}).sum(2).transpose(2, 3).contiguous();
-    };
-    dB = reduce(dBx, B);
-    dC = reduce(dCx, C);
+    dB = reduce_bc_partials(dBx, B, nblk);
+    dC = reduce_bc_partials(dCx, C, nblk);
   });
   return {du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0)};
 }
