@@ -25,10 +25,12 @@ existing output and gates it, in the compiled kernel (V2M's column passes).
 B / C are (d, n) or (b, g, n, l) as for the plain op. ``states`` (2, b, d, n_chunks, n)
 holds each direction's chunk states (empty unless ``save_states``); the backward gives each
 direction's gradients, summed (the compiled kernel recomputes V2M's n = 1 lines whole and
-runs both adjoint scans in one pass over the line; other shapes run the plain backward
-of each direction). Each slice of ``out`` has u's layout when
-u is dense (``torch.empty_like(u)``), as the plain scan's output. Without the compiled
-kernel (or off the CPU) both ops run the plain scan op twice.
+runs both adjoint scans in one pass over the line, reading ``dout`` in its own layout;
+other shapes run the plain backward of each direction). Each slice of ``out``, and du /
+d(delta) / dz, have u's layout when u is dense (``torch.empty_like(u)``), as the plain
+scan's output: token-major activations get token-major gradients, which autograd adds
+and the projections' GEMMs read without layout copies. Without the compiled kernel (or
+off the CPU) both ops run the plain scan op twice.
 """
 from typing import List, Optional, Tuple
 
@@ -104,14 +106,26 @@ def bidir_selective_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, 
     bwd = torch.ops.mmssm.selective_scan_bwd
     grads = [bwd(dout if sum_directions else dout[k], None, u, delta, A, B, C, D, z,
                  delta_bias, states[k], delta_softplus, k == 1) for k in (0, 1)]
-    return [f.add_(r) if f.numel() else f for f, r in zip(*grads)]
+    res = []
+    for i, (f, r) in enumerate(zip(*grads)):
+        if i in _U_LAYOUT and f.numel():  # du, d(delta), dz in u's layout, as the kernel's
+            f = torch.add(f, r, out=torch.empty_like(u, dtype=f.dtype))
+        elif f.numel():
+            f.add_(r)
+        res.append(f)
+    return res
+
+
+# outputs of the backward in u's layout (torch.empty_like(u)): du, d(delta), dz
+_U_LAYOUT = (0, 1, 6)
 
 
 @bidir_selective_scan_bwd.register_fake
 def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus,
               sum_directions):
-    return [u.new_empty(s, dtype=dt) for s, dt in selective_scan_cpp._bwd_meta(
-        u, delta, A, B, C, z)]
+    meta = selective_scan_cpp._bwd_meta(u, delta, A, B, C, z)
+    return [torch.empty_like(u, dtype=dt) if i in _U_LAYOUT and s == tuple(u.shape)
+            else u.new_empty(s, dtype=dt) for i, (s, dt) in enumerate(meta)]
 
 
 def _setup_context(ctx, inputs, output):

@@ -148,6 +148,34 @@ def test_python_fallback_matches_kernel(monkeypatch):
 
 
 @needs_ext
+@pytest.mark.parametrize('case', CASES, ids=str)
+@pytest.mark.parametrize('sum_directions', [False, True])
+def test_backward_reads_any_dout_layout_and_gives_u_layout(case, sum_directions):
+    """The backward reads dout in its own layout (contiguous, token-major, a stride-0
+    expanded one: the same gradients bit for bit) and gives du / d(delta) / dz in u's
+    layout on the fast path and the fallback alike, as its fake kernel says (opcheck)."""
+    b, d, l, n, layout = case
+    x = make_inputs(b, d, l, n=n, varying='C', layout=layout)
+    args = [x[k] for k in NAMES]
+    _, states = bidir_selective_scan_fwd(*args, True, False, sum_directions, True)
+    shape = (b, d, l) if sum_directions else (2, b, d, l)
+    dout = torch.randn(shape)
+    bwd = torch.ops.mmssm.bidir_selective_scan_bwd
+    ref = bwd(dout, *args, states, True, sum_directions)
+    token_major = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
+    expanded = torch.randn((1, ) * (len(shape) - 2) + (d, l)).expand(shape)
+    ref_expanded = bwd(expanded.contiguous(), *args, states, True, sum_directions)
+    for dl, want in ((token_major, ref), (expanded, ref_expanded)):
+        for name, a, r in zip(NAMES, bwd(dl, *args, states, True, sum_directions), want):
+            assert torch.equal(a, r), name
+    u_strides = torch.empty_like(x['u']).stride()
+    for i in (0, 1, 6):  # du, d(delta), dz
+        assert ref[i].stride() == u_strides, NAMES[i]
+    torch.library.opcheck(bwd.default, (token_major, *args, states, True, sum_directions),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
+@needs_ext
 def test_opcheck_fake_kernels_and_autograd():
     """torch.library.opcheck: schema, fake kernel (shapes / strides), autograd registration."""
     x = make_inputs(2, 16, 9)

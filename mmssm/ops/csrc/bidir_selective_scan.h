@@ -18,7 +18,8 @@
 //          saves them (empty unless save_states).
 //   bidir_bwd(dout, u, delta, A, B, C, D?, z?, delta_bias?, states, delta_softplus,
 //             sum_directions) -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
-//     both directions' gradients, summed (dout: out's shape).
+//     both directions' gradients, summed (dout: out's shape, any strides); du, d(delta)
+//     and dz in u's layout (torch.empty_like(u)'s rule, as out).
 //   bidir_sum_into(u, delta, A, B, C, D?, delta_bias?, delta_softplus, out!, gate?) -> bool
 //     inference: out += forward + reverse, then out *= silu(gate), in place, on the fast
 //     path's token-major layout (u, delta, out, gate of one layout); false (out
@@ -351,7 +352,8 @@ struct BidirBwdSums {
 template <typename acc_t, bool BV, bool CV, bool ZV>
 void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int64_t bi,
                        int64_t c0, const Scratch<acc_t>& s, BidirBwdBuffers<acc_t>& b,
-                       const acc_t* const dout[2], BidirBwdSums<acc_t>& acc) {
+                       const acc_t* const dout[2], const OutLayout& dl,
+                       BidirBwdSums<acc_t>& acc) {
   using Vec = Vectorized<acc_t>;
   const int64_t W = g.W, l = g.l;
   const LineN1<acc_t, BV, CV, ZV> ln(op, g, bi, c0, s);
@@ -359,10 +361,16 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
   auto ld = [&](const std::vector<acc_t>& v, int64_t t) { return Vec::loadu(v.data() + t * W); };
   auto st = [&](std::vector<acc_t>& v, int64_t t, const Vec& x) { x.store(v.data() + t * W); };
   for (auto* v : {&b.du, &b.dd, &b.dz, &b.pB, &b.pC}) std::fill(v->begin(), v->end(), acc_t(0));
-  // the cotangents, (l, W) in time order (dout rows are (b, d, l) contiguous)
-  for (int k = 0; k < 2; ++k)
-    gather_tile(dout[k] + (bi * g.d + c0) * l, l, int64_t{1}, g, false, 0, l, W,
-                (k ? b.g1 : b.g0).data());
+  // the cotangents, (l, W) in time order, read in dout's own layout (dl)
+  for (int k = 0; k < 2; ++k) {
+    const acc_t* p = dout[k] + bi * dl.s0 + c0 * dl.s1;
+    acc_t* dst = (k ? b.g1 : b.g0).data();
+    if (dl.s1 == 1) {  // lane-contiguous (token-major dout): one vector per step
+      for (int64_t t = 0; t < l; ++t) Vec::loadu(p + t * dl.s2).store(dst + t * W);
+    } else {
+      gather_tile(p, dl.s1, dl.s2, g, false, 0, l, W, dst);
+    }
+  }
   // 1) shared terms, forward states
   Vec h(acc_t(0));
   for (int64_t t = 0; t < l; ++t) {
@@ -420,7 +428,8 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
 
 template <typename acc_t>
 void bidir_bwd_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g,
-                      const acc_t* const dout[2], Grads<acc_t, acc_t>& gr) {
+                      const acc_t* const dout[2], const OutLayout& dl, const OutLayout& gl,
+                      Grads<acc_t, acc_t>& gr) {
   const int64_t W = g.W, l = g.l, nblk = g.c0.size();
   at::parallel_for(0, g.b * nblk, grain(4 * l, g.n, W), [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s(g.n, W);
@@ -433,11 +442,12 @@ void bidir_bwd_kernel(const Operands<acc_t, acc_t>& op, const Geometry& g,
       BidirBwdSums<acc_t> acc;
       dispatch_bcz(op, [&](auto bv, auto cv, auto zv) {
         bidir_bwd_line_n1<acc_t, decltype(bv)::value, decltype(cv)::value, decltype(zv)::value>(
-            op, g, bi, c0, s, b, dout, acc);
+            op, g, bi, c0, s, b, dout, dl, acc);
       });
-      store_tile(gr.du, g, false, bi, c0, W, 0, l, b.du.data());
-      store_tile(gr.ddelta, g, false, bi, c0, W, 0, l, b.dd.data());
-      if (op.zv) store_tile(gr.dz, g, false, bi, c0, W, 0, l, b.dz.data());
+      // du, d(delta), dz in u's layout (gl): token-major stores for V2M's token-major u
+      store_out(gr.du, gl, g, false, bi, c0, W, 0, l, b.du.data());
+      store_out(gr.ddelta, gl, g, false, bi, c0, W, 0, l, b.dd.data());
+      if (op.zv) store_out(gr.dz, gl, g, false, bi, c0, W, 0, l, b.dz.data());
       // input-dependent B / C: this block's lane sums per step, (b, nblk, l, 1)
       if (op.Bv) lane_sums(b.pB.data(), l, W, gr.dBp + (bi * nblk + blk) * l);
       if (op.Cv) lane_sums(b.pC.data(), l, W, gr.dCp + (bi * nblk + blk) * l);
@@ -467,10 +477,14 @@ std::vector<at::Tensor> bidir_bwd_fast(const at::Tensor& dout, const at::Tensor&
   const at::Tensor B = bc_operand(B_in, acc), C = bc_operand(C_in, acc);
   const at::Tensor A = A_in.to(acc).contiguous(), D = param(D_in, acc), bias = param(bias_in, acc);
   const int64_t b = u.size(0), d = u.size(1), l = u.size(2);
-  const at::Tensor dsum = dout.to(acc).contiguous();  // (b, d, l) or (2, b, d, l)
+  // (b, d, l) or (2, b, d, l), read in its own layout (a token-major cotangent: no copy)
+  const at::Tensor dsum = dout.to(acc);
   auto fo = u.options().dtype(acc);
-  at::Tensor du = at::empty({b, d, l}, fo), ddelta = at::empty({b, d, l}, fo);
-  at::Tensor dz = z.defined() ? at::empty({b, d, l}, fo) : at::empty({0}, fo);
+  // du, d(delta), dz in u's layout (as the forward's output): token-major gradients of
+  // token-major activations, so autograd adds them to the projections' gradients and
+  // the delta projection's GEMM reads them without a layout copy
+  at::Tensor du = bidir_out(u, acc, true), ddelta = bidir_out(u, acc, true);
+  at::Tensor dz = z.defined() ? bidir_out(u, acc, true) : at::empty({0}, fo);
   at::Tensor dA = at::empty({b, d, 1}, fo), dD = at::empty({b, d}, fo), dbias = at::empty({b, d}, fo);
   std::vector<at::Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(io, "mmssm_bidir_bwd", [&] {
@@ -483,8 +497,11 @@ std::vector<at::Tensor> bidir_bwd_fast(const at::Tensor& dout, const at::Tensor&
     auto gr = grad_pointers<scalar_t, scalar_t>(du, ddelta, dz, dA, dD, dbias, dBx, dCx, B, C,
                                                 z.defined());
     const scalar_t* p = dsum.data_ptr<scalar_t>();
-    const scalar_t* const douts[2] = {p, sum ? p : p + b * d * l};
-    bidir_bwd_kernel<scalar_t>(op, g, douts, gr);
+    const scalar_t* const douts[2] = {p, sum ? p : p + dsum.stride(0)};
+    const at::Tensor d0 = sum ? dsum : dsum.select(0, 0);  // direction 1: d0's strides
+    const OutLayout dl{d0.stride(0), d0.stride(1), d0.stride(2), d0.is_contiguous()};
+    const OutLayout gl{du.stride(0), du.stride(1), du.stride(2), du.is_contiguous()};
+    bidir_bwd_kernel<scalar_t>(op, g, douts, dl, gl, gr);
     res = {du, ddelta, dA.sum(0), reduce_bc_partials(dBx, B, nblk),
            reduce_bc_partials(dCx, C, nblk), dD.sum(0), dz, dbias.sum(0)};
   });
@@ -511,8 +528,15 @@ std::vector<at::Tensor> bidir_scan_bwd(
   const std::vector<at::Tensor> r =
       scan_bwd(sum ? dout : dout.select(0, 1), c10::nullopt, u, delta, A, B, C, D, z, bias,
                states.select(0, 1), softplus, true);
-  for (size_t i = 0; i < g.size(); ++i)
-    if (g[i].numel()) g[i].add_(r[i]);
+  for (size_t i = 0; i < g.size(); ++i) {
+    if (!g[i].numel()) continue;
+    if (i == 0 || i == 1 || i == 6) {  // du, d(delta), dz in u's layout, as the fast path
+      at::Tensor o = bidir_out(u, g[i].scalar_type(), true);
+      g[i] = at::add_out(o, g[i], r[i]);
+    } else {
+      g[i].add_(r[i]);
+    }
+  }
   return g;
 }
 
