@@ -166,6 +166,13 @@ class V2MMixer2D(SSM2D):
     # kernel (:func:`mmssm.ops.bidir_selective_scan_sum_into`) instead of an add, a silu
     # and a multiply afterwards (fp32 rounding apart; False: the separate ops, for A/B)
     fuse_column_sum: bool = True
+    # autograd (training) code of the conv-free path with all 4 corners: both latents'
+    # column passes as one two-direction scan call over (2B, W*d, H) views of the latents,
+    # summed over the latents by one reduction (False: one call per latent and an add,
+    # whose per-latent slices cost the backward two zero-filled (2, B, H, W, d) gradient
+    # buffers and adds; for A/B); x_proj outputs split with torch.split (one gradient
+    # concatenation instead of a zero fill per slice)
+    joint_columns: bool = True
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Union[int, str] = 'auto', corners: CornerSpec = 4,
@@ -324,25 +331,34 @@ class V2MMixer2D(SSM2D):
         # the mean over corners as a scale of the column passes (see fold_corner_mean)
         k = len(self.corners)
         scale = 1.0 / k if self.fold_corner_mean and not exporting and k in (2, 4) else 1.0
+        # both directions of a pass in one two-direction scan call (eager, compiled CPU
+        # scan); traced / exported graphs keep one plain scan per direction (FLOP counts,
+        # ONNX)
+        bidir = self.two_direction_scan and not exporting and resolve_backend(xs) == 'cpp'
+        # autograd code, 4 corners: both latents' 4 column passes in one call, each of its
+        # 2B batch rows W column groups of d channels (see joint_columns)
+        joint = (bidir and self.joint_columns and not inplace and k == 4 and
+                 (z is None or gate_sum))
         A_r, C_r, D_r, bias_r, A_c, B_c, D_c, bias_c = self._scan_params(
-            f, nw, scale, cache=(inplace and self.cache_scan_params and not exporting
-                                and not torch.compiler.is_compiling()))
+            f, w if joint else nw, scale,
+            cache=(inplace and self.cache_scan_params and not exporting
+                   and not torch.compiler.is_compiling()))
         # row passes (B varying, C = ones): operands shared by both directions
         x_dbl = F.linear(xs, self.x_proj.weight)                      # (B, H, W, R+N)
-        dt = F.linear(x_dbl[..., :R], self.dt_proj.weight)            # (B, H, W, d)
+        N = A_c.shape[1]
+        # views of x_dbl; split's backward concatenates their gradients (slicing would
+        # zero-fill an x_dbl-sized gradient per slice and add)
+        dt_in, B_in = (x_dbl.split([R, N], dim=-1) if joint
+                       else (x_dbl[..., :R], x_dbl[..., R:]))
+        dt = F.linear(dt_in, self.dt_proj.weight)                     # (B, H, W, d)
         # B, C: (b, N, L) views of (b, L, N) contiguous memory, the layout the compiled scan
         # reads (it would copy a strided view once per scan; here once per pass group)
-        B_r = x_dbl[..., R:].reshape(b * h, w, -1).contiguous().transpose(1, 2)  # (B*H, N, W)
+        B_r = B_in.reshape(b * h, w, -1).contiguous().transpose(1, 2)  # (B*H, N, W)
         row_args = dict(A=A_r, B=B_r, C=C_r, D=D_r, z=rows(z) if gated_rows else None,
                         delta_bias=bias_r, delta_softplus=True)
         # column passes (B constant, C varying), nw groups of d channels per batch row
         col_args = dict(A=A_c, B=B_c, D=D_c, z=None if z is None or gate_sum else cols(z),
                         delta_bias=bias_c, delta_softplus=True)
-        N = A_c.shape[1]
-        # both directions of a pass in one two-direction scan call (eager, compiled CPU
-        # scan); traced / exported graphs keep one plain scan per direction (FLOP counts,
-        # ONNX)
-        bidir = self.two_direction_scan and not exporting and resolve_backend(xs) == 'cpp'
         revs = sorted({_CORNER_DIRS[c][0] for c in self.corners})
         x_r, dt_r = rows(xs), rows(dt)
         if bidir and len(revs) == 2:  # (2, B*H, d, W): the two latents, token-major
@@ -350,6 +366,9 @@ class V2MMixer2D(SSM2D):
         else:
             lat = [ops.selective_scan(x_r, dt_r, reverse=rev, **row_args)
                    for rev in revs]                                    # (B*H, d, W) each
+        if joint:  # (2, B*H, d, W) latents -> (B, H, W, d) column sum of the 4 corners
+            return self._gate_mean_out(self._joint_columns(lat, b, h, col_args), z, gate_sum,
+                                       k, scale, inplace)
         # latents as tokens (k, B, H, W, d), no-op copies (the scan wrote them token-major);
         # one x_proj_2 / dt_proj_2 GEMM for all of them when they come from one call
         toks = ([lat.view(2, b, h, d, w).transpose(3, 4).contiguous()] if torch.is_tensor(lat)
@@ -388,13 +407,52 @@ class V2MMixer2D(SSM2D):
                 else:
                     y = y + y_c
         y = y.view(b, w, d, h).permute(0, 3, 1, 2)  # tokens (B, H, W, d)
-        if gate_sum and not gated:  # (gated: the kernel gated the corner sum)
+        # (gated: the kernel gated the corner sum)
+        return self._gate_mean_out(y, z, gate_sum and not gated, k, scale, inplace)
+
+    def _gate_mean_out(self, y: Tensor, z: Optional[Tensor], gate: bool, k: int, scale: float,
+                       inplace: bool) -> Tensor:
+        """The corner sum y (B, H, W, d) -> silu(z) gate (``gate``), mean over the k
+        corners (unless the column passes scaled by ``scale`` = 1 / k), ``out_proj``."""
+        if gate:
             # inplace: z (this call's in_proj output) is free after the scans; the product
             # is contiguous tokens whatever y's layout
             y = F.silu(z, inplace=True).mul_(y) if inplace else y * F.silu(z)
         if k > 1 and scale == 1.0:  # the mean, unless the column passes scaled by 1 / k
             y = y.div_(k) if inplace else y / k
         return self.out_proj(y.contiguous())  # one 2-D GEMM (no copy if already tokens)
+
+    def _joint_columns(self, lat: Tensor, b: int, h: int, col_args: dict) -> Tensor:
+        """Both row latents' column passes (4 corners) as one two-direction scan, summed.
+
+        lat: (2, B*H, d, W), the two row directions' latents in token-major memory (the
+        two-direction row scan's output). Returns the corner sum as contiguous tokens
+        (B, H, W, d). Each latent's token map (B, H, W, d) is seen as B rows of W column
+        groups of d channels, (B, W*d, H), so both latents are one (2B, W*d, H) view and
+        one call scans every column of both, top-down and bottom-up (``col_args``: the
+        column parameters tiled W times). The latents are then summed by one reduction
+        over the latent axis, whose backward hands the kernel a stride-0 cotangent that it
+        reads as it is (B = 1). The values are those of one call per latent and an add
+        (each direction is the plain scan, (0 + y0) + y1 = y0 + y1, bit-identical); the
+        tiled parameters' gradients are summed over the W groups in another order (fp32
+        rounding).
+        """
+        _, _, d, w = lat.shape
+        R, N = self.dt_rank, self.A_2_log.shape[1]
+        tok = lat.view(2, b, h, d, w).transpose(3, 4)  # (2, B, H, W, d), contiguous memory
+
+        def cols2(t: Tensor) -> Tensor:  # (2, B, H, W, c) contiguous -> (2B, W*c, H), a view
+            return t.permute(0, 1, 3, 4, 2).reshape(2 * b, w * t.shape[-1], h)
+
+        x_dbl2 = F.linear(tok, self.x_proj_2.weight)                    # (2, B, H, W, R+N)
+        dt_in, C_in = x_dbl2.split([R, N], dim=-1)
+        dt2 = F.linear(dt_in, self.dt_proj_2.weight)                   # (2, B, H, W, d)
+        # C: (2B, W, N, H) view of (2B, W, H, N) memory, the layout the kernel reads
+        C = C_in.transpose(2, 3).contiguous().view(2 * b, w, h, N).transpose(2, 3)
+        ys = ops.bidir_selective_scan(cols2(tok), cols2(dt2), C=C, sum_directions=True,
+                                      **col_args)                      # (2B, W*d, H)
+        # the kernel wrote ys in u's layout: (2, B, H, W, d) tokens, contiguous
+        return ys.view(2, b, w, d, h).permute(0, 1, 4, 2, 3).sum(0)    # (B, H, W, d)
 
     def _scan_params(self, f: torch.dtype, nw: int, scale: float,
                      cache: bool) -> Tuple[Tensor, ...]:

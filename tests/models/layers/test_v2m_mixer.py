@@ -354,3 +354,58 @@ def test_fused_column_sum_equals_separate_ops(monkeypatch, b):
         y1 = m(x)
     assert done == [True]
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('b', [1, 2])
+def test_joint_column_passes_keep_every_token_in_place(patch_scans, monkeypatch, b):
+    """Autograd code with 4 corners (``joint_columns``): both latents' column passes are
+    one call over (2B, W*d, H) views (W column groups per batch row, the column
+    parameters tiled W times): with cumsum scans every token gets the same quadrant
+    mixture as with one call per latent."""
+    h, w = 3, 5
+    d = h * w
+    log = []
+    patch_scans(_fake_scan('cumsum', log))
+    m = _identity_mixer(d, 4)
+    x = _onehot_grid(h, w).repeat(b, 1, 1, 1) * torch.arange(1., b + 1).view(b, 1, 1, 1)
+    y0 = m(x)
+    n0 = len(log)
+    monkeypatch.setattr(V2MMixer2D, 'joint_columns', True)
+    y1 = m(x)
+    # two row directions, then both column directions of both latents in one call
+    assert log[n0 + 2:] == [((2 * b, w * d, h), (w * d, 2), (2 * b, w, 2, h), r)
+                            for r in (False, True)]
+    assert torch.equal(y1, y0)
+
+
+@pytest.mark.skipif(not selective_scan_cpp.available(), reason='compiled scan not built')
+@pytest.mark.parametrize('kw, b', [(dict(), 1), (dict(), 2), (dict(use_z=False), 1),
+                                   (dict(d_state=2, d_conv2d=0), 2)])
+def test_joint_column_passes_equal_per_latent_calls(monkeypatch, kw, b):
+    """The real kernel (d_state 1, 16 channels: its fast path): the joint column call gives
+    the per-latent calls' outputs and input gradients bit for bit (each direction is the
+    plain scan, the latent sum one add); parameter gradients equal to fp32 rounding (the
+    tiled parameters' gradients are summed over the W groups in another order)."""
+    torch.manual_seed(0)
+    m = V2MMixer2D(16, **{'d_state': 1, 'expand': 1, 'd_conv': 0, 'd_conv2d': 3, **kw})
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(b, 3, 5, 16, requires_grad=True)
+    g = torch.randn(b, 3, 5, 16)
+    res = []
+    for on in (False, True):
+        monkeypatch.setattr(V2MMixer2D, 'joint_columns', on)
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * g).sum().backward()
+        res.append((y.detach(), x.grad.clone(), {n: p.grad for n, p in m.named_parameters()}))
+    (y0, dx0, dp0), (y1, dx1, dp1) = res
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    assert dp0.keys() == dp1.keys()
+    for n in dp0:
+        if dp0[n] is None:
+            assert dp1[n] is None, n
+            continue
+        torch.testing.assert_close(dp1[n], dp0[n], rtol=1e-5, atol=1e-6, msg=n)
