@@ -156,6 +156,43 @@ torch.library.register_autograd('mmssm::bidir_selective_scan_fwd', _backward,
                                 setup_context=_setup_context)
 
 
+# eager CPU autograd through _EagerBidir (False: the registered op's autograd; for A/B)
+EAGER_AUTOGRAD: bool = True
+
+
+class _EagerBidir(torch.autograd.Function):
+    """Eager CPU autograd of the two-direction scan: the compiled forward / backward ops
+    called directly, the same kernels and values as the registered op's autograd.
+
+    The registered custom op costs ~80 us of dispatch per forward with saved states and
+    ~150 us per backward (1 thread, a tiny scan), against ~8 / ~21 us for the compiled
+    calls themselves: ~5 ms of a V2M-S* train step (28 calls). Used only where
+    :func:`mmssm.ops.selective_scan_cpp.direct_kernel` allows a direct call (no tracing,
+    compile, export, dispatch mode or subclass; no functorch transform), so everything
+    that must see the public op (FLOP counting, ONNX, ``torch.compile``) still does.
+    """
+
+    @staticmethod
+    def forward(ctx, ext, u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32, sum_dirs):
+        # (the ctx-style forward: ~12 us a call against ~45 us with setup_context)
+        out, states = ext.bidir_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, out_fp32,
+                                    sum_dirs, True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.cfg = (ext, softplus, sum_dirs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        ext, softplus, sum_dirs = ctx.cfg
+        grads = ext.bidir_bwd(dout, u, delta, A, B, C, D, z, delta_bias, states, softplus,
+                              sum_dirs)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        res = [g.to(x.dtype) if (x is not None and need) else None
+               for g, x, need in zip(grads, inputs, ctx.needs_input_grad[1:9])]
+        return (None, *res, None, None, None)
+
+
 def bidir_selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                              D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                              delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
@@ -199,10 +236,15 @@ def bidir_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     C = C.unsqueeze(1) if C.dim() == 3 else C
     save = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (u, delta, A, B, C, D, z, delta_bias))
-    ext = selective_scan_cpp.direct_kernel(u) if not save else None
-    if ext is not None:  # plain eager inference: the compiled op itself (no dispatch)
+    ext = selective_scan_cpp.direct_kernel(u)
+    if ext is not None and not save:  # plain eager inference: the compiled op itself
         return ext.bidir_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
                              sum_directions, False)[0]
+    if (ext is not None and EAGER_AUTOGRAD and
+            not torch._C._are_functorch_transforms_active()):
+        # eager autograd: the compiled ops under a plain autograd.Function (see _EagerBidir)
+        return _EagerBidir.apply(ext, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 out_fp32, sum_directions)
     return torch.ops.mmssm.bidir_selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
                                                     delta_softplus, out_fp32, sum_directions,
                                                     save)[0]
