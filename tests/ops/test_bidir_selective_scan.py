@@ -271,7 +271,8 @@ def test_fused_backward_equals_two_plain_backwards(varying, sum_directions, gate
 @needs_ext
 def test_every_built_simd_level():
     """Each SIMD build the CPU runs (separate compilations of one source): the fast path's
-    directions equal that build's plain scan, the fused backward its plain backward."""
+    directions equal that build's plain scan, the fused backward its plain backward, and
+    it reads a token-major cotangent as it is and gives u's layout."""
     x = make_inputs(2, 32, 11, varying='C')
     args = [x[k] for k in NAMES]
     tested = []
@@ -284,6 +285,11 @@ def test_every_built_simd_level():
         ref = [ns.bwd(dout[k], None, *args, plain[k][2], True, k == 1) for k in (0, 1)]
         for name, a, r0, r1 in zip(NAMES, fused, *ref):
             torch.testing.assert_close(a, r0 + r1, rtol=1e-5, atol=1e-5, msg=name)
+        # a token-major cotangent is read as it is; du / d(delta) / dz come in u's layout
+        dtok = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
+        for name, a, b in zip(NAMES, ns.bidir_bwd(dtok, *args, states, True, False), fused):
+            assert torch.equal(a, b), name
+        assert fused[0].stride() == fused[1].stride() == x['u'].stride()
         tested.append(level)
     assert tested and 'default' in tested
 
