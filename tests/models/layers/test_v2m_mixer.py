@@ -409,3 +409,35 @@ def test_joint_column_passes_equal_per_latent_calls(monkeypatch, kw, b):
             assert dp1[n] is None, n
             continue
         torch.testing.assert_close(dp1[n], dp0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_one_gemm_in_proj_equals_two(monkeypatch):
+    """Autograd code on maps with fewer tokens than channels runs in_proj as one GEMM
+    (``one_gemm_in_proj``): outputs and gradients equal to the two half GEMMs' to fp32
+    rounding; inference keeps the two GEMMs."""
+    torch.manual_seed(0)
+    m = V2MMixer2D(32, d_state=1, expand=1, d_conv=0, d_conv2d=3)
+    x = torch.randn(1, 3, 4, 32, requires_grad=True)  # 12 tokens < 32 channels
+    g = torch.randn(1, 3, 4, 32)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, 'linear',
+                        lambda a, w, b=None: calls.append(tuple(w.shape)) or linear(a, w, b))
+    res = []
+    for on in (False, True):
+        monkeypatch.setattr(V2MMixer2D, 'one_gemm_in_proj', on)
+        m.zero_grad()
+        x.grad = None
+        calls.clear()
+        y = m(x)
+        (y * g).sum().backward()
+        res.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
+        assert ((64, 32) in calls) == on and ((32, 32) in calls[:2]) != on
+    for a, b in zip(res[0][:2], res[1][:2]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    for a, b in zip(res[0][2], res[1][2]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        calls.clear()
+        m(x)
+    assert (64, 32) not in calls
