@@ -156,10 +156,6 @@ torch.library.register_autograd('mmssm::bidir_selective_scan_fwd', _backward,
                                 setup_context=_setup_context)
 
 
-# eager CPU autograd through _EagerBidir (False: the registered op's autograd; for A/B)
-EAGER_AUTOGRAD: bool = True
-
-
 class _EagerBidir(torch.autograd.Function):
     """Eager CPU autograd of the two-direction scan: the compiled forward / backward ops
     called directly, the same kernels and values as the registered op's autograd.
@@ -240,7 +236,7 @@ def bidir_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     if ext is not None and not save:  # plain eager inference: the compiled op itself
         return ext.bidir_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_fp32,
                              sum_directions, False)[0]
-    if (ext is not None and EAGER_AUTOGRAD and
+    if (ext is not None and selective_scan_cpp.EAGER_AUTOGRAD and
             not torch._C._are_functorch_transforms_active()):
         # eager autograd: the compiled ops under a plain autograd.Function (see _EagerBidir)
         return _EagerBidir.apply(ext, u, delta, A, B, C, D, z, delta_bias, delta_softplus,

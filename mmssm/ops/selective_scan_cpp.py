@@ -101,6 +101,12 @@ def _use_ext(u: Tensor) -> bool:
     return _EXT is not None and u.device.type == 'cpu' and u.shape[-1] > 0
 
 
+# eager autograd code may run the two-direction scan's compiled forward / backward under a
+# plain autograd.Function (mmssm.ops.bidir_selective_scan; False: the registered op's
+# autograd, for tests / A/B)
+EAGER_AUTOGRAD: bool = True
+
+
 def direct_kernel(u: Tensor):
     """The compiled op namespace when eager code may call it directly, else None.
 

@@ -177,28 +177,26 @@ def test_backward_reads_any_dout_layout_and_gives_u_layout(case, sum_directions)
 
 @needs_ext
 @pytest.mark.parametrize('sum_directions', [False, True])
-def test_eager_autograd_equals_registered_op(sum_directions):
+def test_eager_autograd_equals_registered_op(sum_directions, monkeypatch):
     """Eager autograd calls the compiled ops directly (no custom-op dispatch): values and
-    every gradient bit-identical to the registered op's autograd; under a TorchDispatchMode
-    (as FLOP counting) the registered op runs."""
+    every gradient bit-identical to the registered op's autograd
+    (``selective_scan_cpp.EAGER_AUTOGRAD = False``); under a TorchDispatchMode (as FLOP
+    counting) the registered op runs."""
     x = make_inputs(2, 32, 13, varying='B')
     dout = torch.randn((2, 32, 13) if sum_directions else (2, 2, 32, 13))
     res = []
     for direct in (True, False):
+        monkeypatch.setattr(selective_scan_cpp, 'EAGER_AUTOGRAD', direct)
         xs = leaves(x)
         args = [xs[k] for k in NAMES]
-        if direct:
-            y = bidir_selective_scan(*args, delta_softplus=True, sum_directions=sum_directions)
-        else:
-            B, C = args[3].unsqueeze(1) if args[3].dim() == 3 else args[3], args[4]
-            y = torch.ops.mmssm.bidir_selective_scan_fwd(args[0], args[1], args[2], B, C,
-                                                         *args[5:], True, False,
-                                                         sum_directions, True)[0]
+        y = bidir_selective_scan(*args, delta_softplus=True, sum_directions=sum_directions)
+        assert ('EagerBidir' in type(y.grad_fn).__name__) == direct
         y.backward(dout)
         res.append((y.detach(), [None if a is None else a.grad for a in args]))
     assert torch.equal(res[0][0], res[1][0])
     for name, a, b in zip(NAMES, res[0][1], res[1][1]):
         assert (a is None and b is None) or torch.equal(a, b), name
+    monkeypatch.setattr(selective_scan_cpp, 'EAGER_AUTOGRAD', True)
     seen = []
 
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):
