@@ -360,9 +360,10 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
   const Vec A = ln.A, D = ln.D, one(acc_t(1));
   auto ld = [&](const std::vector<acc_t>& v, int64_t t) { return Vec::loadu(v.data() + t * W); };
   auto st = [&](std::vector<acc_t>& v, int64_t t, const Vec& x) { x.store(v.data() + t * W); };
-  for (auto* v : {&b.du, &b.dd, &b.dz, &b.pB, &b.pC}) std::fill(v->begin(), v->end(), acc_t(0));
-  // the cotangents, (l, W) in time order, read in dout's own layout (dl)
-  for (int k = 0; k < 2; ++k) {
+  // the cotangents, (l, W) in time order, read in dout's own layout (dl); a summed call's
+  // directions share one (g1 unused)
+  const bool one_dout = dout[0] == dout[1];
+  for (int k = 0; k < (one_dout ? 1 : 2); ++k) {
     const acc_t* p = dout[k] + bi * dl.s0 + c0 * dl.s1;
     acc_t* dst = (k ? b.g1 : b.g0).data();
     if (dl.s1 == 1) {  // lane-contiguous (token-major dout): one vector per step
@@ -386,8 +387,12 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
     }
   }
   // one direction's adjoint step at time t: h its state, hp its previous state, G the
-  // adjoint carried from its previous adjoint step (a G)
-  auto adjoint = [&](int64_t t, const Vec& hv, const Vec& hp, Vec& G, const Vec& dout_t) {
+  // adjoint carried from its previous adjoint step (a G). The first direction's steps
+  // (first: std::true_type) store the per-step gradients, the second's add to them (the
+  // stored values are those of adding to zeros, so no buffer is zeroed)
+  auto adjoint = [&](auto first, int64_t t, const Vec& hv, const Vec& hp, Vec& G,
+                     const Vec& dout_t) {
+    constexpr bool F = decltype(first)::value;
     const Vec uv = ld(b.u, t), dt = ld(b.dt, t), dtu = ld(b.dtu, t), a = ld(b.a, t);
     const Vec bk = ln.B_at(t), ck = ln.C_at(t);
     Vec dy = dout_t;
@@ -395,30 +400,34 @@ void bidir_bwd_line_n1(const Operands<acc_t, acc_t>& op, const Geometry& g, int6
       const Vec z = ld(b.z, t), sg = ld(b.sg, t);
       const Vec y = at::vec::fmadd(D, uv, hv * ck);
       dy = dout_t * z * sg;
-      st(b.dz, t, ld(b.dz, t) + dout_t * y * sg * (one + z * (one - sg)));
+      const Vec dzv = dout_t * y * sg * (one + z * (one - sg));
+      st(b.dz, t, F ? dzv : ld(b.dz, t) + dzv);
     }
     acc.dD = at::vec::fmadd(dy, uv, acc.dD);
     const Vec Gk = at::vec::fmadd(ck, dy, G);
     const Vec hdy = hv * dy, gdtu = Gk * dtu;
-    if (CV) st(b.pC, t, ld(b.pC, t) + hdy); else acc.dCc = acc.dCc + hdy;
-    if (BV) st(b.pB, t, ld(b.pB, t) + gdtu); else acc.dBc = acc.dBc + gdtu;
+    if (CV) st(b.pC, t, F ? hdy : ld(b.pC, t) + hdy); else acc.dCc = acc.dCc + hdy;
+    if (BV) st(b.pB, t, F ? gdtu : ld(b.pB, t) + gdtu); else acc.dBc = acc.dBc + gdtu;
     const Vec sgb = Gk * bk, x = Gk * a * hp;  // x = dL/d(dt A)
     acc.dA = at::vec::fmadd(x, dt, acc.dA);
     G = a * Gk;
-    st(b.dd, t, ld(b.dd, t) + at::vec::fmadd(sgb, uv, x * A));
-    st(b.du, t, at::vec::fmadd(sgb, dt, at::vec::fmadd(D, dy, ld(b.du, t))));
+    const Vec ddv = at::vec::fmadd(sgb, uv, x * A);
+    st(b.dd, t, F ? ddv : ld(b.dd, t) + ddv);
+    st(b.du, t, at::vec::fmadd(sgb, dt, F ? D * dy : at::vec::fmadd(D, dy, ld(b.du, t))));
   };
   // 2) reverse states; forward adjoint (its previous state is h_{t-1})
   Vec hr(acc_t(0)), G(acc_t(0));
   for (int64_t t = l - 1; t >= 0; --t) {
     hr = at::vec::fmadd(ld(b.a, t), hr, ld(b.dtu, t) * ln.B_at(t));
     st(b.hr, t, hr);
-    adjoint(t, ld(b.hf, t), t ? ld(b.hf, t - 1) : Vec(acc_t(0)), G, ld(b.g0, t));
+    adjoint(std::true_type{}, t, ld(b.hf, t), t ? ld(b.hf, t - 1) : Vec(acc_t(0)), G,
+            ld(b.g0, t));
   }
   // 3) reverse adjoint (its previous state is h_{t+1}); all of step t is then known
   G = Vec(acc_t(0));
   for (int64_t t = 0; t < l; ++t) {
-    adjoint(t, ld(b.hr, t), t + 1 < l ? ld(b.hr, t + 1) : Vec(acc_t(0)), G, ld(b.g1, t));
+    adjoint(std::false_type{}, t, ld(b.hr, t), t + 1 < l ? ld(b.hr, t + 1) : Vec(acc_t(0)), G,
+            ld(one_dout ? b.g0 : b.g1, t));
     Vec dr = ld(b.dd, t);
     if (op.softplus) dr = dr * ld(b.sp, t);
     acc.dbias = acc.dbias + dr;
