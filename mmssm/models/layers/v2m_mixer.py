@@ -276,7 +276,7 @@ class V2MMixer2D(SSM2D):
         the backward of the two GEMMs concatenates the halves' weight gradients, a
         (2d, C) copy, and adds two (T, C) input gradients, against one GEMM's (T, d) copy
         of the x half and (T, 2d) concatenation of the halves' gradients: one GEMM, whose
-        x half is copied, moves less memory (stage 4: ~0.5 ms less per block, fwd + bwd,
+        x half is copied, moves less memory (stage 4: ~0.4 ms less per block, fwd + bwd,
         1 thread). Same products (fp32 rounding apart in the input gradient). Traced /
         exported graphs keep the two GEMMs.
         """
@@ -328,7 +328,10 @@ class V2MMixer2D(SSM2D):
           ``fuse_column_sum``): the mean over 2 / 4 corners is a power-of-two scale of the
           column passes' constant B and D (bit-identical), inference keeps the scan
           parameters between calls, and the second latent's column passes add into the
-          first's sum and gate it inside the kernel (fp32 rounding).
+          first's sum and gate it inside the kernel (fp32 rounding);
+        - eager autograd code with 4 corners (``joint_columns``): both latents' column
+          passes are one two-direction call (:meth:`_joint_columns`), bit-identical
+          outputs and input gradients.
         """
         b, h, w, d = xs.shape
         R = self.dt_rank
