@@ -523,6 +523,8 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
     for i, (n, s) in enumerate(zip(l_in, strides)):
         if n // s == 0:
             raise ValueError(f'axis {i} of length {n} is shorter than its pooling size {s}')
+    if d == 2:
+        return _pooled_conv2d(u, taps, lefts, strides)
     out = None
     for h in range(H):
         y = u[:, h:h + 1]  # (B, 1, *L)
@@ -544,6 +546,46 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
             y = y[..., :Lo].reshape(B, C, *shape[2:-1], Lo)
         out = y if out is None else out.add_(y)  # (B, C, *Lo) in the axis order ``order``
     return out.permute(0, 1, *[2 + order.index(i) for i in range(d)])
+
+
+def _pad_right(n: int, s: int, k: int, left: int) -> int:
+    """Right zero padding for ``n // s`` windows of ``k`` taps at stride ``s`` that start
+    ``left`` before the input."""
+    return max(s * (n // s - 1) + k - 1 - left - (n - 1), 0)
+
+
+def _pooled_conv2d(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int],
+                   strides: Sequence[int]) -> Tensor:
+    """2-D :func:`pooled_separable_conv`: (B, H, Y, X) -> channels-last (B, C, Yo, Xo).
+
+    Per input channel: the X axis as a GEMM of the strided windows of the padded rows
+    ((B, Y, Xo, Kx) -> (B, Y, Xo, C): a channels-last map, no transposing copy), then the
+    Y axis as a (Ky, 1) depthwise conv of stride (sy, 1) on that channels-last map (oneDNN's
+    channels-last depthwise kernel: ~3x faster than the (1, K) conv on a transposed NCHW
+    copy, and ~1.7x for the X axis against a (1, K) strided conv with 1 -> C channels).
+    """
+    B, H, Ly, Lx = u.shape
+    C = taps[0].shape[0]
+    (sy, sx), (ly, lx) = strides, lefts
+    Ky, Kx = taps[0].shape[-1], taps[1].shape[-1]
+    Yo, Xo = Ly // sy, Lx // sx
+    ry, rx = _pad_right(Ly, sy, Ky, ly), _pad_right(Lx, sx, Kx, lx)
+    # the Y axis pads through the conv (symmetric, no padded copy of the (B, C, Y, Xo) map):
+    # p = max(left, right) zeros each side, and p - left zero taps in front keep the windows
+    py = max(ly, ry)
+    wys = F.pad(taps[0].to(u.dtype), (py - ly, 0))  # (C, H, Ky + py - ly)
+    out = None
+    for h in range(H):
+        wy, wx = wys[:, h], taps[1][:, h].to(u.dtype)  # (C, K)
+        win = F.pad(u[:, h], (lx, rx)).unfold(-1, Kx, sx)[:, :, :Xo]  # (B, Y, Xo, Kx) view
+        # one copy of the overlapping windows into a (B*Y*Xo, Kx) matrix and one GEMM
+        # (matmul on the view would run B*Y small GEMMs, each copying its operand)
+        z = win.reshape(B * Ly * Xo, Kx).mm(wx.t())  # (B*Y*Xo, C)
+        z = z.view(B, Ly, Xo, C).permute(0, 3, 1, 2)  # (B, C, Y, Xo) channels-last
+        y = F.conv2d(z, wy.reshape(C, 1, -1, 1), stride=(sy, 1), padding=(py, 0),
+                     groups=C)[:, :, :Yo]
+        out = y if out is None else out.add_(y)
+    return out
 
 
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
