@@ -733,7 +733,8 @@ class SSMKernelDPLR(SSMKernelDiag):
     def _stacked_cauchy_args(ks: Sequence['SSMKernelDPLR'], rate: float,
                              dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """:meth:`_cauchy_args` of K :meth:`_stackable` kernels, concatenated along H:
-        Bs (K*H, 1+R, N), Cs (K*H, ch+R, N), w (K*H, N).
+        Bs (K, 1+R, N) (one shared Bs per kernel, n_ssm = 1) or (K*H, 1+R, N) (n_ssm = H),
+        Cs (K*H, ch+R, N), w (K*H, N).
 
         The same arithmetic on the parameters stacked along a new K axis: one cast,
         transform and product per parameter instead of K (a training step regenerates
@@ -753,8 +754,7 @@ class SSMKernelDPLR(SSMKernelDiag):
         P = torch.view_as_complex(stacked('P'))  # (K, R, S, N)
         dt = _param_transform(stacked('inv_dt'), k0.dt_transform) * rate  # (K, H, 1|N)
         Bs = torch.cat([B, P], 1)  # (K, 1+R, S, N), S = 1 (shared) or H
-        Bs = Bs.expand(-1, -1, H, -1) if Bs.shape[2] == 1 else Bs
-        Bs = Bs.transpose(1, 2).reshape(K * H, -1, N)
+        Bs = Bs[:, :, 0] if Bs.shape[2] == 1 else Bs.transpose(1, 2).reshape(K * H, -1, N)
         Cs = torch.cat([C, P.conj().expand(-1, -1, H, -1)], 1)  # (K, ch+R, H, N)
         Cs = (Cs * dt.unsqueeze(1)).transpose(1, 2).reshape(K * H, -1, N)
         return Bs, Cs, (A * dt).reshape(K * H, N)
@@ -819,10 +819,13 @@ class SSMKernelDPLR(SSMKernelDiag):
             idx, ks, Ls = zip(*members)
             work = kernel_work_dtype(dtype, device)  # float64 on CPU: cast once at the end
             z, omega = _bilinear_nodes(n, work, device)
+            shared = None  # one (1+R, N) Bs per kernel of a stacked group
             if len(ks) == 1:
                 Bs, Cs, w = ks[0]._cauchy_args(rate, work)
             elif SSMKernelDPLR._stackable(ks):
                 Bs, Cs, w = SSMKernelDPLR._stacked_cauchy_args(ks, rate, work)
+                if Bs.shape[0] == len(ks) < Cs.shape[0]:
+                    shared = Bs.unbind(0)
             else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
                 args = [k._cauchy_args(rate, work) for k in ks]
                 Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
@@ -836,11 +839,21 @@ class SSMKernelDPLR(SSMKernelDiag):
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
             # (no slicing of a single block: a full slice still costs a SliceBackward)
             block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
-            parts = [
-                ks[0]._kernel_from_cauchy(
-                    cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
-                                 block(w, h)), omega, n, max(Ls))
-                for h in range(0, H, step)]
+            if shared is not None:
+                # one Cauchy call per kernel with its shared Bs: Bs expanded to every
+                # channel would be saved for the backward (~15 MB for ConvNeXt-S4ND-T's
+                # training step). split, not slices: each slice's backward would fill a
+                # zero gradient of the whole operand
+                hs = [k.H for k in ks]
+                r = torch.cat([cauchy_outer(b, c, z, w_k)
+                               for b, c, w_k in zip(shared, Cs.split(hs), w.split(hs))])
+                parts = [ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))]
+            else:
+                parts = [
+                    ks[0]._kernel_from_cauchy(
+                        cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
+                                     block(w, h)), omega, n, max(Ls))
+                    for h in range(0, H, step)]
             # one block (always with autograd): no concatenation copy
             K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):

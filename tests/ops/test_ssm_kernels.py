@@ -291,9 +291,8 @@ def test_dplr_batched_stacked_parameters(n_ssm):
             k._attune(9, rate)
         stacked = SSMKernelDPLR._stacked_cauchy_args(ks, rate, torch.float64)
         single = [k._cauchy_args(rate, torch.float64) for k in ks]
-        for j, got in enumerate(stacked):
-            ref = torch.cat([a[j].expand(4, *a[j].shape[-2:]) if j == 0 else a[j]
-                             for a in single])
+        for j, got in enumerate(stacked):  # a shared Bs stays one (1+R, N) per kernel
+            ref = (torch.stack if j == 0 and n_ssm == 1 else torch.cat)([a[j] for a in single])
             torch.testing.assert_close(got, ref, rtol=1e-15, atol=0)
         got = SSMKernelDPLR.batched(ks, [9, 7, 9], rate, max_elements=1 << 62)
         params = [p for k in ks for p in k.parameters()]
