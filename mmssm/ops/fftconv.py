@@ -513,7 +513,8 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
         strides: d pooling sizes.
 
     Returns:
-        (B, C, L_0 // s_0, .., L_{d-1} // s_{d-1}) (a permuted view for d > 1).
+        (B, C, L_0 // s_0, .., L_{d-1} // s_{d-1}): channels-last for d = 2, a permuted
+        view for d = 3.
     """
     d = len(taps)
     _check(u, d)
@@ -560,9 +561,11 @@ def _pooled_conv2d(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int],
 
     Per input channel: the X axis as a GEMM of the strided windows of the padded rows
     ((B, Y, Xo, Kx) -> (B, Y, Xo, C): a channels-last map, no transposing copy), then the
-    Y axis as a (Ky, 1) depthwise conv of stride (sy, 1) on that channels-last map (oneDNN's
-    channels-last depthwise kernel: ~3x faster than the (1, K) conv on a transposed NCHW
-    copy, and ~1.7x for the X axis against a (1, K) strided conv with 1 -> C channels).
+    Y axis as a (Ky, 1) depthwise conv of stride (sy, 1) on that channels-last map: oneDNN's
+    channels-last depthwise kernel, ~3x faster than a (1, K) conv on a transposed NCHW copy
+    (ConvNeXt-S4ND-T stem, 1 thread: 4.7 vs 13.6 ms per input channel at B=8); the GEMM is
+    0.9 vs 1.5 ms for a (1, K) strided conv with 1 -> C channels at B=1, as fast at B=8.
+    The stem's whole S4ND + AvgPool: 6.2 -> 4.1 ms (B=1), 58 -> 32 ms (B=8).
     """
     B, H, Ly, Lx = u.shape
     C = taps[0].shape[0]
