@@ -396,7 +396,13 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
     if cl:
         # Y axis: (H, Y, X*B), i.e. an (H, Y, X, B) layout, to channels-last (B, Y, X, H)
         # by a 2-D transpose (+ a reorder of whole H rows at B > 1); skip added there
-        out = _ToChannelsLast.apply(torch.bmm(Ty, zT), B)
+        out = torch.bmm(Ty, zT)
+        if not grad and Dv is not None and B > 1:  # reorder and skip in one pass
+            t = out.new_empty(Y * X * B, H).copy_(out.view(H, Y * X * B).t())
+            res = torch.addcmul(t.view(Y, X, B, H).permute(2, 0, 1, 3), xcl, Dv.view(H),
+                                out=x.new_empty(B, Y, X, H))
+            return res.permute(0, 3, 1, 2)
+        out = _ToChannelsLast.apply(out, B)
         if Dv is not None:
             out = out.addcmul_(xcl, Dv.view(H))
         return out.permute(0, 3, 1, 2)

@@ -192,7 +192,7 @@ def test_toeplitz_2d_channels_last_gradcheck(shape):
 
 
 @pytest.mark.parametrize('B', [1, 3])
-def test_toeplitz_2d_channels_last_input_and_gradient(B):
+def test_toeplitz_2d_channels_last_input_and_gradient(B, monkeypatch):
     # a ConvNeXt block feeds a channels-last residual sum and sends back the gradient of a
     # channels-last LayerNorm; the GEMM paths copy both once into their own layout (bmm
     # would otherwise copy every (Y, X) matrix separately): same values and gradients
@@ -214,6 +214,12 @@ def test_toeplitz_2d_channels_last_input_and_gradient(B):
             assert y_cl.permute(0, 2, 3, 1).is_contiguous()  # channels-last in and out
     finally:
         torch.set_num_threads(threads)
+    from mmssm.ops import fftconv
+    with monkeypatch.context() as m, torch.no_grad():  # all images batched (> 1 thread)
+        m.setattr(fftconv, '_PER_IMAGE_MIN', 1 << 30)
+        y_cl = separable_conv(u_cl, ops, D)
+        torch.testing.assert_close(y_cl, ref)
+        assert y_cl.permute(0, 2, 3, 1).is_contiguous()
     w = torch.randn(B, Y, X, H, generator=g, dtype=torch.float64)  # channels-last consumer
     uf = u.detach().requires_grad_()
     kf = [k.detach().requires_grad_() for k in ks]
