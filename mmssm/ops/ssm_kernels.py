@@ -723,9 +723,11 @@ class SSMKernelDPLR(SSMKernelDiag):
         transforms and parameter shapes, ``n_ssm`` 1 or H, no bandlimit."""
         k0 = ks[0]
         names = ('inv_dt', 'A_real', 'A_imag', 'B', 'C', 'P')
-        conf = lambda k: (type(k), k.H, k.N, k.rank, k.channels, k.n_ssm, k.dt_transform,  # noqa
-                          k.real_transform, k.imag_transform, k.bandlimit,
-                          tuple((getattr(k, n).shape, getattr(k, n).dtype) for n in names))
+
+        def conf(k: 'SSMKernelDPLR') -> tuple:
+            return (type(k), k.H, k.N, k.rank, k.channels, k.n_ssm, k.dt_transform,
+                    k.real_transform, k.imag_transform, k.bandlimit,
+                    tuple((getattr(k, n).shape, getattr(k, n).dtype) for n in names))
         return (k0.bandlimit is None and k0.n_ssm in (1, k0.H)
                 and all(conf(k) == conf(k0) for k in ks[1:]))
 

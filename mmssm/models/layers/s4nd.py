@@ -165,11 +165,9 @@ class S4ND(nn.Module):
         """
         l_k = self.kernel_lengths(l_in, rate)
         ks = self._take_prefetched(l_k, rate)  # from prefetch_kernels (training), or None
-        if ks is not None:
-            pass
-        elif all(isinstance(k, SSMKernelDPLR) for k in self.kernel):  # axes stacked along H
-            ks = SSMKernelDPLR.batched(self.kernel, l_k, rate)  # (k_ch, H, l) each
-        else:
+        if ks is None and all(isinstance(k, SSMKernelDPLR) for k in self.kernel):
+            ks = SSMKernelDPLR.batched(self.kernel, l_k, rate)  # axes stacked along H
+        elif ks is None:
             ks = [kern(L=l, rate=rate) for kern, l in zip(self.kernel, l_k)]
         fwd, bwd = ks, None
         if self.bidirectional:  # first half causal, second half anti-causal
@@ -414,9 +412,10 @@ def prefetch_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], rate: float =
     instead of generating them (once, and only if the lengths, rate and parameters still
     match). The kernels of layers of one configuration (e.g. the blocks of a ConvNeXt-S4ND
     stage and the downsample layer of the next) share their parameter transforms, Cauchy
-    product, Woodbury step and inverse FFT (:meth:`SSMKernelDPLR.batched`): on CPU a
-    training step's kernel generation is mostly per-op overhead of ~20 small float64 ops
-    per layer and their backward. Same values as per-layer generation (float64 round-off).
+    product, Woodbury step and inverse FFT (:meth:`SSMKernelDPLR.batched`): ~3x fewer
+    small float64 ops and backward nodes, which pays where each op costs an OpenMP region
+    (several threads; ConvNeXtS4ND calls it then). Same values as per-layer generation
+    (float64 round-off).
     Does nothing without autograd or for layers whose kernels need no gradient (they use
     the inference cache).
 
