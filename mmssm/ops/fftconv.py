@@ -329,24 +329,44 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
         D: optional skip (H,).
 
     Returns:
-        (B, H, Y, X); for small maps at B > 1 a permuted view of an (H, Y, X, B) tensor
-        (its consumers, a LayerNorm over channels or a pooling, copy it anyway).
+        (B, H, Y, X). A channels-last x gives a channels-last output (memory (B, Y, X, H)),
+        except on the per-image path with autograd (contiguous (B, H, Y, X)); a
+        channels-first x at B > 1 on the batched path gives a permuted view of an
+        (H, Y, X, B) tensor.
 
     Why this layout: the einsum form batches the GEMMs over (C, H) and puts B into M,
     which needs a permute copy of x (and of its output) per axis at B > 1, and then an
     elementwise skip on a permuted tensor. Here, for maps of >= ``_PER_IMAGE_MIN``
-    positions at 1 thread (with or without autograd), x[b] (H, Y, X) is used as it is,
-    image by image: the X axis is
-    ``x[b] @ Tx^T``, the Y axis ``Ty @ z``, the skip is the second GEMM's accumulator.
-    Small maps (14^2, 7^2: many tiny GEMMs) take all images in one GEMM pair, each
-    written as ``T @ (wide matrix)`` through transposed views, after one copy of x.
+    positions at 1 thread (with or without autograd), x is taken image by image: the X
+    axis is ``x[b] @ Tx^T``, the Y axis ``Ty @ z``. Small maps (14^2, 7^2: many tiny GEMMs)
+    take all images in one GEMM pair, each written as ``T @ (wide matrix)`` through
+    transposed views, after one copy of x. A ConvNeXt block's input and its consumer (a
+    LayerNorm over channels) are channels-last: for such an x the per-channel GEMM layout
+    is reached and left by 2-D transposes, which ATen copies block by block (a 4-D permute
+    copy goes element by element, 3-5x slower), and the skip is added to the channels-last
+    output from the channels-last x (contiguous operands).
     """
     B, H, Y, X = x.shape
     TxT = Tx.transpose(-1, -2)  # (H, X, X) view: the GEMM reads it transposed
     grad = torch.is_grad_enabled() and (x.requires_grad or Ty.requires_grad
-                                        or Tx.requires_grad)
+                                        or Tx.requires_grad
+                                        or (D is not None and D.requires_grad))
     Dv = None if D is None else D.to(x.dtype).reshape(H, 1, 1)
-    if B > 1 and Y * X >= _PER_IMAGE_MIN and torch.get_num_threads() == 1:
+    xcl = x.permute(0, 2, 3, 1)  # (B, Y, X, H) view
+    cl = xcl.is_contiguous() and H > 1  # H = 1: channels-last is also (B, H, Y, X)
+    per_image = B > 1 and Y * X >= _PER_IMAGE_MIN and torch.get_num_threads() == 1
+    if per_image and cl and not grad:
+        # image by image, channels-last in and out: per image one 2-D transpose to (H, Y, X),
+        # two GEMMs, one 2-D transpose back into the (B, Y, X, H) output; then the skip
+        out = x.new_empty(B, Y, X, H)
+        for b in range(B):
+            xb = xcl[b].reshape(Y * X, H).t().contiguous().view(H, Y, X)
+            zb = torch.bmm(Ty, torch.bmm(xb, TxT))  # (H, Y, X)
+            out[b].view(Y * X, H).copy_(zb.view(H, Y * X).t())
+        if Dv is not None:
+            out.addcmul_(xcl, Dv.view(H))
+        return out.permute(0, 3, 1, 2)
+    if per_image:
         # large maps: image by image on x[b] (H, Y, X), output in x's (B, H, Y, X) layout.
         # Single thread only: with several threads each GEMM is a parallel region, and 2B
         # of them measured 2.4x slower than one batched pair on a loaded 2-core machine.
@@ -373,6 +393,19 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
     # X axis: zT[h] = Tx[h] @ x[h]^T, (X, B*Y), i.e. an (H, X, B, Y) layout
     zT = torch.bmm(Tx, xp.reshape(H, B * Y, X).transpose(1, 2))
     zT = zT.view(H, X * B, Y).transpose(1, 2)  # (H, Y, X*B) view, columns (x, b)
+    if cl:
+        # Y axis: (H, Y, X*B), i.e. an (H, Y, X, B) layout, to channels-last (B, Y, X, H)
+        # by a 2-D transpose (+ a reorder of whole H rows at B > 1); skip added there
+        out = torch.bmm(Ty, zT)
+        if not grad and Dv is not None and B > 1:  # reorder and skip in one pass
+            t = out.new_empty(Y * X * B, H).copy_(out.view(H, Y * X * B).t())
+            res = torch.addcmul(t.view(Y, X, B, H).permute(2, 0, 1, 3), xcl, Dv.view(H),
+                                out=x.new_empty(B, Y, X, H))
+            return res.permute(0, 3, 1, 2)
+        out = _ToChannelsLast.apply(out, B)
+        if Dv is not None:
+            out = out.addcmul_(xcl, Dv.view(H))
+        return out.permute(0, 3, 1, 2)
     if Dv is None:  # Y axis: out[h] = Ty[h] @ z[h], (Y, X*B), i.e. an (H, Y, X, B) layout
         out = torch.bmm(Ty, zT)
     else:  # skip as the accumulator, laid out like the output
@@ -385,6 +418,37 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
     if grad:
         out = _ContiguousGrad.apply(out)
     return out.view(H, Y, X, B).permute(3, 0, 1, 2)
+
+
+class _ToChannelsLast(torch.autograd.Function):
+    """(H, Y, X*B) GEMM output (an (H, Y, X, B) layout) -> contiguous (B, Y, X, H).
+
+    One 2-D transpose (H, Y*X*B) -> (Y*X*B, H) (ATen's blocked transpose copy), then, at
+    B > 1, a reorder (Y, X, B, H) -> (B, Y, X, H) that moves whole rows of H values. The
+    backward does the same in reverse, so the GEMMs' backward gets a contiguous
+    (H, Y, X*B) gradient (``bmm`` copies matrices without a unit stride one by one).
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, B: int) -> Tensor:
+        H, Y, XB = out.shape
+        X = XB // B
+        ctx.shape = (H, Y, X, B)
+        # the output is a base tensor, not a view: the skip is added to it in place, which
+        # autograd forbids for a view made inside a custom Function
+        res = out.new_empty(B, Y, X, H)
+        if B == 1:
+            res.view(Y * X, H).copy_(out.reshape(H, Y * X).t())
+        else:
+            t = out.new_empty(Y * XB, H).copy_(out.reshape(H, Y * XB).t())
+            res.copy_(t.view(Y, X, B, H).permute(2, 0, 1, 3))
+        return res
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        H, Y, X, B = ctx.shape
+        t = g.permute(1, 2, 0, 3).contiguous()  # (Y, X, B, H); no copy at B = 1
+        return t.view(Y * X * B, H).t().contiguous().view(H, Y, X * B), None
 
 
 def _channels_first(x: Tensor) -> Tensor:
@@ -455,7 +519,8 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
         strides: d pooling sizes.
 
     Returns:
-        (B, C, L_0 // s_0, .., L_{d-1} // s_{d-1}) (a permuted view for d > 1).
+        (B, C, L_0 // s_0, .., L_{d-1} // s_{d-1}): channels-last for d = 2, a permuted
+        view for d = 3.
     """
     d = len(taps)
     _check(u, d)
@@ -465,6 +530,8 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
     for i, (n, s) in enumerate(zip(l_in, strides)):
         if n // s == 0:
             raise ValueError(f'axis {i} of length {n} is shorter than its pooling size {s}')
+    if d == 2:
+        return _pooled_conv2d(u, taps, lefts, strides)
     out = None
     for h in range(H):
         y = u[:, h:h + 1]  # (B, 1, *L)
@@ -486,6 +553,48 @@ def pooled_separable_conv(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int
             y = y[..., :Lo].reshape(B, C, *shape[2:-1], Lo)
         out = y if out is None else out.add_(y)  # (B, C, *Lo) in the axis order ``order``
     return out.permute(0, 1, *[2 + order.index(i) for i in range(d)])
+
+
+def _pad_right(n: int, s: int, k: int, left: int) -> int:
+    """Right zero padding for ``n // s`` windows of ``k`` taps at stride ``s`` that start
+    ``left`` before the input."""
+    return max(s * (n // s - 1) + k - 1 - left - (n - 1), 0)
+
+
+def _pooled_conv2d(u: Tensor, taps: Sequence[Tensor], lefts: Sequence[int],
+                   strides: Sequence[int]) -> Tensor:
+    """2-D :func:`pooled_separable_conv`: (B, H, Y, X) -> channels-last (B, C, Yo, Xo).
+
+    Per input channel: the X axis as a GEMM of the strided windows of the padded rows
+    ((B, Y, Xo, Kx) -> (B, Y, Xo, C): a channels-last map, no transposing copy), then the
+    Y axis as a (Ky, 1) depthwise conv of stride (sy, 1) on that channels-last map: oneDNN's
+    channels-last depthwise kernel, ~3x faster than a (1, K) conv on a transposed NCHW copy
+    (ConvNeXt-S4ND-T stem, 1 thread: 4.7 vs 13.6 ms per input channel at B=8); the GEMM is
+    0.9 vs 1.5 ms for a (1, K) strided conv with 1 -> C channels at B=1, as fast at B=8.
+    The stem's whole S4ND + AvgPool: 6.2 -> 4.1 ms (B=1), 58 -> 32 ms (B=8).
+    """
+    B, H, Ly, Lx = u.shape
+    C = taps[0].shape[0]
+    (sy, sx), (ly, lx) = strides, lefts
+    Ky, Kx = taps[0].shape[-1], taps[1].shape[-1]
+    Yo, Xo = Ly // sy, Lx // sx
+    ry, rx = _pad_right(Ly, sy, Ky, ly), _pad_right(Lx, sx, Kx, lx)
+    # the Y axis pads through the conv (symmetric, no padded copy of the (B, C, Y, Xo) map):
+    # p = max(left, right) zeros each side, and p - left zero taps in front keep the windows
+    py = max(ly, ry)
+    wys = F.pad(taps[0].to(u.dtype), (py - ly, 0))  # (C, H, Ky + py - ly)
+    out = None
+    for h in range(H):
+        wy, wx = wys[:, h], taps[1][:, h].to(u.dtype)  # (C, K)
+        win = F.pad(u[:, h], (lx, rx)).unfold(-1, Kx, sx)[:, :, :Xo]  # (B, Y, Xo, Kx) view
+        # one copy of the overlapping windows into a (B*Y*Xo, Kx) matrix and one GEMM
+        # (matmul on the view would run B*Y small GEMMs, each copying its operand)
+        z = win.reshape(B * Ly * Xo, Kx).mm(wx.t())  # (B*Y*Xo, C)
+        z = z.view(B, Ly, Xo, C).permute(0, 3, 1, 2)  # (B, C, Y, Xo) channels-last
+        y = F.conv2d(z, wy.reshape(C, 1, -1, 1), stride=(sy, 1), padding=(py, 0),
+                     groups=C)[:, :, :Yo]
+        out = y if out is None else out.add_(y)
+    return out
 
 
 def two_sided_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:

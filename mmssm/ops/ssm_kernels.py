@@ -716,6 +716,51 @@ class SSMKernelDPLR(SSMKernelDiag):
         Bs = Bs[:, 0] if Bs.shape[1] == 1 else self._repeat(Bs, 1).transpose(0, 1)
         return Bs, (Cs * dt).transpose(0, 1), (A * dt).expand(self.H, -1)
 
+    @staticmethod
+    def _stackable(ks: Sequence['SSMKernelDPLR']) -> bool:
+        """Whether kernels share one configuration, so that :meth:`_stacked_cauchy_args`
+        can transform their stacked parameters at once: same H, N, rank, channels,
+        transforms and parameter shapes, ``n_ssm`` 1 or H, no bandlimit."""
+        k0 = ks[0]
+        names = ('inv_dt', 'A_real', 'A_imag', 'B', 'C', 'P')
+
+        def conf(k: 'SSMKernelDPLR') -> tuple:
+            return (type(k), k.H, k.N, k.rank, k.channels, k.n_ssm, k.dt_transform,
+                    k.real_transform, k.imag_transform, k.bandlimit,
+                    tuple((getattr(k, n).shape, getattr(k, n).dtype) for n in names))
+        return (k0.bandlimit is None and k0.n_ssm in (1, k0.H)
+                and all(conf(k) == conf(k0) for k in ks[1:]))
+
+    @staticmethod
+    def _stacked_cauchy_args(ks: Sequence['SSMKernelDPLR'], rate: float,
+                             dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_cauchy_args` of K :meth:`_stackable` kernels, concatenated along H:
+        Bs (K, 1+R, N) (one shared Bs per kernel, n_ssm = 1) or (K*H, 1+R, N) (n_ssm = H),
+        Cs (K*H, ch+R, N), w (K*H, N).
+
+        The same arithmetic on the parameters stacked along a new K axis: one cast,
+        transform and product per parameter instead of K (a training step regenerates
+        the kernels of every layer, and these ~20 tiny ops + their backward cost
+        ~10-20 us each per call on CPU).
+        """
+        k0, K = ks[0], len(ks)
+        H, N = k0.H, k0.N
+
+        def stacked(name: str) -> Tensor:
+            return k0._cast(torch.stack([getattr(k, name) for k in ks]), dtype)
+
+        A = (-_param_transform(stacked('A_real'), k0.real_transform)
+             - 1j * _param_transform(stacked('A_imag'), k0.imag_transform))  # (K, S, N)
+        B = torch.view_as_complex(stacked('B'))  # (K, 1, S, N)
+        C = torch.view_as_complex(stacked('C'))  # (K, ch, H, N)
+        P = torch.view_as_complex(stacked('P'))  # (K, R, S, N)
+        dt = _param_transform(stacked('inv_dt'), k0.dt_transform) * rate  # (K, H, 1|N)
+        Bs = torch.cat([B, P], 1)  # (K, 1+R, S, N), S = 1 (shared) or H
+        Bs = Bs[:, :, 0] if Bs.shape[2] == 1 else Bs.transpose(1, 2).reshape(K * H, -1, N)
+        Cs = torch.cat([C, P.conj().expand(-1, -1, H, -1)], 1)  # (K, ch+R, H, N)
+        Cs = (Cs * dt.unsqueeze(1)).transpose(1, 2).reshape(K * H, -1, N)
+        return Bs, Cs, (A * dt).reshape(K * H, N)
+
     def _kernel_from_cauchy(self, r: Tensor, omega: Tensor, n: int, L: int) -> Tensor:
         """Woodbury correction, bilinear factor and inverse FFT of the Cauchy products
         r (H, 1+R, ch+R, Lf) -> kernel (ch, H, L)."""
@@ -746,15 +791,18 @@ class SSMKernelDPLR(SSMKernelDiag):
 
     @staticmethod
     def batched(kernels: Sequence['SSMKernelDPLR'], lengths: Sequence[Optional[int]],
-                rate: float = 1.0) -> List[Tensor]:
+                rate: float = 1.0, max_elements: Optional[int] = None) -> List[Tensor]:
         """``[k(L=l, rate=rate) for k, l in zip(kernels, lengths)]``, with one Cauchy
         product per group of kernels that share (n, rank, channels, N).
 
         S4ND uses it to compute the per-axis kernels of a layer stacked along H: on CPU
         a small layer's kernel generation is largely per-op overhead (H=8 costs ~1/3 of
         H=768 at L=7), while large ones run faster separately; groups are capped at
-        ``batch_elements`` Cauchy entries. Same values as separate calls.
+        ``max_elements`` (default ``batch_elements``) Cauchy entries. Kernels of one
+        configuration (:meth:`_stackable`) also share their parameter transforms
+        (:meth:`_stacked_cauchy_args`). Same values as separate calls (to float64 round-off).
         """
+        cap = SSMKernelDPLR.batch_elements if max_elements is None else max_elements
         out: List[Optional[Tensor]] = [None] * len(kernels)
         groups: Dict[tuple, list] = {}
         size: Dict[tuple, int] = {}
@@ -765,7 +813,7 @@ class SSMKernelDPLR(SSMKernelDiag):
             # are faster (measured 1.15-1.8x per axis at the ConvNeXt-S4ND-T layer shapes,
             # float64), as the working set of the elementwise passes leaves the cache
             elems = k.H * k.N * (n // 2 + 1)
-            if key in groups and size[key] + elems > SSMKernelDPLR.batch_elements:
+            if key in groups and size[key] + elems > cap:
                 key = key + (i,)  # start a new group
             groups.setdefault(key, []).append((i, k, L))
             size[key] = size.get(key, 0) + elems
@@ -773,10 +821,15 @@ class SSMKernelDPLR(SSMKernelDiag):
             idx, ks, Ls = zip(*members)
             work = kernel_work_dtype(dtype, device)  # float64 on CPU: cast once at the end
             z, omega = _bilinear_nodes(n, work, device)
-            args = [k._cauchy_args(rate, work) for k in ks]
+            shared = None  # one (1+R, N) Bs per kernel of a stacked group
             if len(ks) == 1:
-                Bs, Cs, w = args[0]
+                Bs, Cs, w = ks[0]._cauchy_args(rate, work)
+            elif SSMKernelDPLR._stackable(ks):
+                Bs, Cs, w = SSMKernelDPLR._stacked_cauchy_args(ks, rate, work)
+                if Bs.shape[0] == len(ks) < Cs.shape[0]:
+                    shared = Bs.unbind(0)
             else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
+                args = [k._cauchy_args(rate, work) for k in ks]
                 Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
                 Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
             # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf), then the
@@ -788,11 +841,21 @@ class SSMKernelDPLR(SSMKernelDiag):
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
             # (no slicing of a single block: a full slice still costs a SliceBackward)
             block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
-            parts = [
-                ks[0]._kernel_from_cauchy(
-                    cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
-                                 block(w, h)), omega, n, max(Ls))
-                for h in range(0, H, step)]
+            if shared is not None:
+                # one Cauchy call per kernel with its shared Bs: Bs expanded to every
+                # channel would be saved for the backward (~15 MB for ConvNeXt-S4ND-T's
+                # training step). split, not slices: each slice's backward would fill a
+                # zero gradient of the whole operand
+                hs = [k.H for k in ks]
+                r = torch.cat([cauchy_outer(b, c, z, w_k)
+                               for b, c, w_k in zip(shared, Cs.split(hs), w.split(hs))])
+                parts = [ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))]
+            else:
+                parts = [
+                    ks[0]._kernel_from_cauchy(
+                        cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
+                                     block(w, h)), omega, n, max(Ls))
+                    for h in range(0, H, step)]
             # one block (always with autograd): no concatenation copy
             K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):

@@ -170,8 +170,29 @@ def test_toeplitz_2d_gradcheck_batched():
         (u, *ks, D))
 
 
+@pytest.mark.parametrize('shape', [(1, 4, 5), (2, 4, 5), (1, 1, 1), (3, 1, 2)])
+def test_toeplitz_2d_channels_last_gradcheck(shape):
+    # a channels-last input takes the channels-last output layout (2-D transposes in and
+    # out of the GEMM layout, skip added afterwards, `_ToChannelsLast` backward): gradcheck
+    # in float64 for x, both kernels and D, incl. a 1x1 map (the transpose is a view there)
+    B, Y, X = shape
+    g = torch.Generator().manual_seed(B * 100 + Y * X)
+    u = torch.randn(B, 3, Y, X, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    ks = [torch.randn(3, n, generator=g, dtype=torch.float64, requires_grad=True)
+          for n in (Y, X)]
+    D = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(a, k0, k1, d):
+        return toeplitz_conv_separable(a, [k0, k1], [k0, k1], d)
+    y = fn(u, *ks, D)
+    assert y.permute(0, 2, 3, 1).is_contiguous()  # channels-last out
+    torch.testing.assert_close(y, conv_reference_nd(u, ks, ks, D))
+    assert torch.autograd.gradcheck(fn, (u, *ks, D))
+
+
 @pytest.mark.parametrize('B', [1, 3])
-def test_toeplitz_2d_channels_last_input_and_gradient(B):
+def test_toeplitz_2d_channels_last_input_and_gradient(B, monkeypatch):
     # a ConvNeXt block feeds a channels-last residual sum and sends back the gradient of a
     # channels-last LayerNorm; the GEMM paths copy both once into their own layout (bmm
     # would otherwise copy every (Y, X) matrix separately): same values and gradients
@@ -188,9 +209,17 @@ def test_toeplitz_2d_channels_last_input_and_gradient(B):
     torch.set_num_threads(1)  # B > 1: the per-image path
     try:
         with torch.no_grad():
-            torch.testing.assert_close(separable_conv(u_cl, ops, D), ref)
+            y_cl = separable_conv(u_cl, ops, D)
+            torch.testing.assert_close(y_cl, ref)
+            assert y_cl.permute(0, 2, 3, 1).is_contiguous()  # channels-last in and out
     finally:
         torch.set_num_threads(threads)
+    from mmssm.ops import fftconv
+    with monkeypatch.context() as m, torch.no_grad():  # all images batched (> 1 thread)
+        m.setattr(fftconv, '_PER_IMAGE_MIN', 1 << 30)
+        y_cl = separable_conv(u_cl, ops, D)
+        torch.testing.assert_close(y_cl, ref)
+        assert y_cl.permute(0, 2, 3, 1).is_contiguous()
     w = torch.randn(B, Y, X, H, generator=g, dtype=torch.float64)  # channels-last consumer
     uf = u.detach().requires_grad_()
     kf = [k.detach().requires_grad_() for k in ks]

@@ -273,6 +273,38 @@ def test_dplr_batched_equals_separate_calls(cap, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('n_ssm', [1, None])
+def test_dplr_batched_stacked_parameters(n_ssm):
+    """Kernels of one configuration (the layers of a ConvNeXt-S4ND stage) share their
+    parameter transforms (`_stacked_cauchy_args`) when batched without a size cap: same
+    Cauchy operands, kernels and gradients as separate calls (float64 round-off), for
+    shared (n_ssm=1) and per-feature (n_ssm=H) A/B/P, at two rates."""
+    from mmssm.ops.ssm_kernels import SSMKernelDPLR
+    torch.manual_seed(0)
+    kw = dict(d_model=4, d_state=8, channels=2, init='fourier', dt_min=0.05, dt_max=0.5,
+              n_ssm=n_ssm)
+    ks = [SSMKernelDPLR(l_max=9, **kw) for _ in range(3)]
+    assert SSMKernelDPLR._stackable(ks)
+    assert not SSMKernelDPLR._stackable(ks + [SSMKernelDPLR(l_max=9, **{**kw, 'd_model': 2})])
+    for rate in (1.0, 0.5):
+        for k in ks:
+            k._attune(9, rate)
+        stacked = SSMKernelDPLR._stacked_cauchy_args(ks, rate, torch.float64)
+        single = [k._cauchy_args(rate, torch.float64) for k in ks]
+        for j, got in enumerate(stacked):  # a shared Bs stays one (1+R, N) per kernel
+            ref = (torch.stack if j == 0 and n_ssm == 1 else torch.cat)([a[j] for a in single])
+            torch.testing.assert_close(got, ref, rtol=1e-15, atol=0)
+        got = SSMKernelDPLR.batched(ks, [9, 7, 9], rate, max_elements=1 << 62)
+        params = [p for k in ks for p in k.parameters()]
+        g_got = torch.autograd.grad(sum((K * K).sum() for K in got), params)
+        ref = [k(L=L, rate=rate) for k, L in zip(ks, [9, 7, 9])]
+        g_ref = torch.autograd.grad(sum((K * K).sum() for K in ref), params)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for a, b in zip(g_got, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_dplr_attune_in_channel_blocks_is_exact(monkeypatch):
     """The C -> C~ conversion runs in blocks of channels (bounded memory): same C~."""
     from mmssm.ops.ssm_kernels import SSMKernelDPLR

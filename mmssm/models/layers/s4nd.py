@@ -164,9 +164,10 @@ class S4ND(nn.Module):
         their two-sided kernels (expanded when applied; what the inference cache keeps).
         """
         l_k = self.kernel_lengths(l_in, rate)
-        if all(isinstance(k, SSMKernelDPLR) for k in self.kernel):  # axes stacked along H
-            ks = SSMKernelDPLR.batched(self.kernel, l_k, rate)  # (k_ch, H, l) each
-        else:
+        ks = self._take_prefetched(l_k, rate)  # from prefetch_kernels (training), or None
+        if ks is None and all(isinstance(k, SSMKernelDPLR) for k in self.kernel):
+            ks = SSMKernelDPLR.batched(self.kernel, l_k, rate)  # axes stacked along H
+        elif ks is None:
             ks = [kern(L=l, rate=rate) for kern, l in zip(self.kernel, l_k)]
         fwd, bwd = ks, None
         if self.bidirectional:  # first half causal, second half anti-causal
@@ -181,6 +182,21 @@ class S4ND(nn.Module):
         if self.trank > 1:  # mean over the rank-1 terms ('(r c)' with r outermost)
             k_f = k_f.reshape(self.trank, -1, *k_f.shape[1:]).mean(0)
         return [k_f], sizes
+
+    def _kernel_key(self, l_k: Sequence[int], rate: float) -> tuple:
+        """Identifies the kernels of ``l_k`` at ``rate`` from the current parameters (their
+        storage and in-place version: an optimizer step or a weight load changes it)."""
+        return (tuple(l_k), float(rate),
+                tuple((t.data_ptr(), t._version) for t in self.kernel.parameters()),
+                tuple((t.data_ptr(), t._version) for t in self.kernel.buffers()))
+
+    def _take_prefetched(self, l_k: Sequence[int], rate: float) -> Optional[list]:
+        """Kernels left by :func:`prefetch_kernels` for exactly these lengths, rate and
+        parameters (used once, and only with autograd on), else None."""
+        pre = self.__dict__.pop('_prefetched', None)
+        if pre is None or not torch.is_grad_enabled() or pre[0] != self._kernel_key(l_k, rate):
+            return None
+        return pre[1]
 
     @property
     def _dense_axes(self) -> bool:
@@ -386,3 +402,40 @@ class S4ND(nn.Module):
         if not self.linear:
             y = self.output_linear(self.dropout(self.activation(y)))
         return y, state
+
+
+def prefetch_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], rate: float = 1.0) -> None:
+    """Generate the SSM kernels of several S4ND layers in one batched call, for their next
+    forward with autograd (a training step).
+
+    Each layer's :meth:`S4ND.kernel_operators` then takes its kernels from this call
+    instead of generating them (once, and only if the lengths, rate and parameters still
+    match). The kernels of layers of one configuration (e.g. the blocks of a ConvNeXt-S4ND
+    stage and the downsample layer of the next) share their parameter transforms, Cauchy
+    product, Woodbury step and inverse FFT (:meth:`SSMKernelDPLR.batched`): ~3x fewer
+    small float64 ops and backward nodes, which pays where each op costs an OpenMP region
+    (several threads; ConvNeXtS4ND calls it then). Same values as per-layer generation
+    (float64 round-off).
+    Does nothing without autograd or for layers whose kernels need no gradient (they use
+    the inference cache).
+
+    Args:
+        layers: (layer, input size per axis) pairs, in any order.
+        rate: sampling rate, as given to the layers' forward.
+    """
+    if not torch.is_grad_enabled():
+        return
+    members = [(layer, layer.kernel_lengths([int(n) for n in l_in], rate))
+               for layer, l_in in layers
+               if layer._separable and len(l_in) == layer.dim
+               and all(isinstance(k, SSMKernelDPLR) for k in layer.kernel)
+               and any(p.requires_grad for p in layer.parameters())]
+    if len(members) < 2:
+        return
+    kernels = [k for layer, _ in members for k in layer.kernel]
+    ks = SSMKernelDPLR.batched(kernels, [n for _, l_k in members for n in l_k], rate,
+                               max_elements=1 << 62)  # group sizes are not capped here
+    i = 0
+    for layer, l_k in members:
+        layer._prefetched = (layer._kernel_key(l_k, rate), ks[i:i + layer.dim])
+        i += layer.dim

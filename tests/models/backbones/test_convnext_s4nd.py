@@ -74,6 +74,61 @@ def test_forward_backward_small(size):
         assert grads[key].abs().sum() > 0, key
 
 
+def test_prefetched_kernels_equal_per_layer(monkeypatch):
+    """Training with several threads generates the kernels of all depthwise S4ND layers
+    in one batched call per shape (`prefetch_kernels`): same outputs and gradients as
+    per-layer generation, every prefetched kernel used once, and none used after the
+    parameters changed."""
+    import mmssm.models.backbones.convnext_s4nd as cb
+    from mmssm.models.layers.s4nd import S4ND, prefetch_kernels
+    torch.manual_seed(0)
+    model = ConvNeXtS4ND(img_size=64, out_indices=(0, 1, 2, 3), **SMALL_KW)
+    x = torch.randn(2, 3, 64, 48)
+    w = [torch.randn(o.shape) for o in model(x)]
+    used = []  # per kernel_operators call: whether it took prefetched kernels
+    orig_take = S4ND._take_prefetched
+
+    def take(self, *args):
+        kernels = orig_take(self, *args)
+        used.append(kernels is not None)
+        return kernels
+    monkeypatch.setattr(S4ND, '_take_prefetched', take)
+
+    def run(prefetch: bool):
+        monkeypatch.setattr(cb, 'prefetch_kernels',
+                            prefetch_kernels if prefetch else lambda *a, **k: None)
+        model.zero_grad(set_to_none=True)
+        outs = model(x)
+        sum((o * g).sum() for o, g in zip(outs, w)).backward()
+        return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()
+                                            if p.grad is not None]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the backbone prefetches with > 1 thread
+    try:
+        ref_out, ref_grad = run(False)
+        used.clear()
+        out, grad = run(True)
+    finally:
+        torch.set_num_threads(threads)
+    n_layers = len(model._s4nd_layers((64, 48)))
+    assert n_layers == sum(SMALL['depths']) + 3 and used == [True] * n_layers
+    assert not any('_prefetched' in m.__dict__ for m in model.modules())
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grad, ref_grad):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # stale: parameters changed in place after the prefetch -> generated again
+    layers = model._s4nd_layers((64, 48))
+    prefetch_kernels(layers, 1.0)
+    with torch.no_grad():
+        layers[0][0].kernel[0].inv_dt.add_(0.1)
+    used.clear()
+    layer, size = layers[0]
+    layer(torch.randn(1, layer.h, *size))
+    assert used == [False]
+
+
 def test_kernels_are_global_over_each_stage():
     model = ConvNeXtS4ND(img_size=64, **SMALL_KW)
     assert model.stem.stem.l_max == [16, 16]
