@@ -803,7 +803,9 @@ class SSMKernelDPLR(SSMKernelDiag):
             # allocate and fill a zero gradient of r's size in the backward
             r0, r1 = r.unbind(1)  # (H, ch+1, Lf)
             (r00, r01), (r10, r11) = (t.split([t.shape[1] - 1, 1], 1) for t in (r0, r1))
-            k_f = (r00 - r01 * r10 / (1 + r11)).transpose(0, 1)  # (ch, H, Lf)
+            # r01 / (1 + r11) first: the complex division (slow in ATen; its backward has
+            # two more) on (H, 1, Lf) instead of (H, ch, Lf)
+            k_f = (r00 - r01 / (1 + r11) * r10).transpose(0, 1)  # (ch, H, Lf)
         else:
             r11 = r[:, -R:, -R:].permute(0, 3, 1, 2)  # (H, Lf, R, R)
             eye = torch.eye(R, dtype=r.dtype, device=r.device)
