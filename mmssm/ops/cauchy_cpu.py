@@ -64,25 +64,49 @@ def usable(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor and t.device.type == 'cpu' for t in tensors)
 
 
-def cauchy_fwd(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+def cauchy_fwd(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor,
+               dt: Optional[Tensor] = None) -> Tensor:
     """``r[h, a, b, l] = sum_n V / (z_l - w_hn) + conj(V) / (z_l - conj(w_hn))``,
-    ``V = Bs[a] Cs[b]``: :func:`mmssm.ops.ssm_kernels.cauchy_outer` (complex128 in and out).
+    ``V = Bs[a] Cs[b]`` (``Bs[a] (dt[h] Cs[b])`` with ``dt``):
+    :func:`mmssm.ops.ssm_kernels.cauchy_outer` (complex128 in and out).
 
-    Bs (A, N) or (H, A, N); Cs (H, Bc, N); z (Lf,); w (H, N) -> (H, A, Bc, Lf).
+    Bs (A, N) or (H, A, N); Cs (H, Bc, N), contiguous or a transposed contiguous
+    (Bc, H, N) (read in place); z (Lf,); w (H, N); dt (H,) float64 or None -> (H, A, Bc, Lf).
     """
-    return torch.view_as_complex(_EXT.cauchy_fwd(*_real(Bs if Bs.dim() == 3 else Bs[None],
-                                                          Cs, z, w)))
+    out = _EXT.cauchy_fwd(*_real(Bs if Bs.dim() == 3 else Bs[None]), _real_cs(Cs),
+                          *_real(z, w), _dt(dt))
+    return torch.view_as_complex(out)
 
 
-def cauchy_bwd(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor,
-               g: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(gBs, gCs, gw)`` of :func:`cauchy_fwd` for the output gradient g
+def cauchy_bwd(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor, g: Tensor,
+               dt: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients ``(gBs, gCs, gw, gdt)`` of :func:`cauchy_fwd` for the output gradient g
     (H, A, Bc, Lf), PyTorch's conjugate-Wirtinger convention; gBs is per channel
-    (H, A, N) (sum it over H for a shared Bs)."""
-    args = _real(Bs if Bs.dim() == 3 else Bs[None], Cs, z, w, g)
-    return tuple(torch.view_as_complex(t) for t in _EXT.cauchy_bwd(*args))
+    (H, A, N) (sum it over H for a shared Bs); gCs has Cs's strides; gdt (H,) real, None
+    without ``dt``."""
+    gB, gC, gw, gdt = _EXT.cauchy_bwd(*_real(Bs if Bs.dim() == 3 else Bs[None]),
+                                      _real_cs(Cs), *_real(z, w, g), _dt(dt))
+    return (torch.view_as_complex(gB), torch.view_as_complex(gC), torch.view_as_complex(gw),
+            gdt if dt is not None else None)
 
 
 def _real(*cs: Tensor) -> Tuple[Tensor, ...]:
     """Contiguous (..., 2) float64 views of complex128 tensors."""
     return tuple(torch.view_as_real(c.contiguous()) for c in cs)
+
+
+def _real_cs(Cs: Tensor) -> Tensor:
+    """Cs (H, Bc, N) as a (..., 2) float64 view: contiguous, or (Bc, H, N) contiguous and
+    transposed (the kernel reads any dense (H, Bc) strides), else copied."""
+    if not (Cs.is_contiguous() or Cs.transpose(0, 1).is_contiguous()):
+        Cs = Cs.contiguous()
+    return torch.view_as_real(Cs)
+
+
+def _dt(dt: Optional[Tensor]) -> Optional[Tensor]:
+    if dt is None:
+        return None
+    if dt.dtype != torch.float64 or dt.dim() != 1:
+        raise ValueError(f'dt must be a float64 (H,) tensor, got {dt.dtype} {tuple(dt.shape)}')
+    return dt.contiguous()

@@ -275,7 +275,9 @@ def separable_conv(u: Tensor, ops: Sequence[tuple], D: Optional[Tensor] = None) 
     if (d == 2 and all(op[0] == 'toeplitz' for op in ops) and (not heads or all(
             op[1].shape[0] == 1 for op in ops)) and not _tracing()):
         # one kernel per channel (S4ND's channels=1): batched GEMMs without permute copies
-        Ty, Tx = [op[1][0] if heads else op[1] for op in ops]
+        # squeeze, not [0]: a select's backward fills a zero (1, H, L, L) gradient and
+        # copies into it; a squeeze's is a view
+        Ty, Tx = [op[1].squeeze(0) if heads else op[1] for op in ops]
         if x.dtype == torch.float64:
             Ty, Tx = Ty.to(torch.float64), Tx.to(torch.float64)
         y = _toeplitz_conv2d(x, Ty, Tx, None if D is None else D.reshape(-1))

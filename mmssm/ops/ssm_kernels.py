@@ -320,16 +320,20 @@ class _CauchyOuter(torch.autograd.Function):
     complex128 CPU operands use the compiled kernel (:mod:`mmssm.ops.cauchy_cpu`) for both
     passes instead: same formulas, one pass over the (H, N, Lf) entries, M and E never
     stored (a ConvNeXt-S4ND-T training step at batch 1 spends most of its kernel generation
-    here otherwise).
+    here otherwise). Only there a per-channel real step ``dt`` (H,) may scale Cs inside the
+    kernel (:func:`cauchy_outer` scales Cs itself for the PyTorch path).
     """
 
     @staticmethod
-    def forward(ctx, Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor,
+                dt: Optional[Tensor] = None) -> Tensor:
         # compiled (cauchy.cpp): M and E are never stored, the backward recomputes them
         ctx.fused = _fused(Bs, Cs, z, w)
         if ctx.fused:
-            ctx.save_for_backward(Bs, Cs, z, w)
-            return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w)
+            ctx.save_for_backward(Bs, Cs, z, w, dt)
+            return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w, dt)
+        if dt is not None:
+            raise ValueError('_CauchyOuter: dt is only taken by the compiled kernel')
         M = _cauchy_real(z, w)  # (H, 2N, 2Lf)
         X = _pairs(Bs, Cs)  # (H, A*Bc, 2N)
         ctx.save_for_backward(Bs, Cs, z, w, X, M)
@@ -339,12 +343,13 @@ class _CauchyOuter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         if ctx.fused:
-            Bs, Cs, z, w = ctx.saved_tensors
-            gB, gC, gw = cauchy_cpu.cauchy_bwd(Bs, Cs, z, w, g)
+            Bs, Cs, z, w, dt = ctx.saved_tensors
+            gB, gC, gw, gdt = cauchy_cpu.cauchy_bwd(Bs, Cs, z, w, g, dt)
             if Bs.dim() == 2:  # shared across H
                 gB = gB.sum(0)
             need = ctx.needs_input_grad
-            return gB if need[0] else None, gC if need[1] else None, None, gw if need[3] else None
+            return (gB if need[0] else None, gC if need[1] else None, None,
+                    gw if need[3] else None, gdt if need[4] else None)
         Bs, Cs, z, w, X, M = ctx.saved_tensors
         H, Bc, N = Cs.shape
         A, Lf = Bs.shape[-2], g.shape[-1]
@@ -372,21 +377,30 @@ class _CauchyOuter(torch.autograd.Function):
             re = (X * U).sum(1)  # Re conj(V) U = Re V Re U + Im V Im U
             im = (X[..., :N] * U[..., N:]).sum(1) - (X[..., N:] * U[..., :N]).sum(1)
             gw = torch.complex(re[:, :N] + re[:, N:], im)
-        return gB, gC, None, gw
+        return gB, gC, None, gw, None
 
 
-def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> Tensor:
+def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor,
+                 dt: Optional[Tensor] = None) -> Tensor:
     """Cauchy products of all pairs ``v = Bs[a] * Cs[b]`` (the S4 DPLR batch):
     ``r[h, a, b, l] = sum_n v / (z_l - w_hn) + conj(v) / (z_l - conj(w_hn))``.
 
     Bs (A, N) (shared over H) or (H, A, N); Cs (H, Bc, N); z (Lf,) constant; w (H, N).
-    Returns (H, A, Bc, Lf).
+    ``dt`` (H,) real, optional: Cs stands for ``dt[:, None, None] * Cs`` (S4's dt [C; Q]);
+    the compiled kernel applies it in registers, so that operand and its backward never
+    exist in memory (and a transposed contiguous Cs is read in place). Returns (H, A, Bc, Lf).
     """
-    Bs, Cs, w = Bs.contiguous(), Cs.contiguous(), w.contiguous()
-    if torch.is_grad_enabled() and (Bs.requires_grad or Cs.requires_grad or w.requires_grad):
-        return _CauchyOuter.apply(Bs, Cs, z, w)
-    if _fused(Bs, Cs, z, w):  # one pass, no (H, 2N, 2Lf) matrix M
-        return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w)
+    fused = _fused(Bs, Cs, z, w)
+    if dt is not None and not (fused and dt.dtype == torch.float64):
+        Cs, dt = Cs * dt[:, None, None], None  # the PyTorch path's operand
+    Bs, w = Bs.contiguous(), w.contiguous()
+    if not (fused and Cs.transpose(0, 1).is_contiguous()):
+        Cs = Cs.contiguous()
+    grads = [t.requires_grad for t in (Bs, Cs, w)] + [dt is not None and dt.requires_grad]
+    if torch.is_grad_enabled() and any(grads):
+        return _CauchyOuter.apply(Bs, Cs, z, w, dt)
+    if fused:  # one pass, no (H, 2N, 2Lf) matrix M
+        return cauchy_cpu.cauchy_fwd(Bs, Cs, z, w, dt)
     return _from_real(torch.bmm(_pairs(Bs, Cs), _cauchy_real(z, w)),
                       (Cs.shape[0], Bs.shape[-2], Cs.shape[1], z.shape[-1]))
 
@@ -704,17 +718,25 @@ class SSMKernelDPLR(SSMKernelDiag):
             self._setup_C(round(rate * L))
         return L, round(int(self.l_kernel.item()) / rate)
 
-    def _cauchy_args(self, rate: float,
-                     dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def _cauchy_args(self, rate: float, dtype: Optional[torch.dtype] = None,
+                     defer_dt: bool = False) -> Union[Tuple[Tensor, Tensor, Tensor],
+                                                      Tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Operands of :func:`cauchy_outer`: Bs = [B; P] ((1+R, N) if shared, else
         (H, 1+R, N)), Cs = dt [C; P^*] (H, ch+R, N) and the poles w = dt A (H, N), from the
-        parameters cast to the real ``dtype``."""
+        parameters cast to the real ``dtype``.
+
+        ``defer_dt=True`` with a tied dt (one step per channel) returns ``(Bs, Cs, w, dt)``
+        with Cs = [C; P^*] unscaled and dt (H,), for :func:`cauchy_outer`'s ``dt``.
+        """
         # A/B/P broadcast if n_ssm == 1
         dt, A, B, C, P = self.get_params(rate, expand=False, dtype=dtype)
         Bs = torch.cat([B, P], 0)  # (1+R, S, N), S = 1 (shared) or H
         Cs = torch.cat([C, P.conj().expand(-1, C.shape[1], -1)], 0)  # (ch+R, H, N)
         Bs = Bs[:, 0] if Bs.shape[1] == 1 else self._repeat(Bs, 1).transpose(0, 1)
-        return Bs, (Cs * dt).transpose(0, 1), (A * dt).expand(self.H, -1)
+        w = (A * dt).expand(self.H, -1)
+        if defer_dt and dt.shape[-1] == 1:
+            return Bs, Cs.transpose(0, 1), w, dt.reshape(self.H)
+        return Bs, (Cs * dt).transpose(0, 1), w
 
     @staticmethod
     def _stackable(ks: Sequence['SSMKernelDPLR']) -> bool:
@@ -733,10 +755,18 @@ class SSMKernelDPLR(SSMKernelDiag):
 
     @staticmethod
     def _stacked_cauchy_args(ks: Sequence['SSMKernelDPLR'], rate: float,
-                             dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                             dtype: Optional[torch.dtype] = None, defer_dt: bool = False
+                             ) -> Union[Tuple[Tensor, Tensor, Tensor],
+                                        Tuple[Tensor, Tensor, Tensor, Tensor]]:
         """:meth:`_cauchy_args` of K :meth:`_stackable` kernels, concatenated along H:
         Bs (K, 1+R, N) (one shared Bs per kernel, n_ssm = 1) or (K*H, 1+R, N) (n_ssm = H),
         Cs (K*H, ch+R, N), w (K*H, N).
+
+        ``defer_dt=True`` with a tied dt (one step per channel) returns
+        ``(Bs, Cs, w, dt)`` instead: Cs = [C; P^*] not yet scaled by dt, as a (K, H, ch+R,
+        N) transposed view of a contiguous (K, ch+R, H, N) tensor (no transposing copy),
+        and dt (K, H), for :func:`cauchy_outer`'s ``dt`` (the compiled kernel scales in
+        registers: neither the product nor its backward is made in memory).
 
         The same arithmetic on the parameters stacked along a new K axis: one cast,
         transform and product per parameter instead of K (a training step regenerates
@@ -758,8 +788,11 @@ class SSMKernelDPLR(SSMKernelDiag):
         Bs = torch.cat([B, P], 1)  # (K, 1+R, S, N), S = 1 (shared) or H
         Bs = Bs[:, :, 0] if Bs.shape[2] == 1 else Bs.transpose(1, 2).reshape(K * H, -1, N)
         Cs = torch.cat([C, P.conj().expand(-1, -1, H, -1)], 1)  # (K, ch+R, H, N)
+        w = (A * dt).reshape(K * H, N)
+        if defer_dt and dt.shape[-1] == 1:
+            return Bs, Cs.transpose(1, 2), w, dt.reshape(K, H)
         Cs = (Cs * dt.unsqueeze(1)).transpose(1, 2).reshape(K * H, -1, N)
-        return Bs, Cs, (A * dt).reshape(K * H, N)
+        return Bs, Cs, w
 
     def _kernel_from_cauchy(self, r: Tensor, omega: Tensor, n: int, L: int) -> Tensor:
         """Woodbury correction, bilinear factor and inverse FFT of the Cauchy products
@@ -770,7 +803,9 @@ class SSMKernelDPLR(SSMKernelDiag):
             # allocate and fill a zero gradient of r's size in the backward
             r0, r1 = r.unbind(1)  # (H, ch+1, Lf)
             (r00, r01), (r10, r11) = (t.split([t.shape[1] - 1, 1], 1) for t in (r0, r1))
-            k_f = (r00 - r01 * r10 / (1 + r11)).transpose(0, 1)  # (ch, H, Lf)
+            # r01 / (1 + r11) first: the complex division (slow in ATen; its backward has
+            # two more) on (H, 1, Lf) instead of (H, ch, Lf)
+            k_f = (r00 - r01 / (1 + r11) * r10).transpose(0, 1)  # (ch, H, Lf)
         else:
             r11 = r[:, -R:, -R:].permute(0, 3, 1, 2)  # (H, Lf, R, R)
             eye = torch.eye(R, dtype=r.dtype, device=r.device)
@@ -822,12 +857,20 @@ class SSMKernelDPLR(SSMKernelDiag):
             work = kernel_work_dtype(dtype, device)  # float64 on CPU: cast once at the end
             z, omega = _bilinear_nodes(n, work, device)
             shared = None  # one (1+R, N) Bs per kernel of a stacked group
-            if len(ks) == 1:
-                Bs, Cs, w = ks[0]._cauchy_args(rate, work)
+            dts = None  # dt left to the Cauchy calls: (H,), or a (H,) per shared Bs
+            if len(ks) == 1:  # dt (tied) applied by the Cauchy call
+                Bs, Cs, w, *dt = ks[0]._cauchy_args(rate, work, defer_dt=True)
+                dts = dt[0] if dt else None
             elif SSMKernelDPLR._stackable(ks):
-                Bs, Cs, w = SSMKernelDPLR._stacked_cauchy_args(ks, rate, work)
-                if Bs.shape[0] == len(ks) < Cs.shape[0]:
+                Bs, Cs, w, *dt = SSMKernelDPLR._stacked_cauchy_args(ks, rate, work,
+                                                                    defer_dt=True)
+                if Bs.shape[0] == len(ks) < w.shape[0]:  # n_ssm = 1: a shared Bs per kernel
                     shared = Bs.unbind(0)
+                    # tied dt: each Cauchy call scales its Cs (K, H, ch+R, N) by dt itself
+                    # (in registers when compiled: no dt [C; Q] operand, nor its backward)
+                    dts = dt[0].unbind(0) if dt else None
+                elif dt:  # per-channel Bs: scaled here, as without defer_dt
+                    Cs = (Cs * dt[0][..., None, None]).reshape(w.shape[0], -1, Cs.shape[-1])
             else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
                 args = [k._cauchy_args(rate, work) for k in ks]
                 Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
@@ -836,7 +879,7 @@ class SSMKernelDPLR(SSMKernelDiag):
             # kernels (ch, sum H, max L); blocks of channels when nothing needs a gradient
             # and the PyTorch Cauchy product builds its (H, 2N, 2Lf) matrices (the compiled
             # one keeps no temporaries larger than its (H, 1+R, ch+R, Lf) output)
-            H = Cs.shape[0]
+            H = w.shape[0]  # (Cs may be (K, H, ch+R, N) here)
             step = H if torch.is_grad_enabled() or _fused(Bs, Cs, z, w) else max(
                 1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
             # (no slicing of a single block: a full slice still costs a SliceBackward)
@@ -847,14 +890,19 @@ class SSMKernelDPLR(SSMKernelDiag):
                 # training step). split, not slices: each slice's backward would fill a
                 # zero gradient of the whole operand
                 hs = [k.H for k in ks]
-                r = torch.cat([cauchy_outer(b, c, z, w_k)
-                               for b, c, w_k in zip(shared, Cs.split(hs), w.split(hs))])
+                if dts is None:
+                    r = torch.cat([cauchy_outer(b, c, z, w_k)
+                                   for b, c, w_k in zip(shared, Cs.split(hs), w.split(hs))])
+                else:  # Cs (K, H, ch+R, N): unbind, no slices (see above)
+                    r = torch.cat([cauchy_outer(b, c, z, w_k, dt_k) for b, c, w_k, dt_k
+                                   in zip(shared, Cs.unbind(0), w.split(hs), dts)])
                 parts = [ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))]
             else:
                 parts = [
                     ks[0]._kernel_from_cauchy(
                         cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
-                                     block(w, h)), omega, n, max(Ls))
+                                     block(w, h), None if dts is None else block(dts, h)),
+                        omega, n, max(Ls))
                     for h in range(0, H, step)]
             # one block (always with autograd): no concatenation copy
             K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)

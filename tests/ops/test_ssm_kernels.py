@@ -239,6 +239,64 @@ def test_cauchy_outer_compiled_equals_pytorch(shape, monkeypatch):
     assert not _fused(Bs.detach().to(torch.complex64), Cs, z, w)
 
 
+@pytest.mark.parametrize('fused', [False, pytest.param(True, marks=_needs_cauchy_ext)])
+@pytest.mark.parametrize('shared', [True, False])
+def test_cauchy_outer_dt_gradcheck(shared, fused, monkeypatch):
+    """``cauchy_outer(..., dt)`` (S4's dt [C; Q] operand scaled inside the compiled kernel)
+    passes gradcheck for Bs, Cs, w and dt, with Cs contiguous and as the transposed view of
+    a contiguous (Bc, H, N) tensor (read in place by the compiled kernel)."""
+    from mmssm.ops.ssm_kernels import cauchy_outer
+    monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
+    g = torch.Generator().manual_seed(4)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    H, N = 3, 5
+    Bs = torch.randn(*(() if shared else (H,)), 2, N, **cplx).requires_grad_()
+    Ct = torch.randn(3, H, N, **cplx).requires_grad_()  # (Bc, H, N)
+    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) - 0.1,
+                      torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    dt = (torch.rand(H, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    z = 1j * torch.linspace(0, 3, 4, dtype=torch.float64).to(torch.complex128)
+    for layout in (lambda c: c.transpose(0, 1), lambda c: c.transpose(0, 1).contiguous()):
+        assert torch.autograd.gradcheck(
+            lambda b, c, w, d: cauchy_outer(b, layout(c), z, w, d), (Bs, Ct, w, dt))
+
+
+@_needs_cauchy_ext
+@pytest.mark.parametrize('shape', [(5, 2, 3, 32, 29, True), (7, 1, 4, 9, 2, False)])
+def test_cauchy_outer_dt_compiled_equals_pytorch(shape, monkeypatch):
+    """The compiled kernel with ``dt`` (scaled in registers, transposed Cs read in place)
+    against the PyTorch path on the operand ``dt * Cs``: values, no-grad values and the
+    gradients of Bs, Cs, w, dt to float64 round-off."""
+    from mmssm.ops.ssm_kernels import _bilinear_nodes, cauchy_outer
+    H, A, Bc, N, Lf, shared = shape
+    g = torch.Generator().manual_seed(5)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    Bs = torch.randn(*(() if shared else (H,)), A, N, **cplx).requires_grad_()
+    Ct = torch.randn(Bc, H, N, **cplx).requires_grad_()
+    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) * 0.1,
+                      3 * torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    dt = (torch.rand(H, generator=g, dtype=torch.float64) + 0.01).requires_grad_()
+    z = _bilinear_nodes(2 * Lf - 1, torch.float64, torch.device('cpu'))[0]
+    gr = torch.randn(H, A, Bc, z.shape[0], **cplx)
+    out = {}
+    for fused in (False, True):
+        monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
+        if fused:
+            r = cauchy_outer(Bs, Ct.transpose(0, 1), z, w, dt)
+            with torch.no_grad():
+                r0 = cauchy_outer(Bs, Ct.transpose(0, 1), z, w, dt)
+        else:  # the former operand: dt [C; Q] made by PyTorch
+            r = cauchy_outer(Bs, Ct.transpose(0, 1) * dt[:, None, None], z, w)
+            with torch.no_grad():
+                r0 = cauchy_outer(Bs, Ct.transpose(0, 1) * dt[:, None, None], z, w)
+        out[fused] = (r, r0, *torch.autograd.grad(r, (Bs, Ct, w, dt), gr))
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * a.abs().max().item())
+    with pytest.raises(ValueError, match='dt must be a float64'):
+        cauchy_cpu.cauchy_fwd(Bs.detach(), Ct.detach().transpose(0, 1), z, w.detach(),
+                              dt.detach().float())
+
+
 def test_dplr_rank2_equals_recurrence():
     torch.manual_seed(0)
     k = SSMKernelDPLR(d_model=3, d_state=16, l_max=12, channels=2, init='dplr-lin', rank=2,
@@ -294,6 +352,13 @@ def test_dplr_batched_stacked_parameters(n_ssm):
         for j, got in enumerate(stacked):  # a shared Bs stays one (1+R, N) per kernel
             ref = (torch.stack if j == 0 and n_ssm == 1 else torch.cat)([a[j] for a in single])
             torch.testing.assert_close(got, ref, rtol=1e-15, atol=0)
+        # dt left to the Cauchy call: unscaled Cs (K, H, ch+R, N) and dt (K, H)
+        Bs, Cs, w, dt = SSMKernelDPLR._stacked_cauchy_args(ks, rate, torch.float64,
+                                                           defer_dt=True)
+        assert Cs.transpose(1, 2).is_contiguous() and dt.shape == (3, 4)
+        torch.testing.assert_close((Cs * dt[..., None, None]).flatten(0, 1), stacked[1],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(w, stacked[2], rtol=0, atol=0)
         got = SSMKernelDPLR.batched(ks, [9, 7, 9], rate, max_elements=1 << 62)
         params = [p for k in ks for p in k.parameters()]
         g_got = torch.autograd.grad(sum((K * K).sum() for K in got), params)

@@ -3,7 +3,10 @@
 // mmssm.ops.ssm_kernels.cauchy_outer computes, for every channel h, pair k = (a, b) and
 // frequency node l (V = Bs[a] * Cs[b], products of the (B|P) and (C|Q) vectors),
 //   r[h, a, b, l] = sum_n V[h, k, n] r1[h, n, l] + conj(V[h, k, n]) r2[h, n, l],
-//   r1 = 1 / (z_l - w_hn),  r2 = 1 / (z_l - conj(w_hn)).
+//   r1 = 1 / (z_l - w_hn),  r2 = 1 / (z_l - conj(w_hn)),
+// optionally with a real per-channel step dt[h] scaling Cs (V = Bs[a] * (dt[h] Cs[b])): the
+// S4 operand dt [C; Q] is then never built in memory, nor its backward (the training step's
+// largest elementwise passes over (H, ch+R, N) complex128 operands).
 // In PyTorch this is ~30 elementwise float64 passes over (H, N, Lf) to build the real
 // matrix M = [[p1 + p2, q1 + q2], [q2 - q1, p1 - p2]] (r = p + i q) plus a batched GEMM,
 // and as many again in the backward for M and the "squared" matrix E (r1^2, r2^2), plus
@@ -12,13 +15,17 @@
 // computed in registers and used at once, and V, gBs, gCs stay in a per-channel buffer.
 //
 // Operands (float64, contiguous, complex numbers as (re, im) pairs, i.e. view_as_real):
-//   Bs (S, A, N, 2) with S = 1 (shared by all channels) or H;  Cs (H, Bc, N, 2)
-//   z (Lf, 2) nodes;  w (H, N, 2) poles;  out / G (H, A, Bc, Lf, 2): r and its gradient g
+//   Bs (S, A, N, 2) with S = 1 (shared by all channels) or H;  Cs (H, Bc, N, 2), any
+//   strides over H and Bc (e.g. a channel-minor (Bc, H, N, 2) layout, transposed);
+//   z (Lf, 2) nodes;  w (H, N, 2) poles;  out / G (H, A, Bc, Lf, 2): r and its gradient g;
+//   dt (H,) real (optional).
 // Backward (PyTorch's conjugate-Wirtinger convention, as ssm_kernels._CauchyOuter):
 //   gV = sum_l g conj(r1) + conj(g) r2 (= G M^T),  gBs[a] = sum_b gV conj(Cs[b]),
 //   gCs[b] = sum_a gV conj(Bs[a]),  gw = sum_k conj(V_k) U_k with
 //   U = sum_l g conj(r1^2) + conj(g) r2^2 (= G E^T).  gBs is per channel (H, A, N, 2): the
-//   caller sums it over H for a shared Bs.
+//   caller sums it over H for a shared Bs. With dt: gCs and gw are taken as above for the
+//   scaled operand dt Cs, then gdt[h] = sum_{b,n} Re(gCs conj(Cs)) and gCs <- dt gCs
+//   (the backward of the product dt * Cs, PyTorch's rule); gCs has Cs's strides.
 //
 // SIMD: the inner loops run over the N poles; the kernels are compiled for AVX-512, AVX2,
 // FMA (AVX) and baseline x86-64 (GCC function multi-versioning, picked by the CPU's
@@ -80,26 +87,30 @@ MMSSM_INLINE void terms(int64_t N, double zr, double zi, const double* wr, const
 // Sizes of one call.
 struct Dims {
   int64_t H, S, A, Bc, N, Lf;
+  int64_t sh, sb;  // strides of Cs over H and Bc (in doubles)
   int64_t K() const { return A * Bc; }
 };
 
 // Per channel h: poles (wr, wi) and pair products (Vr, Vi) (K, N), deinterleaved.
+// With dt, V = Bs[a] (dt Cs[b]): dt Cs rounded first, as the PyTorch operand dt * Cs.
 MMSSM_INLINE void load_channel(const Dims& d, int64_t h, const double* Bs, const double* Cs,
-                               const double* w, double* wr, double* wi, double* Vr,
-                               double* Vi) {
+                               const double* dt, const double* w, double* wr, double* wi,
+                               double* Vr, double* Vi) {
   const int64_t N = d.N;
   for (int64_t n = 0; n < N; ++n) {
     wr[n] = w[(h * N + n) * 2];
     wi[n] = w[(h * N + n) * 2 + 1];
   }
   const double* b0 = Bs + (d.S == 1 ? 0 : h * d.A * N * 2);
-  const double* c0 = Cs + h * d.Bc * N * 2;
+  const double* c0 = Cs + h * d.sh;
+  const double s = dt == nullptr ? 1.0 : dt[h];  // x * 1.0 == x: no dt, same values
   for (int64_t a = 0; a < d.A; ++a) {
     for (int64_t b = 0; b < d.Bc; ++b) {
-      const double *bp = b0 + a * N * 2, *cp = c0 + b * N * 2;
+      const double *bp = b0 + a * N * 2, *cp = c0 + b * d.sb;
       double *vr = Vr + (a * d.Bc + b) * N, *vi = Vi + (a * d.Bc + b) * N;
       for (int64_t n = 0; n < N; ++n) {
-        const double br = bp[2 * n], bi = bp[2 * n + 1], cr = cp[2 * n], ci = cp[2 * n + 1];
+        const double br = bp[2 * n], bi = bp[2 * n + 1];
+        const double cr = s * cp[2 * n], ci = s * cp[2 * n + 1];
         vr[n] = br * cr - bi * ci;
         vi[n] = br * ci + bi * cr;
       }
@@ -109,13 +120,13 @@ MMSSM_INLINE void load_channel(const Dims& d, int64_t h, const double* Bs, const
 
 // Forward for channels [h0, h1); buf holds (6 + 2K) N doubles.
 MMSSM_CLONES void fwd_rows(const Dims& d, int64_t h0, int64_t h1, const double* Bs,
-                           const double* Cs, const double* z, const double* w, double* out,
-                           double* buf) {
+                           const double* Cs, const double* dt, const double* z,
+                           const double* w, double* out, double* buf) {
   const int64_t N = d.N, K = d.K(), Lf = d.Lf;
   double *sp = buf, *sq = buf + N, *dq = buf + 2 * N, *dp = buf + 3 * N;
   double *wr = buf + 4 * N, *wi = buf + 5 * N, *Vr = buf + 6 * N, *Vi = Vr + K * N;
   for (int64_t h = h0; h < h1; ++h) {
-    load_channel(d, h, Bs, Cs, w, wr, wi, Vr, Vi);
+    load_channel(d, h, Bs, Cs, dt, w, wr, wi, Vr, Vi);
     double* o = out + h * K * Lf * 2;
     for (int64_t l = 0; l < Lf; ++l) {
       terms<false>(N, z[2 * l], z[2 * l + 1], wr, wi, sp, sq, dq, dp, nullptr, nullptr,
@@ -137,8 +148,9 @@ MMSSM_CLONES void fwd_rows(const Dims& d, int64_t h0, int64_t h1, const double* 
 
 // Backward for channels [h0, h1); buf holds (10 + 6K) N doubles.
 MMSSM_CLONES void bwd_rows(const Dims& d, int64_t h0, int64_t h1, const double* Bs,
-                           const double* Cs, const double* z, const double* w, const double* G,
-                           double* gB, double* gC, double* gW, double* buf) {
+                           const double* Cs, const double* dt, const double* z,
+                           const double* w, const double* G, double* gB, double* gC,
+                           double* gW, double* gdt, double* buf) {
   const int64_t N = d.N, K = d.K(), Lf = d.Lf, A = d.A, Bc = d.Bc;
   double *sp = buf, *sq = buf + N, *dq = buf + 2 * N, *dp = buf + 3 * N;
   double *Sp = buf + 4 * N, *Sq = buf + 5 * N, *Dq = buf + 6 * N, *Dp = buf + 7 * N;
@@ -146,7 +158,7 @@ MMSSM_CLONES void bwd_rows(const Dims& d, int64_t h0, int64_t h1, const double* 
   double *Xr = Vi + K * N, *Xi = Xr + K * N;  // gV (K, N)
   double *Ur = Xi + K * N, *Ui = Ur + K * N;  // U (K, N)
   for (int64_t h = h0; h < h1; ++h) {
-    load_channel(d, h, Bs, Cs, w, wr, wi, Vr, Vi);
+    load_channel(d, h, Bs, Cs, dt, w, wr, wi, Vr, Vi);
     const double* g = G + h * K * Lf * 2;
     std::fill(Xr, Xr + 4 * K * N, 0.0);  // Xr, Xi, Ur, Ui
     for (int64_t l = 0; l < Lf; ++l) {
@@ -175,42 +187,70 @@ MMSSM_CLONES void bwd_rows(const Dims& d, int64_t h0, int64_t h1, const double* 
     }
     // gBs[a] = sum_b gV[a, b] conj(Cs[b]),  gCs[b] = sum_a gV[a, b] conj(Bs[a])
     const double* b0 = Bs + (d.S == 1 ? 0 : h * A * N * 2);
-    const double* c0 = Cs + h * Bc * N * 2;
-    double *gb = gB + h * A * N * 2, *gc = gC + h * Bc * N * 2;
+    // (with dt: the operand is dt Cs, rebuilt here as in load_channel)
+    const double* c0 = Cs + h * d.sh;
+    const double s = dt == nullptr ? 1.0 : dt[h];
+    double *gb = gB + h * A * N * 2, *gc = gC + h * d.sh;
     std::fill(gb, gb + A * N * 2, 0.0);
-    std::fill(gc, gc + Bc * N * 2, 0.0);
+    for (int64_t b = 0; b < Bc; ++b) std::fill(gc + b * d.sb, gc + b * d.sb + N * 2, 0.0);
     for (int64_t a = 0; a < A; ++a) {
       for (int64_t b = 0; b < Bc; ++b) {
         const double *xr = Xr + (a * Bc + b) * N, *xi = Xi + (a * Bc + b) * N;
-        const double *bp = b0 + a * N * 2, *cp = c0 + b * N * 2;
-        double *gbp = gb + a * N * 2, *gcp = gc + b * N * 2;
+        const double *bp = b0 + a * N * 2, *cp = c0 + b * d.sb;
+        double *gbp = gb + a * N * 2, *gcp = gc + b * d.sb;
         for (int64_t n = 0; n < N; ++n) {
-          gbp[2 * n] += xr[n] * cp[2 * n] + xi[n] * cp[2 * n + 1];
-          gbp[2 * n + 1] += xi[n] * cp[2 * n] - xr[n] * cp[2 * n + 1];
+          const double cr = s * cp[2 * n], ci = s * cp[2 * n + 1];
+          gbp[2 * n] += xr[n] * cr + xi[n] * ci;
+          gbp[2 * n + 1] += xi[n] * cr - xr[n] * ci;
           gcp[2 * n] += xr[n] * bp[2 * n] + xi[n] * bp[2 * n + 1];
           gcp[2 * n + 1] += xi[n] * bp[2 * n] - xr[n] * bp[2 * n + 1];
         }
       }
     }
+    if (dt != nullptr) {  // gdt = sum Re(gCs conj(Cs)), then the gradient of Cs itself
+      double acc = 0.0;
+      for (int64_t b = 0; b < Bc; ++b) {
+        const double* cp = c0 + b * d.sb;
+        double* gcp = gc + b * d.sb;
+        for (int64_t n = 0; n < 2 * N; ++n) {
+          acc += gcp[n] * cp[n];
+          gcp[n] *= s;
+        }
+      }
+      gdt[h] = acc;
+    }
   }
 }
 
-static void check(const at::Tensor& t, const char* name, int64_t dim) {
+// strided: only the last two dims need to be contiguous (Cs: any strides over H and Bc)
+static void check(const at::Tensor& t, const char* name, int64_t dim, bool strided = false) {
   TORCH_CHECK(t.device().is_cpu(), "cauchy: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kDouble, "cauchy: ", name, " must be float64, got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "cauchy: ", name, " must be contiguous");
+  // (no overlap: the backward writes a gradient with the same strides, in parallel)
+  TORCH_CHECK(strided ? (t.dim() == dim && t.stride(dim - 1) == 1 && t.stride(dim - 2) == 2 &&
+                         t.is_non_overlapping_and_dense())
+                      : t.is_contiguous(),
+              "cauchy: ", name, strided ? " must be dense with contiguous (N, 2) rows" :
+              " must be contiguous");
   TORCH_CHECK(t.dim() == dim && t.size(dim - 1) == 2, "cauchy: ", name, " must be a ", dim,
               "-dim (..., 2) real view of a complex tensor, got ", t.sizes());
 }
 
 static Dims dims(const at::Tensor& Bs, const at::Tensor& Cs, const at::Tensor& z,
-                 const at::Tensor& w) {
+                 const at::Tensor& w, const c10::optional<at::Tensor>& dt) {
   check(Bs, "Bs", 4);
-  check(Cs, "Cs", 4);
+  check(Cs, "Cs", 4, true);
   check(z, "z", 2);
   check(w, "w", 3);
-  Dims d{Cs.size(0), Bs.size(0), Bs.size(1), Cs.size(1), Cs.size(2), z.size(0)};
+  Dims d{Cs.size(0), Bs.size(0), Bs.size(1), Cs.size(1), Cs.size(2), z.size(0),
+         Cs.stride(0), Cs.stride(1)};
+  if (dt.has_value()) {
+    TORCH_CHECK(dt->device().is_cpu() && dt->scalar_type() == at::kDouble &&
+                    dt->is_contiguous() && dt->dim() == 1 && dt->size(0) == d.H,
+                "cauchy: dt must be a contiguous float64 CPU tensor of shape (H,) = (", d.H,
+                ",), got ", dt->scalar_type(), " ", dt->sizes());
+  }
   TORCH_CHECK(d.S == 1 || d.S == d.H, "cauchy: Bs must have 1 or H = ", d.H,
               " rows, got ", d.S);
   TORCH_CHECK(Bs.size(2) == d.N && w.size(0) == d.H && w.size(1) == d.N,
@@ -225,31 +265,35 @@ static int64_t grain(const Dims& d) {
 }
 
 at::Tensor cauchy_fwd(const at::Tensor& Bs, const at::Tensor& Cs, const at::Tensor& z,
-                      const at::Tensor& w) {
-  const Dims d = dims(Bs, Cs, z, w);
+                      const at::Tensor& w, const c10::optional<at::Tensor>& dt) {
+  const Dims d = dims(Bs, Cs, z, w, dt);
+  const double* pdt = dt.has_value() ? dt->data_ptr<double>() : nullptr;
   at::Tensor out = at::empty({d.H, d.A, d.Bc, d.Lf, 2}, Cs.options());
   const double *pb = Bs.data_ptr<double>(), *pc = Cs.data_ptr<double>(),
                *pz = z.data_ptr<double>(), *pw = w.data_ptr<double>();
   double* po = out.data_ptr<double>();
   at::parallel_for(0, d.H, grain(d), [&](int64_t h0, int64_t h1) {
     std::vector<double> buf((6 + 2 * d.K()) * d.N);
-    fwd_rows(d, h0, h1, pb, pc, pz, pw, po, buf.data());
+    fwd_rows(d, h0, h1, pb, pc, pdt, pz, pw, po, buf.data());
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cauchy_bwd(const at::Tensor& Bs,
-                                                          const at::Tensor& Cs,
-                                                          const at::Tensor& z,
-                                                          const at::Tensor& w,
-                                                          const at::Tensor& G) {
-  const Dims d = dims(Bs, Cs, z, w);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cauchy_bwd(
+    const at::Tensor& Bs, const at::Tensor& Cs, const at::Tensor& z, const at::Tensor& w,
+    const at::Tensor& G, const c10::optional<at::Tensor>& dt) {
+  const Dims d = dims(Bs, Cs, z, w, dt);
   check(G, "G", 5);
   TORCH_CHECK(G.size(0) == d.H && G.size(1) == d.A && G.size(2) == d.Bc && G.size(3) == d.Lf,
               "cauchy: G must be (H, A, Bc, Lf, 2) = (", d.H, ", ", d.A, ", ", d.Bc, ", ",
               d.Lf, ", 2), got ", G.sizes());
   at::Tensor gB = at::empty({d.H, d.A, d.N, 2}, Cs.options());
-  at::Tensor gC = at::empty_like(Cs), gW = at::empty_like(w);
+  // gC with Cs's strides (the gradient of a transposed view stays a cheap transpose)
+  at::Tensor gC = at::empty_strided(Cs.sizes(), Cs.strides(), Cs.options());
+  at::Tensor gW = at::empty_like(w);
+  at::Tensor gdt = dt.has_value() ? at::empty_like(*dt) : at::Tensor();
+  const double* pdt = dt.has_value() ? dt->data_ptr<double>() : nullptr;
+  double* pgdt = dt.has_value() ? gdt.data_ptr<double>() : nullptr;
   const double *pb = Bs.data_ptr<double>(), *pc = Cs.data_ptr<double>(),
                *pz = z.data_ptr<double>(), *pw = w.data_ptr<double>(),
                *pg = G.data_ptr<double>();
@@ -257,17 +301,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cauchy_bwd(const at::Tensor& Bs,
          *pgw = gW.data_ptr<double>();
   at::parallel_for(0, d.H, std::max<int64_t>(1, grain(d) / 2), [&](int64_t h0, int64_t h1) {
     std::vector<double> buf((10 + 6 * d.K()) * d.N);
-    bwd_rows(d, h0, h1, pb, pc, pz, pw, pg, pgb, pgc, pgw, buf.data());
+    bwd_rows(d, h0, h1, pb, pc, pdt, pz, pw, pg, pgb, pgc, pgw, pgdt, buf.data());
   });
-  return {gB, gC, gW};
+  return {gB, gC, gW, gdt};
 }
 
 }  // namespace mmssm_cauchy
 
 TORCH_LIBRARY(mmssm_cauchy, m) {
-  m.def("cauchy_fwd(Tensor Bs, Tensor Cs, Tensor z, Tensor w) -> Tensor");
-  m.def("cauchy_bwd(Tensor Bs, Tensor Cs, Tensor z, Tensor w, Tensor G)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("cauchy_fwd(Tensor Bs, Tensor Cs, Tensor z, Tensor w, Tensor? dt=None) -> Tensor");
+  m.def("cauchy_bwd(Tensor Bs, Tensor Cs, Tensor z, Tensor w, Tensor G, Tensor? dt=None)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmssm_cauchy, CPU, m) {
