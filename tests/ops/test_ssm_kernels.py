@@ -189,18 +189,28 @@ _needs_cauchy_ext = pytest.mark.skipif(
     reason='compiled Cauchy kernel not built (python setup.py build_ext --inplace)')
 
 
+def _cauchy_operands(seed: int, H: int, A: int, N: int, shared: bool, c_shape: tuple,
+                     wide: bool):
+    """Random complex128 Cauchy operands (with gradients): Bs (A, N) shared or (H, A, N),
+    Cs of ``c_shape``, poles w (H, N) in the left half-plane (``wide``: near the axis, with
+    3x larger imaginary parts). Returns the generator too, for the test's further draws."""
+    g = torch.Generator().manual_seed(seed)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    Bs = torch.randn(*(() if shared else (H,)), A, N, **cplx).requires_grad_()
+    Cs = torch.randn(*c_shape, **cplx).requires_grad_()
+    re = torch.rand(H, N, generator=g, dtype=torch.float64)
+    im = torch.randn(H, N, generator=g, dtype=torch.float64)
+    w = torch.complex(-re * 0.1, 3 * im) if wide else torch.complex(-re - 0.1, im)
+    return g, Bs, Cs, w.requires_grad_()
+
+
 @pytest.mark.parametrize('fused', [False, pytest.param(True, marks=_needs_cauchy_ext)])
 @pytest.mark.parametrize('shared', [True, False])
 def test_cauchy_outer_gradcheck(shared, fused, monkeypatch):
     from mmssm.ops.ssm_kernels import cauchy, cauchy_outer
     monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
-    g = torch.Generator().manual_seed(1)
-    cplx = dict(generator=g, dtype=torch.complex128)
     H, N = 3, 4
-    Bs = torch.randn(*(() if shared else (H,)), 2, N, **cplx).requires_grad_()
-    Cs = torch.randn(H, 3, N, **cplx).requires_grad_()
-    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) - 0.1,
-                      torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    _, Bs, Cs, w = _cauchy_operands(1, H, 2, N, shared, (H, 3, N), wide=False)
     z = 1j * torch.linspace(0, 3, 5, dtype=torch.float64).to(torch.complex128)
     assert torch.autograd.gradcheck(lambda b, c, w: cauchy_outer(b, c, z, w), (Bs, Cs, w))
     # equals the plain Cauchy product of every (Bs[a], Cs[b]) pair
@@ -217,14 +227,9 @@ def test_cauchy_outer_compiled_equals_pytorch(shape, monkeypatch):
     PyTorch path, float64 round-off; N and Lf not multiples of the SIMD width."""
     from mmssm.ops.ssm_kernels import _fused, cauchy_outer, _bilinear_nodes
     H, A, Bc, N, Lf, shared = shape
-    g = torch.Generator().manual_seed(2)
-    cplx = dict(generator=g, dtype=torch.complex128)
-    Bs = torch.randn(*(() if shared else (H,)), A, N, **cplx).requires_grad_()
-    Cs = torch.randn(H, Bc, N, **cplx).requires_grad_()
-    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) * 0.1,
-                      3 * torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    g, Bs, Cs, w = _cauchy_operands(2, H, A, N, shared, (H, Bc, N), wide=True)
     z = _bilinear_nodes(2 * Lf - 1, torch.float64, torch.device('cpu'))[0]
-    gr = torch.randn(H, A, Bc, z.shape[0], **cplx)
+    gr = torch.randn(H, A, Bc, z.shape[0], generator=g, dtype=torch.complex128)
     out = {}
     for fused in (False, True):
         monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
@@ -247,13 +252,8 @@ def test_cauchy_outer_dt_gradcheck(shared, fused, monkeypatch):
     a contiguous (Bc, H, N) tensor (read in place by the compiled kernel)."""
     from mmssm.ops.ssm_kernels import cauchy_outer
     monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
-    g = torch.Generator().manual_seed(4)
-    cplx = dict(generator=g, dtype=torch.complex128)
     H, N = 3, 5
-    Bs = torch.randn(*(() if shared else (H,)), 2, N, **cplx).requires_grad_()
-    Ct = torch.randn(3, H, N, **cplx).requires_grad_()  # (Bc, H, N)
-    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) - 0.1,
-                      torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    g, Bs, Ct, w = _cauchy_operands(4, H, 2, N, shared, (3, H, N), wide=False)  # Ct (Bc, H, N)
     dt = (torch.rand(H, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
     z = 1j * torch.linspace(0, 3, 4, dtype=torch.float64).to(torch.complex128)
     for layout in (lambda c: c.transpose(0, 1), lambda c: c.transpose(0, 1).contiguous()):
@@ -269,15 +269,10 @@ def test_cauchy_outer_dt_compiled_equals_pytorch(shape, monkeypatch):
     gradients of Bs, Cs, w, dt to float64 round-off."""
     from mmssm.ops.ssm_kernels import _bilinear_nodes, cauchy_outer
     H, A, Bc, N, Lf, shared = shape
-    g = torch.Generator().manual_seed(5)
-    cplx = dict(generator=g, dtype=torch.complex128)
-    Bs = torch.randn(*(() if shared else (H,)), A, N, **cplx).requires_grad_()
-    Ct = torch.randn(Bc, H, N, **cplx).requires_grad_()
-    w = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) * 0.1,
-                      3 * torch.randn(H, N, generator=g, dtype=torch.float64)).requires_grad_()
+    g, Bs, Ct, w = _cauchy_operands(5, H, A, N, shared, (Bc, H, N), wide=True)
     dt = (torch.rand(H, generator=g, dtype=torch.float64) + 0.01).requires_grad_()
     z = _bilinear_nodes(2 * Lf - 1, torch.float64, torch.device('cpu'))[0]
-    gr = torch.randn(H, A, Bc, z.shape[0], **cplx)
+    gr = torch.randn(H, A, Bc, z.shape[0], generator=g, dtype=torch.complex128)
     out = {}
     for fused in (False, True):
         monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
