@@ -65,6 +65,17 @@ def setup_cpu_distributed(cfg: Config) -> None:
     replace_sync_bn(cfg.model)
 
 
+def finish_distributed() -> None:
+    """Destroy the process group this run initialised, before the interpreter exits.
+
+    Left to interpreter shutdown, the gloo group's worker threads can be torn down in the
+    wrong order, and a rank then aborts ("terminate called without an active exception",
+    SIGABRT) after a finished run; torch asks every program to call it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def check_or_exit(cfg: Config, mode: str) -> None:
     """Run :func:`_preflight.preflight` and stop with its one message (no traceback)."""
     try:

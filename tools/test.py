@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from _runner_utils import (add_common_args, build_runner, check_or_exit,  # noqa: E402
-                           load_config)
+                           finish_distributed, load_config)
 
 
 def parse_args():
@@ -67,6 +67,7 @@ def main():
             from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     runner.test()
+    finish_distributed()
 
 
 if __name__ == '__main__':

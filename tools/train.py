@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from _runner_utils import (add_common_args, build_runner, check_or_exit,  # noqa: E402
-                           load_config)
+                           finish_distributed, load_config)
 
 
 def parse_args():
@@ -66,6 +66,7 @@ def main():
     check_or_exit(cfg, 'train')
     runner = build_runner(cfg)
     runner.train()
+    finish_distributed()
 
 
 if __name__ == '__main__':
