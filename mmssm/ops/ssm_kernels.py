@@ -890,12 +890,10 @@ class SSMKernelDPLR(SSMKernelDiag):
                 # training step). split, not slices: each slice's backward would fill a
                 # zero gradient of the whole operand
                 hs = [k.H for k in ks]
-                if dts is None:
-                    r = torch.cat([cauchy_outer(b, c, z, w_k)
-                                   for b, c, w_k in zip(shared, Cs.split(hs), w.split(hs))])
-                else:  # Cs (K, H, ch+R, N): unbind, no slices (see above)
-                    r = torch.cat([cauchy_outer(b, c, z, w_k, dt_k) for b, c, w_k, dt_k
-                                   in zip(shared, Cs.unbind(0), w.split(hs), dts)])
+                # with dts, Cs is (K, H, ch+R, N): unbind, no slices (see above)
+                cs = Cs.split(hs) if dts is None else Cs.unbind(0)
+                r = torch.cat([cauchy_outer(b, c, z, w_k, dt_k) for b, c, w_k, dt_k in zip(
+                    shared, cs, w.split(hs), [None] * len(ks) if dts is None else dts)])
                 parts = [ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))]
             else:
                 parts = [
