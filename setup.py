@@ -107,8 +107,10 @@ def scan_extensions() -> dict:
     # function multi-versioning. Without it ssm_kernels computes them in PyTorch.
     if not only or 'cauchy' in only.split(','):
         exts.append(CppExtension(
-            'mmssm.ops._cauchy_cpu', ['mmssm/ops/csrc/cauchy.cpp'],
-            extra_compile_args={'cxx': ['-O3', '-fopenmp']}, extra_link_args=['-fopenmp']))
+            'mmssm.ops._cauchy_cpu',
+            ['mmssm/ops/csrc/cauchy.cpp', 'mmssm/ops/csrc/dplr_spectrum.cpp'],
+            extra_compile_args={'cxx': ['-O3', '-fopenmp']}, extra_link_args=['-fopenmp'],
+            depends=['mmssm/ops/csrc/clones.h']))
 
     class TolerantBuildExtension(BuildExtension.with_options(use_ninja=False)):
         """Builds the SIMD levels in parallel; a failed compile warns, never fails.

@@ -3,14 +3,17 @@
 ``mmssm/ops/csrc/cauchy.cpp`` (built by ``setup.py`` as ``mmssm.ops._cauchy_cpu``) computes
 :func:`mmssm.ops.ssm_kernels.cauchy_outer`'s products and their backward in one pass over
 the (H, N, Lf) Cauchy entries, where the PyTorch code makes ~30 elementwise float64 passes
-each way. :mod:`mmssm.ops.ssm_kernels` uses it for CPU float64 tensors when it is built
-and falls back to PyTorch otherwise (or when :data:`enabled` is False).
+each way. ``mmssm/ops/csrc/dplr_spectrum.cpp`` (same library) goes further for rank-1
+kernels with one shared SSM: from the parameters as stored to the Woodbury-corrected
+spectra, forward and backward (:func:`dplr_fwd`, :func:`dplr_bwd`).
+:mod:`mmssm.ops.ssm_kernels` uses them for CPU float64 work when they are built and falls
+back to PyTorch otherwise (or when :data:`enabled` is False).
 """
 import glob
 import importlib.machinery
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -91,9 +94,46 @@ def cauchy_bwd(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor, g: Tensor,
             gdt if dt is not None else None)
 
 
+def dplr_available() -> bool:
+    """True when the loaded library has the rank-1 DPLR spectrum op (dplr_spectrum.cpp,
+    compiled by GCC or Clang)."""
+    return _EXT is not None and hasattr(_EXT, 'dplr_fwd')
+
+
+def dplr_fwd(Bs: Tensor, A: Tensor, dt: Tensor, z: Tensor, F: Tensor,
+             Cs: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Spectra of K rank-1 DPLR kernels with one shared SSM each (see dplr_spectrum.cpp):
+    ``k[c] = F (r[0, c] - r[0, ch] r[1, c] / (1 + r[1, ch]))`` with r the Cauchy products of
+    ``[B; P]`` and ``dt [C; conj(P)]`` at the poles ``dt A``.
+
+    Args:
+        Bs: (K, 2, N) complex128, rows B and P of each kernel.
+        A: (K, N) complex128 continuous poles.
+        dt: (K, H) float64 steps (rate included).
+        z, F: (Lf,) complex128 nodes and bilinear factors ``2 / (1 + omega)``.
+        Cs: the K kernels' C (ch, H, N, 2) as stored (float32 or float64; ch 1 or 2).
+
+    Returns:
+        ``k_f`` (ch, K H, Lf) complex128 and the products r (K H, Lf, 2 (ch + 1), 2) float64
+        that :func:`dplr_bwd` needs.
+    """
+    kf, r = _EXT.dplr_fwd(*_real(Bs, A), dt.contiguous(), *_real(z, F),
+                          [c.contiguous() for c in Cs])
+    return torch.view_as_complex(kf), r
+
+
+def dplr_bwd(Bs: Tensor, A: Tensor, dt: Tensor, z: Tensor, F: Tensor, Cs: Sequence[Tensor],
+             r: Tensor, g: Tensor) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+    """Gradients ``(gBs, gA, gdt, gCs)`` of :func:`dplr_fwd`'s spectra for their gradient g
+    (ch, K H, Lf) (PyTorch's conjugate-Wirtinger convention); gCs in the Cs' dtypes."""
+    gBs, gA, gdt, gC = _EXT.dplr_bwd(*_real(Bs, A), dt.contiguous(), *_real(z, F),
+                                     [c.contiguous() for c in Cs], r, *_real(g))
+    return torch.view_as_complex(gBs), torch.view_as_complex(gA), gdt, list(gC)
+
+
 def _real(*cs: Tensor) -> Tuple[Tensor, ...]:
     """Contiguous (..., 2) float64 views of complex128 tensors."""
-    return tuple(torch.view_as_real(c.contiguous()) for c in cs)
+    return tuple(torch.view_as_real(c.resolve_conj().contiguous()) for c in cs)
 
 
 def _real_cs(Cs: Tensor) -> Tensor:

@@ -405,6 +405,28 @@ def cauchy_outer(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor,
                       (Cs.shape[0], Bs.shape[-2], Cs.shape[1], z.shape[-1]))
 
 
+class _DPLRSpectrum(torch.autograd.Function):
+    """Spectra (ch, K*H, Lf) of K rank-1 DPLR kernels from ``Bs = [B; P]`` (K, 2, N),
+    poles A (K, N), steps dt (K, H), nodes z and bilinear factors F (Lf,), and the K C
+    parameters as stored (:func:`mmssm.ops.cauchy_cpu.dplr_fwd`): the Cauchy products,
+    Woodbury step and bilinear factor of :meth:`SSMKernelDPLR.batched` in one compiled pass,
+    and the gradients of all of them in one more. Only the products r (K*H, Lf, 2(ch+1))
+    are kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, Bs: Tensor, A: Tensor, dt: Tensor, z: Tensor, F: Tensor,
+                *Cs: Tensor) -> Tensor:
+        k_f, r = cauchy_cpu.dplr_fwd(Bs, A, dt, z, F, Cs)
+        ctx.save_for_backward(Bs, A, dt, z, F, r, *Cs)
+        return k_f
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        Bs, A, dt, z, F, r, *Cs = ctx.saved_tensors
+        gBs, gA, gdt, gCs = cauchy_cpu.dplr_bwd(Bs, A, dt, z, F, Cs, r, g)
+        return (gBs, gA, gdt, None, None, *gCs)
+
+
 def _fused(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor) -> bool:
     """Whether :func:`cauchy_outer` runs the compiled kernel (complex128 CPU operands)."""
     return (all(t.dtype == torch.complex128 for t in (Bs, Cs, z, w))
@@ -775,16 +797,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         """
         k0, K = ks[0], len(ks)
         H, N = k0.H, k0.N
-
-        def stacked(name: str) -> Tensor:
-            return k0._cast(torch.stack([getattr(k, name) for k in ks]), dtype)
-
-        A = (-_param_transform(stacked('A_real'), k0.real_transform)
-             - 1j * _param_transform(stacked('A_imag'), k0.imag_transform))  # (K, S, N)
-        B = torch.view_as_complex(stacked('B'))  # (K, 1, S, N)
-        C = torch.view_as_complex(stacked('C'))  # (K, ch, H, N)
-        P = torch.view_as_complex(stacked('P'))  # (K, R, S, N)
-        dt = _param_transform(stacked('inv_dt'), k0.dt_transform) * rate  # (K, H, 1|N)
+        A, B, P, dt = SSMKernelDPLR._stacked_params(ks, rate, dtype)
+        C = torch.view_as_complex(k0._cast(torch.stack([k.C for k in ks]), dtype))
+        # A (K, S, N), B (K, 1, S, N), C (K, ch, H, N), P (K, R, S, N), dt (K, H, 1|N)
         Bs = torch.cat([B, P], 1)  # (K, 1+R, S, N), S = 1 (shared) or H
         Bs = Bs[:, :, 0] if Bs.shape[2] == 1 else Bs.transpose(1, 2).reshape(K * H, -1, N)
         Cs = torch.cat([C, P.conj().expand(-1, -1, H, -1)], 1)  # (K, ch+R, H, N)
@@ -793,6 +808,62 @@ class SSMKernelDPLR(SSMKernelDiag):
             return Bs, Cs.transpose(1, 2), w, dt.reshape(K, H)
         Cs = (Cs * dt.unsqueeze(1)).transpose(1, 2).reshape(K * H, -1, N)
         return Bs, Cs, w
+
+    @staticmethod
+    def _stacked_params(ks: Sequence['SSMKernelDPLR'], rate: float,
+                        dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A (K, S, N), B (K, 1, S, N), P (K, R, S, N) complex and dt (K, H, 1|N) real of K
+        :meth:`_stackable` kernels: their parameters stacked along a new K axis, then one
+        cast and transform each (as :meth:`get_params`, without its H expansion)."""
+        k0 = ks[0]
+
+        def stacked(name: str) -> Tensor:
+            return k0._cast(torch.stack([getattr(k, name) for k in ks]), dtype)
+
+        A = (-_param_transform(stacked('A_real'), k0.real_transform)
+             - 1j * _param_transform(stacked('A_imag'), k0.imag_transform))
+        dt = _param_transform(stacked('inv_dt'), k0.dt_transform) * rate
+        return (A, torch.view_as_complex(stacked('B')), torch.view_as_complex(stacked('P')),
+                dt)
+
+    @staticmethod
+    def _spectrum_fusable(ks: Sequence['SSMKernelDPLR'], work: torch.dtype) -> bool:
+        """Whether the compiled rank-1 spectrum op (:class:`_DPLRSpectrum`) computes the
+        kernels ``ks`` of one :meth:`batched` group: float64 work on CPU, one shared SSM per
+        kernel (n_ssm = 1), a tied dt, rank 1, 1 or 2 channels, no bandlimit, and no
+        tracing, compiling or dispatch mode (FLOP counting) that must see PyTorch ops."""
+        k0 = ks[0]
+        return (work == torch.float64 and k0.rank == 1 and k0.n_ssm == 1
+                and k0.bandlimit is None and k0.inv_dt.shape[-1] == 1
+                and k0.C.shape[0] in (1, 2) and k0.C.dtype in (torch.float32, torch.float64)
+                and cauchy_cpu.dplr_available() and cauchy_cpu.usable()
+                and all(type(t) in (Tensor, nn.Parameter) and t.device.type == 'cpu'
+                        for k in ks for t in k.parameters())
+                and (len(ks) == 1 or SSMKernelDPLR._stackable(ks)))
+
+    @staticmethod
+    def _fused_spectrum(ks: Sequence['SSMKernelDPLR'], rate: float, z: Tensor,
+                        omega: Tensor) -> Tensor:
+        """Spectra (ch, K*H, Lf) complex128 of :meth:`_spectrum_fusable` kernels: the
+        Cauchy products, Woodbury step and bilinear factor in one compiled pass each way
+        (:class:`_DPLRSpectrum`), C read as stored."""
+        A, B, P, dt = SSMKernelDPLR._stacked_params(ks, rate, torch.float64)
+        Bs = torch.cat([B, P], 1)[:, :, 0]  # (K, 2, N): [B; P] of each kernel
+        A, dt, F = A[:, 0], dt[..., 0], 2 / (1 + omega)  # (K, N), (K, H), (Lf,)
+        Cs = [k.C for k in ks]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (Bs, A, dt, *Cs)):
+            return _DPLRSpectrum.apply(Bs, A, dt, z, F, *Cs)
+        return cauchy_cpu.dplr_fwd(Bs, A, dt, z, F, Cs)[0]
+
+    @staticmethod
+    def _to_time(k_f: Tensor, n: int, L: int) -> Tensor:
+        """Kernel (ch, H, L) from its spectrum (ch, H, n/2+1) at the n roots of unity."""
+        K = torch.fft.irfft(k_f, n=n)
+        if K.shape[-1] > L:
+            K = K[..., :L]
+        elif K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
+            K = F.pad(K, (0, L - K.shape[-1]))
+        return K
 
     def _kernel_from_cauchy(self, r: Tensor, omega: Tensor, n: int, L: int) -> Tensor:
         """Woodbury correction, bilinear factor and inverse FFT of the Cauchy products
@@ -814,12 +885,7 @@ class SSMKernelDPLR(SSMKernelDiag):
                                                 r[:, -R:, :-R])
             k_f = k_f[:, 0].transpose(0, 1)  # (ch, H, Lf)
         k_f = k_f * 2 / (1 + omega)  # bilinear-transform correction
-        K = torch.fft.irfft(k_f, n=n)
-        if K.shape[-1] > L:
-            K = K[..., :L]
-        elif K.shape[-1] < L:  # rounding corner case: pad the tail with zeros
-            K = F.pad(K, (0, L - K.shape[-1]))
-        return K
+        return self._to_time(k_f, n, L)
 
     def forward(self, L: Optional[int] = None, rate: float = 1.0) -> Tensor:
         return self.batched([self], [L], rate)[0]
@@ -858,6 +924,12 @@ class SSMKernelDPLR(SSMKernelDiag):
             z, omega = _bilinear_nodes(n, work, device)
             shared = None  # one (1+R, N) Bs per kernel of a stacked group
             dts = None  # dt left to the Cauchy calls: (H,), or a (H,) per shared Bs
+            if SSMKernelDPLR._spectrum_fusable(ks, work):  # compiled, from the parameters
+                k_f = SSMKernelDPLR._fused_spectrum(ks, rate, z, omega)
+                K = SSMKernelDPLR._to_time(k_f, n, max(Ls)).to(dtype)
+                for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
+                    out[i] = K_i if K_i.shape[-1] == L else K_i[..., :L]
+                continue
             if len(ks) == 1:  # dt (tied) applied by the Cauchy call
                 Bs, Cs, w, *dt = ks[0]._cauchy_args(rate, work, defer_dt=True)
                 dts = dt[0] if dt else None

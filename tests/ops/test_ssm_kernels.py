@@ -423,3 +423,143 @@ def test_built_cauchy_kernel_is_what_kernel_generation_gets(monkeypatch):
     with torch.no_grad():
         cauchy_outer(Bs, Cs, z, w)
     assert calls == ['cauchy_fwd', 'cauchy_bwd', 'cauchy_fwd']
+
+
+_needs_dplr_op = pytest.mark.skipif(
+    not cauchy_cpu.dplr_available(),
+    reason='compiled DPLR spectrum op not built (python setup.py build_ext --inplace)')
+
+
+def _spectrum_operands(seed: int, K: int, H: int, N: int, Lf: int, ch: int):
+    """Random operands of the compiled rank-1 spectrum op: Bs (K, 2, N), poles A (K, N) in
+    the left half-plane, dt (K, H) > 0, nodes z and factors F (Lf,), K C tensors
+    (ch, H, N, 2) float64, all but z and F with gradients."""
+    g = torch.Generator().manual_seed(seed)
+    cplx = dict(generator=g, dtype=torch.complex128)
+    Bs = torch.randn(K, 2, N, **cplx).requires_grad_()
+    A = torch.complex(-torch.rand(K, N, generator=g, dtype=torch.float64) - 0.2,
+                      3 * torch.randn(K, N, generator=g, dtype=torch.float64)).requires_grad_()
+    dt = (torch.rand(K, H, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    z = 1j * torch.linspace(0, 3, Lf, dtype=torch.float64).to(torch.complex128)
+    F = torch.randn(Lf, **cplx)
+    Cs = [torch.randn(ch, H, N, 2, generator=g, dtype=torch.float64).requires_grad_()
+          for _ in range(K)]
+    return Bs, A, dt, z, F, Cs
+
+
+def _spectrum_reference(Bs, A, dt, z, F, *Cs):
+    """The compiled op's function in PyTorch ops: per kernel, the Cauchy products of
+    [B; P] and dt [C; conj(P)] at the poles dt A, Woodbury step, factor F."""
+    from mmssm.ops.ssm_kernels import cauchy_outer
+    out = []
+    for k, C in enumerate(Cs):
+        C = torch.view_as_complex(C)  # (ch, H, N)
+        Cc = torch.cat([C, Bs[k, 1].conj().expand(1, C.shape[1], -1)]).transpose(0, 1)
+        r = cauchy_outer(Bs[k], Cc * dt[k, :, None, None], z, dt[k, :, None] * A[k])
+        (r00, r01), (r10, r11) = (t.split([t.shape[1] - 1, 1], 1) for t in r.unbind(1))
+        out.append((r00 - r01 / (1 + r11) * r10).transpose(0, 1) * F)
+    return torch.cat(out, 1)  # (ch, K H, Lf)
+
+
+@_needs_dplr_op
+@pytest.mark.parametrize('ch', [1, 2])
+def test_dplr_spectrum_op_gradcheck_and_reference(ch, monkeypatch):
+    """The compiled rank-1 spectrum op: float64 gradcheck of every input (H = 10: a full
+    and a partial block of 8 channels), and values and gradients equal to the same
+    function in PyTorch ops (float64 round-off)."""
+    from mmssm.ops.ssm_kernels import _DPLRSpectrum
+    Bs, A, dt, z, F, Cs = _spectrum_operands(4, 2, 10, 3, 4, ch)
+    op = lambda Bs, A, dt, *Cs: _DPLRSpectrum.apply(Bs, A, dt, z, F, *Cs)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (Bs, A, dt, *Cs))
+    got = op(Bs, A, dt, *Cs)
+    monkeypatch.setattr(cauchy_cpu, 'enabled', False)  # the reference in PyTorch ops
+    ref = _spectrum_reference(Bs, A, dt, z, F, *Cs)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(5))
+    inputs = (Bs, A, dt, *Cs)
+    for a, b in zip(torch.autograd.grad(got, inputs, cot), torch.autograd.grad(ref, inputs, cot)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@_needs_dplr_op
+def test_dplr_spectrum_op_float32_C_and_bad_input():
+    """C is read (and its gradient written) in its stored dtype: float32 C gives the
+    float64 C's results to float32 round-off; malformed operands raise a clear error."""
+    from mmssm.ops.ssm_kernels import _DPLRSpectrum
+    Bs, A, dt, z, F, Cs = _spectrum_operands(6, 2, 9, 4, 5, 2)
+    C32 = [c.detach().float().requires_grad_() for c in Cs]
+    C64 = [c.detach().double().requires_grad_() for c in C32]
+    out32 = _DPLRSpectrum.apply(Bs, A, dt, z, F, *C32)
+    out64 = _DPLRSpectrum.apply(Bs, A, dt, z, F, *C64)
+    torch.testing.assert_close(out32, out64, rtol=0, atol=0)  # same float64 arithmetic
+    g32 = torch.autograd.grad(out32.abs().sum(), C32)
+    g64 = torch.autograd.grad(out64.abs().sum(), C64)
+    for a, b in zip(g32, g64):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match='2 C tensors expected, got 1'):
+        cauchy_cpu.dplr_fwd(Bs.detach(), A.detach(), dt.detach(), z, F, C32[:1])
+    with pytest.raises(RuntimeError, match=r'each C must have shape \(2, 9, 4, 2\)'):
+        cauchy_cpu.dplr_fwd(Bs.detach(), A.detach(), dt.detach(), z, F,
+                            [c.detach()[:, :5] for c in C32])
+    with pytest.raises(RuntimeError, match='ch must be 1 or 2'):
+        cauchy_cpu.dplr_fwd(Bs.detach(), A.detach(), dt.detach(), z, F,
+                            [torch.zeros(3, 9, 4, 2)] * 2)
+
+
+@_needs_dplr_op
+@pytest.mark.parametrize('channels', [1, 2])
+def test_dplr_batched_fused_spectrum_equals_pytorch(channels, monkeypatch):
+    """`SSMKernelDPLR.batched` with the compiled spectrum op (rank 1, n_ssm = 1, tied dt:
+    S4ND's kernels) against its PyTorch path: same kernels and parameter gradients, for
+    groups of one and several kernels, two rates, autograd on and off."""
+    torch.manual_seed(0)
+    kw = dict(d_state=8, channels=channels, init='fourier', dt_min=0.05, dt_max=0.5,
+              n_ssm=1)
+    ks = [SSMKernelDPLR(d_model=11, l_max=9, **kw) for _ in range(3)]
+    ks.append(SSMKernelDPLR(d_model=4, l_max=5, **kw))  # a group of its own
+    lengths = [9, 7, 9, 5]
+    params = [p for k in ks for p in k.parameters()]
+    calls = []
+    real = cauchy_cpu.dplr_fwd
+    monkeypatch.setattr(cauchy_cpu, 'dplr_fwd', lambda *a: calls.append(1) or real(*a))
+
+    def run(fused: bool, rate: float):
+        monkeypatch.setattr(cauchy_cpu, 'enabled', fused)
+        out = SSMKernelDPLR.batched(ks, lengths, rate, max_elements=1 << 62)
+        grads = torch.autograd.grad(sum((K * K).sum() for K in out), params)
+        with torch.no_grad():
+            out_ng = SSMKernelDPLR.batched(ks, lengths, rate)
+        return out, grads, out_ng
+
+    for rate in (1.0, 0.5):
+        calls.clear()
+        got = run(True, rate)
+        assert len(calls) == 4  # two groups, with and without autograd
+        ref = run(False, rate)
+        assert len(calls) == 4
+        for a, b in zip(got[0] + got[2], ref[0] + ref[2]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for a, b in zip(got[1], ref[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_built_dplr_spectrum_op_is_what_s4nd_kernels_get(monkeypatch):
+    """If the Cauchy library was built with the spectrum op (GCC / Clang), S4ND's rank-1
+    shared-SSM kernels (ConvNeXt-S4ND) must be generated by it, forward and backward."""
+    if cauchy_cpu._path() is None:
+        pytest.skip('compiled Cauchy kernel not built (MMSSM_BUILD_EXT=0 or no compiler)')
+    import sys
+    if not sys.platform.startswith('linux'):
+        pytest.skip('the spectrum op is built by GCC / Clang')
+    assert cauchy_cpu.dplr_available(), 'the Cauchy library loads without its dplr ops'
+    from mmssm.models.layers.s4nd import S4ND
+    calls = []
+    for name in ('dplr_fwd', 'dplr_bwd'):
+        real = getattr(cauchy_cpu, name)
+        monkeypatch.setattr(cauchy_cpu, name,
+                            lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    layer = S4ND(8, d_state=8, dim=2, l_max=[6, 6], channels=1, bidirectional=True,
+                 n_ssm=1, init='fourier', linear=True, activation=None)
+    layer(torch.randn(1, 8, 6, 6)).square().sum().backward()
+    assert calls == ['dplr_fwd', 'dplr_bwd']
