@@ -910,11 +910,18 @@ class SSMKernelDPLR(SSMKernelDiag):
         for i, (k, l) in enumerate(zip(kernels, lengths)):
             L, n = k._attune(l, rate)
             key = (n, k.rank, k.channels, k.N, k.C.dtype, k.C.device)
-            # a group grows while its Cauchy matrices stay small: past that, separate calls
-            # are faster (measured 1.15-1.8x per axis at the ConvNeXt-S4ND-T layer shapes,
-            # float64), as the working set of the elementwise passes leaves the cache
+            # the compiled spectrum op keeps no temporaries that grow with a group: its
+            # kernels group without a cap (one call per configuration and length)
+            fused = SSMKernelDPLR._spectrum_fusable(
+                [k], kernel_work_dtype(k.C.dtype, k.C.device))
+            if fused:
+                key = key + ('spectrum', k.H)
+            # otherwise a group grows while its Cauchy matrices stay small: past that,
+            # separate calls are faster (measured 1.15-1.8x per axis at the ConvNeXt-S4ND-T
+            # layer shapes, float64), as the working set of the elementwise passes leaves
+            # the cache
             elems = k.H * k.N * (n // 2 + 1)
-            if key in groups and size[key] + elems > cap:
+            if key in groups and size[key] + elems > cap and not fused:
                 key = key + (i,)  # start a new group
             groups.setdefault(key, []).append((i, k, L))
             size[key] = size.get(key, 0) + elems

@@ -29,6 +29,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
 from mmssm.models.layers.s4nd import S4ND, TransposedLinear, prefetch_kernels
+from mmssm.ops import cauchy_cpu
 from mmssm.registry import MODELS
 from .base import SSMBackbone, is_int, is_number
 
@@ -441,11 +442,14 @@ class ConvNeXtS4ND(SSMBackbone):
                              f'{self.total_stride} of {type(self).__name__}: the last stage '
                              'would be empty (sizes are floored at each pooling, as ConvNeXt)')
         rate = self.rate if rate is None else rate
-        if torch.is_grad_enabled() and torch.get_num_threads() > 1:
+        if torch.is_grad_enabled() and (torch.get_num_threads() > 1
+                                        or cauchy_cpu.dplr_available()):
             # training: the kernels of all depthwise layers in one batched call per shape
             # (~8k instead of ~24k small ops for ConvNeXt-S4ND-T). With several threads
             # every op is an OpenMP region: kernel generation f+b 475 -> 401 ms (2 threads,
-            # wall); at 1 thread the stacked passes' larger working set makes it ~5% slower
+            # wall). At 1 thread it pays only with the compiled spectrum op (train step
+            # -3-5%); the PyTorch path's stacked passes, whose working set outgrows the
+            # cache, are ~5% slower than per-layer calls there
             prefetch_kernels(self._s4nd_layers(x.shape[2:]), rate)
         x = self.stem(x, rate)
         outs = []

@@ -75,10 +75,10 @@ def test_forward_backward_small(size):
 
 
 def test_prefetched_kernels_equal_per_layer(monkeypatch):
-    """Training with several threads generates the kernels of all depthwise S4ND layers
-    in one batched call per shape (`prefetch_kernels`): same outputs and gradients as
-    per-layer generation, every prefetched kernel used once, and none used after the
-    parameters changed."""
+    """Training (several threads, or the compiled spectrum op) generates the kernels of all
+    depthwise S4ND layers in one batched call per shape (`prefetch_kernels`): same outputs
+    and gradients as per-layer generation, every prefetched kernel used once, and none used
+    after the parameters changed."""
     import mmssm.models.backbones.convnext_s4nd as cb
     from mmssm.models.layers.s4nd import S4ND, prefetch_kernels
     torch.manual_seed(0)
