@@ -6,14 +6,15 @@ S4ND / conv in one run. Not a test. Usage:
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py [--threads 1] [--batch 1 8] [--repeat 7]
         [--conv-mode auto|toeplitz|axes|outer] [--stem]
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --models [--train] [--threads 1 2] [--batch 1 8]
-        [--cauchy-ab]
+        [--cauchy-ab] [--spectrum-ab]
     PYTHONPATH=$PWD python benchmarks/bench_s4nd.py --memory [--threads 1 2] [--batch 1 8]
 
 ``--models``: whole ConvNeXt-S4ND-T against mmpretrain's ConvNeXt-T (224^2, inference),
 interleaved in one process, best of ``--repeat``: process CPU time (the honest number on a
 loaded machine at 1 thread) and wall time; with ``--train``, training steps (loss, backward,
 SGD step) instead; with ``--cauchy-ab``, S4ND-T also with the PyTorch Cauchy product
-instead of the compiled one ("torch" row). ``--memory``: peak RSS above the level before
+instead of the compiled one ("torch" row); with ``--spectrum-ab``, S4ND-T also without the
+compiled spectrum op (compiled Cauchy products, Woodbury step in PyTorch: "cauchy" row). ``--memory``: peak RSS above the level before
 the first forward, in a fresh subprocess per (model, threads, batch): the first forward
 of a freshly built model (for S4ND: C -> C~ conversion, kernel generation, caches) and
 then 3 steady forwards.
@@ -116,23 +117,26 @@ def _train_step(name: str):
     return step
 
 
-def _with_cauchy_ext(f, enabled: bool):
-    """``f`` run with the compiled Cauchy kernel switched on or off (the PyTorch path)."""
+def _with_switch(f, name: str, value: bool):
+    """``f`` run with the switch ``mmssm.ops.cauchy_cpu.<name>`` set to ``value``."""
     def g(x):
-        saved, cauchy_cpu.enabled = cauchy_cpu.enabled, enabled
+        saved = getattr(cauchy_cpu, name)
+        setattr(cauchy_cpu, name, value)
         try:
             f(x)
         finally:
-            cauchy_cpu.enabled = saved
+            setattr(cauchy_cpu, name, saved)
     return g
 
 
 def bench_models(batches, threads, repeat: int, train: bool = False,
-                 cauchy_ab: bool = False) -> None:
+                 cauchy_ab: bool = False, spectrum_ab: bool = False) -> None:
     """Whole-model inference (or training steps), the models interleaved, best of ``repeat``.
 
     ``cauchy_ab``: ConvNeXt-S4ND-T also with the PyTorch Cauchy product instead of the
     compiled one (same model instance, in the same rotation): an old/new A/B of the kernel.
+    ``spectrum_ab``: likewise without the compiled spectrum op (the compiled Cauchy products
+    with the Woodbury step in PyTorch).
     """
     what = 'training step (loss, backward, SGD step)' if train else 'inference (no_grad)'
     print('whole models, 224^2 %s, best of %d, interleaved; ratio = '
@@ -142,12 +146,17 @@ def bench_models(batches, threads, repeat: int, train: bool = False,
         print('"torch": S4ND-T with the PyTorch Cauchy product (mmssm.ops.cauchy_cpu.enabled = '
               'False); compiled kernel %s' % ('loaded' if cauchy_cpu.available() else
                                              'NOT built: both rows use PyTorch'))
+    if spectrum_ab:
+        print('"cauchy": S4ND-T without the compiled spectrum op (mmssm.ops.cauchy_cpu.'
+              'spectrum_enabled = False); spectrum op %s' % (
+                  'loaded' if cauchy_cpu.dplr_available() else 'NOT built: same rows'))
     print(f'{"thr":>3} {"B":>2} | {"s4nd cpu":>9} {"cnx cpu":>8} {"ratio":>6} | '
           f'{"s4nd wall":>9} {"cnx wall":>8} {"ratio":>6}')
     for B in batches:
         fwds = [_train_step(n) if train else _build(n, B)[1] for n in MODELS]
-        if cauchy_ab:
-            fwds = [_with_cauchy_ext(fwds[0], True), fwds[1], _with_cauchy_ext(fwds[0], False)]
+        extra = [('torch', 'enabled')] if cauchy_ab else []
+        extra += [('cauchy', 'spectrum_enabled')] if spectrum_ab else []
+        fwds += [_with_switch(fwds[0], name, False) for _, name in extra]
         x = torch.randn(B, 3, 224, 224)
         for th in threads:
             torch.set_num_threads(th)
@@ -161,7 +170,7 @@ def bench_models(batches, threads, repeat: int, train: bool = False,
                         f(x)
                         cpu[i] = min(cpu[i], time.process_time() - c)
                         wall[i] = min(wall[i], time.perf_counter() - w)
-            rows = [('', 0)] + ([('torch', 2)] if cauchy_ab else [])
+            rows = [('', 0)] + [(tag, 2 + i) for i, (tag, _) in enumerate(extra)]
             for tag, i in rows:
                 print(f'{th:>3} {B:>2} | {1e3 * cpu[i]:9.1f} {1e3 * cpu[1]:8.1f} '
                       f'{cpu[1] / cpu[i]:6.3f} | {1e3 * wall[i]:9.1f} {1e3 * wall[1]:8.1f} '
@@ -222,12 +231,16 @@ def main():
     p.add_argument('--cauchy-ab', action='store_true',
                    help='with --models: also S4ND-T with the PyTorch Cauchy product (A/B of '
                         'the compiled kernel, same process)')
+    p.add_argument('--spectrum-ab', action='store_true',
+                   help='with --models: also S4ND-T without the compiled spectrum op (A/B of '
+                        'the op, same process)')
     p.add_argument('--memory', action='store_true',
                    help='first-forward / steady peak RSS of both models, fresh process each')
     args = p.parse_args()
     if args.models or args.memory:
         if args.models:
-            bench_models(args.batch, args.threads, args.repeat, args.train, args.cauchy_ab)
+            bench_models(args.batch, args.threads, args.repeat, args.train, args.cauchy_ab,
+                         args.spectrum_ab)
         if args.memory:
             bench_memory(args.batch, args.threads)
         return

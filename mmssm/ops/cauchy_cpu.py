@@ -22,6 +22,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # set to False to force the PyTorch path (A/B comparisons, debugging)
 enabled = True
+# set to False to keep the compiled Cauchy products but not the spectrum op (A/B comparisons)
+spectrum_enabled = True
 
 
 def _path() -> Optional[str]:
@@ -96,8 +98,8 @@ def cauchy_bwd(Bs: Tensor, Cs: Tensor, z: Tensor, w: Tensor, g: Tensor,
 
 def dplr_available() -> bool:
     """True when the loaded library has the rank-1 DPLR spectrum op (dplr_spectrum.cpp,
-    compiled by GCC or Clang)."""
-    return _EXT is not None and hasattr(_EXT, 'dplr_fwd')
+    compiled by GCC or Clang) and :data:`spectrum_enabled` is set."""
+    return _EXT is not None and spectrum_enabled and hasattr(_EXT, 'dplr_fwd')
 
 
 def dplr_fwd(Bs: Tensor, A: Tensor, dt: Tensor, z: Tensor, F: Tensor,

@@ -16,6 +16,12 @@ and returns the discretised convolution kernel ``K[l] = C dA^l dB``, shaped
   converts a raw C (``l_kernel == 0``) in place, as the official code does.
 * ``rate`` (relative sampling rate, 2 = half resolution) scales dt; ``bandlimit`` zeroes
   the modes whose frequency ``dt * |Im A| / 2 pi`` is above ``bandlimit / 2`` cycles/sample.
+
+On CPU, kernel generation runs in float64 with compiled code where it is built
+(:mod:`mmssm.ops.cauchy_cpu`): the Cauchy products in general, and for rank-1 kernels with
+one shared SSM and a tied dt (S4ND's) the whole spectrum - Cauchy sums, Woodbury step,
+bilinear factor - and its backward as one op from the parameters as stored
+(:class:`_DPLRSpectrum`). The PyTorch code paths compute the same and remain the reference.
 """
 import math
 from functools import lru_cache
