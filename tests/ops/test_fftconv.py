@@ -317,3 +317,19 @@ def test_batched_toeplitz_conv2d_backward(B, channels_last, with_D):
         got = torch.autograd.grad((fn(*sub) * w).sum(), sub[i])[0]
         torch.testing.assert_close(got, torch.autograd.grad((ref * w).sum(), args[i],
                                                             retain_graph=True)[0])
+
+
+@pytest.mark.parametrize('shape', [(3, 7, 7, 7), (2, 1, 1, 1), (2, 3, 5, 2), (2, 8, 9, 10)])
+def test_small_bmm_through_padded_contraction(shape):
+    # products below ATen's BLAS size (M*K*N < 400) are zero-padded along K: same values
+    from mmssm.ops.fftconv import _bmm
+    H, M, K, N = shape
+    g = torch.Generator().manual_seed(M * K * N)
+    a = torch.randn(H, M, K, generator=g, dtype=torch.float64)
+    b = torch.randn(H, N, K, generator=g, dtype=torch.float64).transpose(1, 2)  # strided
+    c = torch.randn(H, M, N, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_bmm(a, b), torch.bmm(a, b))
+    want = c + torch.bmm(a, b)
+    got = _bmm(a, b, c)
+    assert got.data_ptr() == c.data_ptr()  # accumulated in place
+    torch.testing.assert_close(got, want)
