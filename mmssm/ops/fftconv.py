@@ -232,7 +232,8 @@ def toeplitz_matrix(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tens
         taps = k_fwd if k_bwd is None else torch.cat([k_fwd, k_bwd], -1)
         sel = _tap_selector(length, k_fwd.shape[-1], taps.shape[-1] - k_fwd.shape[-1],
                             taps.dtype, taps.device)
-        T = torch.mm(taps.reshape(-1, taps.shape[-1]), sel.t())
+        with torch.autocast(device_type=taps.device.type, enabled=False):  # exact copies
+            T = torch.mm(taps.reshape(-1, taps.shape[-1]), sel.t())
         return T.view(*taps.shape[:-1], length, length)
     return _ToeplitzMatrix.apply(k_fwd, k_bwd, length)
 
@@ -642,10 +643,11 @@ def _channels_first(x: Tensor) -> Tensor:
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
-    The gradient of :func:`_toeplitz_conv2d`'s (H, Y, X*B) GEMM output arrives in its
+    The gradient of :func:`_toeplitz_conv2d`'s per-image (B, H, Y, X) output arrives in its
     consumer's layout: a ConvNeXt block's channels-last LayerNorm gives (H, Y, X) matrices
     with no unit stride, and the backward GEMMs (``bmm`` with such operands) would copy them
     one by one (H small copies each, ~2-25x slower at 56^2-14^2). One copy here instead.
+    (The all-images path does the same inside :class:`_BatchedToeplitzConv2d`.)
     """
 
     @staticmethod

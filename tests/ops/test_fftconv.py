@@ -173,7 +173,7 @@ def test_toeplitz_2d_gradcheck_batched():
 @pytest.mark.parametrize('shape', [(1, 4, 5), (2, 4, 5), (1, 1, 1), (3, 1, 2)])
 def test_toeplitz_2d_channels_last_gradcheck(shape):
     # a channels-last input takes the channels-last output layout (2-D transposes in and
-    # out of the GEMM layout, skip added afterwards, `_ToChannelsLast` backward): gradcheck
+    # out of the GEMM layout, skip added afterwards, `_BatchedToeplitzConv2d`): gradcheck
     # in float64 for x, both kernels and D, incl. a 1x1 map (the transpose is a view there)
     B, Y, X = shape
     g = torch.Generator().manual_seed(B * 100 + Y * X)
@@ -269,6 +269,9 @@ def test_toeplitz_matrix_autograd_equals_window_construction(gemm_max, L, lf, lb
     assert torch.autograd.gradcheck(build, ins)
     with torch.no_grad():  # no autograd: the window construction itself
         assert torch.equal(build(*ins), ref)
+    ins32 = [k.detach().float().requires_grad_() for k in ins]
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # fp32 taps copied exactly
+        assert torch.equal(build(*ins32), ref.float())
 
 
 def test_diagonal_sums_in_blocks(monkeypatch):
