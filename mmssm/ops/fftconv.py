@@ -267,10 +267,11 @@ def _reversed_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Ten
     return F.pad(r, (left, right)) if left or right else r
 
 
-# elements of the zero-padded scratch of :func:`_diagonal_sums` (256 KB in fp32): small
-# enough to be reused from the heap and stay in cache; one (H, L+1, 2L-1) buffer per call
-# (2.4 MB at 96@56^2) cost more in fresh-page faults than its sum
-_DIAG_SCRATCH = 1 << 16
+# elements of the zero-padded scratch of :func:`_diagonal_sums` (1 MB in fp32): one
+# (H, L+1, 2L-1) buffer per call (2.4 MB at 96@56^2) cost more in fresh-page faults than
+# its sum; 256 KB blocks were as fast at 1 thread but too small for 2 (96@56^2: 277 vs
+# 125 us per call)
+_DIAG_SCRATCH = 1 << 18
 
 
 def _diagonal_sums(g: Tensor) -> Tensor:
