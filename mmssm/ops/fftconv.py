@@ -22,7 +22,7 @@ Conventions: true convolution, ``y[t] = sum_s k[s] * u[t - s]`` per axis.
 :func:`conv_reference_nd` is the plain ``F.conv{1,2,3}d`` reference used by the tests.
 """
 from functools import lru_cache
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -524,7 +524,8 @@ def _bmm(a: Tensor, b: Tensor, acc: Optional[Tensor] = None) -> Tensor:
     return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
 
 
-def _batched_gemms(x: Tensor, Ty: Tensor, Tx: Tensor, Dv: Optional[Tensor]):
+def _batched_gemms(x: Tensor, Ty: Tensor, Tx: Tensor,
+                   Dv: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """All images of :func:`_toeplitz_conv2d` in one GEMM pair (no autograd).
 
     Returns ``(out, xp, zT)``: for a channels-last x (H > 1) ``out`` is the contiguous
