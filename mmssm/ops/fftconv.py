@@ -22,7 +22,7 @@ Conventions: true convolution, ``y[t] = sum_s k[s] * u[t - s]`` per axis.
 :func:`conv_reference_nd` is the plain ``F.conv{1,2,3}d`` reference used by the tests.
 """
 from functools import lru_cache
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -214,11 +214,118 @@ def toeplitz_conv_separable(u: Tensor, kernels: Sequence[Tensor],
 def toeplitz_matrix(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
     """Dense convolution matrix T (..., L, L) with ``(T u)_i = sum_j k(i - j) u_j``.
 
-    k_fwd: causal taps (offset s >= 0); k_bwd: anti-causal taps (offset -(m+1)).
-    Row i is the two-sided kernel read backwards from offset i, so T is a sliding window
-    (``unfold``) of the reversed kernel: no gather, and a cheap backward.
+    k_fwd: causal taps (offset s >= 0); k_bwd: anti-causal taps (offset -(m+1)); taps
+    beyond offset +-(L-1) are dropped. Row i is the two-sided kernel read backwards from
+    offset i, so T is a sliding window (``unfold``) of the reversed kernel. With autograd
+    (not tracing) T is built straight from the two halves, by a GEMM with a 0/1 matrix for
+    short axes, else by :class:`_ToeplitzMatrix`; both take the kernel gradient as sums of
+    the gradient's diagonals, without flipping (.., L, L) tensors. Same values.
     """
-    return _window_matrix(two_sided_kernel(k_fwd, k_bwd, length - 1))
+    k_fwd = _head(k_fwd, length)
+    k_bwd = None if k_bwd is None else _head(k_bwd, length - 1)
+    if _tracing() or not torch.is_grad_enabled() or not (
+            k_fwd.requires_grad or (k_bwd is not None and k_bwd.requires_grad)):
+        return _window_matrix(two_sided_kernel(k_fwd, k_bwd, length - 1))
+    if length <= _TOEPLITZ_GEMM_MAX:
+        # T = taps @ S^T with a 0/1 matrix S (L*L, lf + lb): exact (one nonzero product
+        # per entry), and its backward is the GEMM that sums the diagonals of the gradient
+        taps = k_fwd if k_bwd is None else torch.cat([k_fwd, k_bwd], -1)
+        sel = _tap_selector(length, k_fwd.shape[-1], taps.shape[-1] - k_fwd.shape[-1],
+                            taps.dtype, taps.device)
+        with torch.autocast(device_type=taps.device.type, enabled=False):  # exact copies
+            T = torch.mm(taps.reshape(-1, taps.shape[-1]), sel.t())
+        return T.view(*taps.shape[:-1], length, length)
+    return _ToeplitzMatrix.apply(k_fwd, k_bwd, length)
+
+
+# up to this length :func:`toeplitz_matrix` (with autograd) is a GEMM with a 0/1 matrix,
+# forward and backward (1 thread, 768 x 7^2 / 384 x 14^2: 13 / 34 us per GEMM, where
+# flip + ``unfold_backward`` took 77 / 83 us and every small op or Python autograd node
+# costs 5-20 us); beyond it the O(L^3) GEMMs lose (445 us at 96 x 56^2) to
+# :class:`_ToeplitzMatrix`'s strided copies
+_TOEPLITZ_GEMM_MAX = 20
+
+
+@lru_cache(maxsize=64)
+def _tap_selector(length: int, lf: int, lb: int, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """0/1 matrix (L*L, lf + lb): entry ((i, j), c) is 1 iff ``i - j`` is the offset of tap c
+    (c < lf: causal tap c, offset c; else anti-causal tap m = c - lf, offset -(m+1))."""
+    i = torch.arange(length, device=device)
+    offset = (i[:, None] - i[None, :]).reshape(-1, 1)  # (L*L, 1)
+    taps = torch.cat([torch.arange(lf, device=device), -1 - torch.arange(lb, device=device)])
+    return (offset == taps).to(dtype)
+
+
+def _reversed_kernel(k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
+    """Two-sided kernel read backwards, (..., lf), (..., lb) -> r (..., 2L-1) with
+    ``r[m] = k(L-1-m)``: k_fwd reversed at m = L-lf..L-1, k_bwd at m = L..L+lb-1, zeros
+    elsewhere (lf <= L, lb <= L-1)."""
+    lb = 0 if k_bwd is None else k_bwd.shape[-1]
+    r = k_fwd.flip(-1) if not lb else torch.cat([k_fwd.flip(-1), k_bwd], -1)
+    left, right = length - k_fwd.shape[-1], length - 1 - lb
+    return F.pad(r, (left, right)) if left or right else r
+
+
+# elements of the zero-padded scratch of :func:`_diagonal_sums` (1 MB in fp32): one
+# (H, L+1, 2L-1) buffer per call (2.4 MB at 96@56^2) cost more in fresh-page faults than
+# its sum; 256 KB blocks were as fast at 1 thread but too small for 2 (96@56^2: 277 vs
+# 125 us per call)
+_DIAG_SCRATCH = 1 << 18
+
+
+def _diagonal_sums(g: Tensor) -> Tensor:
+    """Sums of the diagonals of square matrices: (..., L, L) -> (..., 2L-1),
+    ``out[m] = sum_{j - i = m - (L-1)} g[i, j]`` (the gradient of :func:`_reversed_kernel`'s
+    r for ``T[i, j] = r[L-1-i+j]``).
+
+    Blocks of matrices are copied into a zero-padded (L+1, 2L-1) scratch (g at columns
+    L-1.., an extra zero row; the padding is never written, so it stays zero from block to
+    block) and reduced over a strided view: element (i, c) of the (L, 2L-1) view with row
+    stride 2L is ``P[i, i + c]`` = g[i, c + i - (L-1)], or past the end of row i a zero of
+    row i+1's left padding. (ATen's flip + ``unfold_backward`` took ~2x longer.)
+    """
+    *lead, L, _ = g.shape
+    n = 2 * L - 1
+    g = g.reshape(-1, L, L)
+    N = g.shape[0]
+    block = max(1, min(N, _DIAG_SCRATCH // ((L + 1) * n)))
+    P = g.new_zeros(block, L + 1, n)
+    view = P.as_strided((block, L, n), (P.stride(0), n + 1, 1))
+    out = g.new_empty(N, n)
+    for s in range(0, N, block):
+        e = min(s + block, N)
+        P[:e - s, :L, L - 1:] = g[s:e]
+        torch.sum(view[:e - s], -2, out=out[s:e])
+    return out.view(*lead, n)
+
+
+class _ToeplitzMatrix(torch.autograd.Function):
+    """(k_fwd (..., lf), k_bwd (..., lb) or None, L) -> T (..., L, L), ``T[i, j] = k(i - j)``.
+
+    Forward: the reversed two-sided kernel r and one strided copy of its sliding windows
+    (the same values as ``_window_matrix(two_sided_kernel(..))``, bit for bit). Backward:
+    the kernel gradient is gr[m] = sum of gT's diagonal j - i = m - (L-1)
+    (:func:`_diagonal_sums`), then split into the two halves; the autograd version of the
+    forward instead flipped the (.., L, L) gradient, ran ``unfold_backward`` and went
+    through flip / cat / pad nodes for the halves.
+    """
+
+    @staticmethod
+    def forward(ctx, k_fwd: Tensor, k_bwd: Optional[Tensor], length: int) -> Tensor:
+        ctx.lens = (k_fwd.shape[-1], None if k_bwd is None else k_bwd.shape[-1])
+        r = _reversed_kernel(k_fwd, k_bwd, length)
+        return r.unfold(-1, length, 1).flip(-2)  # window L-1-i of r is row i
+
+    @staticmethod
+    def backward(ctx, gT: Tensor):
+        lf, lb = ctx.lens
+        length = gT.shape[-1]
+        gr = _diagonal_sums(gT)  # (..., 2L-1), gr[m]: gradient of r[m] = k(L-1-m)
+        g_fwd = gr[..., length - lf:length].flip(-1) if ctx.needs_input_grad[0] else None
+        g_bwd = gr[..., length:length + lb] if lb is not None and ctx.needs_input_grad[1] \
+            else None
+        return g_fwd, g_bwd, None
 
 
 def _window_matrix(k2: Tensor) -> Tensor:
@@ -389,68 +496,137 @@ def _toeplitz_conv2d(x: Tensor, Ty: Tensor, Tx: Tensor, D: Optional[Tensor]) -> 
         return _ContiguousGrad.apply(torch.stack(outs))
     # all images at once, both GEMMs as T @ (wide matrix): MKL is slow for outputs only
     # X = 7 wide (768 x (56, 7) @ (7, 7) takes 4x longer than (7, 7) @ (7, 56))
+    if grad:
+        out = _BatchedToeplitzConv2d.apply(x, Ty, Tx, Dv)
+    else:
+        out = _batched_gemms(x, Ty, Tx, Dv)[0]
+    if cl:  # (B, Y, X, H)
+        return out.permute(0, 3, 1, 2)
+    return out.view(H, Y, X, B).permute(3, 0, 1, 2)  # (H, Y, X*B)
+
+
+# ATen multiplies batches of small matrices (M*K*N < 400) in a scalar loop instead of BLAS:
+# 240 us for 768 (7, 7) @ (7, 7) products at 1 thread (a 7^2 map at B = 1), 70 us through
+# MKL with the contraction zero-padded to 9 (the extra terms are 0 * 0: same sums)
+_BMM_BLAS_MIN = 400
+
+
+def _bmm(a: Tensor, b: Tensor, acc: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` for (H, M, K) @ (H, K, N), or ``acc += a @ b`` in place (``acc``
+    (H, M, N)); below ATen's BLAS size the contraction is zero-padded."""
+    H, M, K = a.shape
+    N = b.shape[-1]
+    if M * K * N < _BMM_BLAS_MIN:
+        k = -(-_BMM_BLAS_MIN // (M * N))
+        ap, bp = a.new_zeros(H, M, k), b.new_zeros(H, k, N)
+        ap[..., :K], bp[:, :K] = a, b
+        a, b = ap, bp
+    return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
+
+
+def _batched_gemms(x: Tensor, Ty: Tensor, Tx: Tensor,
+                   Dv: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """All images of :func:`_toeplitz_conv2d` in one GEMM pair (no autograd).
+
+    Returns ``(out, xp, zT)``: for a channels-last x (H > 1) ``out`` is the contiguous
+    channels-last (B, Y, X, H) result, else an (H, Y, X*B) tensor (an (H, Y, X, B)
+    layout); xp (H, B, Y, X) and the X-axis product zT (H, X, B*Y) are what the backward
+    needs.
+    """
+    B, H, Y, X = x.shape
+    xcl = x.permute(0, 2, 3, 1)  # (B, Y, X, H) view
     # (H, B, Y, X): a view for a contiguous x at B = 1, else one copy (also of a
     # channels-last x at B = 1, for which bmm would copy each (Y, X) matrix separately)
     xp = _channels_first(x)
     # X axis: zT[h] = Tx[h] @ x[h]^T, (X, B*Y), i.e. an (H, X, B, Y) layout
-    zT = torch.bmm(Tx, xp.reshape(H, B * Y, X).transpose(1, 2))
-    zT = zT.view(H, X * B, Y).transpose(1, 2)  # (H, Y, X*B) view, columns (x, b)
-    if cl:
+    zT = _bmm(Tx, xp.reshape(H, B * Y, X).transpose(1, 2))
+    z = zT.view(H, X * B, Y).transpose(1, 2)  # (H, Y, X*B) view, columns (x, b)
+    if xcl.is_contiguous() and H > 1:
         # Y axis: (H, Y, X*B), i.e. an (H, Y, X, B) layout, to channels-last (B, Y, X, H)
-        # by a 2-D transpose (+ a reorder of whole H rows at B > 1); skip added there
-        out = torch.bmm(Ty, zT)
-        if not grad and Dv is not None and B > 1:  # reorder and skip in one pass
-            t = out.new_empty(Y * X * B, H).copy_(out.view(H, Y * X * B).t())
-            res = torch.addcmul(t.view(Y, X, B, H).permute(2, 0, 1, 3), xcl, Dv.view(H),
-                                out=x.new_empty(B, Y, X, H))
-            return res.permute(0, 3, 1, 2)
-        out = _ToChannelsLast.apply(out, B)
-        if Dv is not None:
-            out = out.addcmul_(xcl, Dv.view(H))
-        return out.permute(0, 3, 1, 2)
+        # by a 2-D transpose (ATen's blocked transpose copy; + a reorder of whole H rows
+        # at B > 1, fused with the skip); skip added there, from the channels-last x
+        # (results are base tensors: autograd forbids in-place ops on a view made inside
+        # a custom Function's forward)
+        out = _bmm(Ty, z)
+        if B == 1:
+            res = x.new_empty(1, Y, X, H)
+            res.view(Y * X, H).copy_(out.view(H, Y * X).t())
+            return (res if Dv is None else res.addcmul_(xcl, Dv.view(H))), xp, zT
+        t = x.new_empty(Y * X * B, H).copy_(out.view(H, Y * X * B).t())  # (Y, X, B, H)
+        t = t.view(Y, X, B, H).permute(2, 0, 1, 3)
+        if Dv is None:
+            return t.contiguous(), xp, zT
+        return torch.addcmul(t, xcl, Dv.view(H), out=x.new_empty(B, Y, X, H)), xp, zT
     if Dv is None:  # Y axis: out[h] = Ty[h] @ z[h], (Y, X*B), i.e. an (H, Y, X, B) layout
-        out = torch.bmm(Ty, zT)
-    else:  # skip as the accumulator, laid out like the output
-        xt = x.permute(1, 2, 3, 0)  # (H, Y, X, B) view
-        if grad:  # (out= has no autograd)
-            out = torch.baddbmm((xt * Dv.unsqueeze(-1)).reshape(H, Y, X * B), Ty, zT)
-        else:
-            skip = torch.mul(xt, Dv.unsqueeze(-1), out=x.new_empty(H, Y, X, B))
-            out = skip.view(H, Y, X * B).baddbmm_(Ty, zT)
-    if grad:
-        out = _ContiguousGrad.apply(out)
-    return out.view(H, Y, X, B).permute(3, 0, 1, 2)
+        return _bmm(Ty, z), xp, zT
+    # skip as the accumulator, laid out like the output
+    skip = x.new_empty(H, Y, X * B)
+    torch.mul(x.permute(1, 2, 3, 0), Dv.unsqueeze(-1), out=skip.view(H, Y, X, B))
+    return _bmm(Ty, z, skip), xp, zT
 
 
-class _ToChannelsLast(torch.autograd.Function):
-    """(H, Y, X*B) GEMM output (an (H, Y, X, B) layout) -> contiguous (B, Y, X, H).
+class _BatchedToeplitzConv2d(torch.autograd.Function):
+    """:func:`_batched_gemms` with a hand-written backward: (x (B, H, Y, X), Ty (H, Y, Y),
+    Tx (H, X, X), Dv (H, 1, 1) or None) -> channels-last (B, Y, X, H) for a channels-last
+    x, else (H, Y, X*B).
 
-    One 2-D transpose (H, Y*X*B) -> (Y*X*B, H) (ATen's blocked transpose copy), then, at
-    B > 1, a reorder (Y, X, B, H) -> (B, Y, X, H) that moves whole rows of H values. The
-    backward does the same in reverse, so the GEMMs' backward gets a contiguous
-    (H, Y, X*B) gradient (``bmm`` copies matrices without a unit stride one by one).
+    The backward gets the output gradient into the GEMM layout (H, Y, X*B) with one copy
+    (a 2-D transpose for channels-last), runs the four GEMMs, and writes the x gradient
+    straight into x's layout with the skip's share added in place (channels-last: one 2-D
+    transpose + ``addcmul_``; (H, Y, X) at B = 1: one ``baddbmm``). Autograd through the
+    forward's ops instead copied the x gradient out of the transposed GEMM layout
+    element by element (``reshape`` of a non-viewable (H, B, Y, X) gradient) and then
+    added the skip's gradient in a second layout, ~1.5 ms per 96@56^2 layer.
     """
 
     @staticmethod
-    def forward(ctx, out: Tensor, B: int) -> Tensor:
-        H, Y, XB = out.shape
-        X = XB // B
-        ctx.shape = (H, Y, X, B)
-        # the output is a base tensor, not a view: the skip is added to it in place, which
-        # autograd forbids for a view made inside a custom Function
-        res = out.new_empty(B, Y, X, H)
-        if B == 1:
-            res.view(Y * X, H).copy_(out.reshape(H, Y * X).t())
-        else:
-            t = out.new_empty(Y * XB, H).copy_(out.reshape(H, Y * XB).t())
-            res.copy_(t.view(Y, X, B, H).permute(2, 0, 1, 3))
-        return res
+    def forward(ctx, x: Tensor, Ty: Tensor, Tx: Tensor, Dv: Optional[Tensor]) -> Tensor:
+        out, xp, zT = _batched_gemms(x, Ty, Tx, Dv)
+        ctx.cl = out.dim() == 4
+        ctx.save_for_backward(x, xp, zT, Ty, Tx, Dv)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        H, Y, X, B = ctx.shape
-        t = g.permute(1, 2, 0, 3).contiguous()  # (Y, X, B, H); no copy at B = 1
-        return t.view(Y * X * B, H).t().contiguous().view(H, Y, X * B), None
+        x, xp, zT, Ty, Tx, Dv = ctx.saved_tensors
+        need_x, need_ty, need_tx, need_d = ctx.needs_input_grad
+        B, H, Y, X = x.shape
+        if ctx.cl:  # g (B, Y, X, H) -> (H, Y, X*B) by a 2-D transpose (+ a row reorder)
+            t = g.permute(1, 2, 0, 3).contiguous()  # (Y, X, B, H); no copy at B = 1
+            gout = t.view(Y * X * B, H).t().contiguous().view(H, Y, X * B)
+        else:
+            gout = g.contiguous()  # (H, Y, X*B)
+        gx = g_ty = g_tx = g_d = None
+        if need_d:  # sum over positions of g * x, both in the output's layout
+            if ctx.cl:
+                g_d = (g * x.permute(0, 2, 3, 1)).sum((0, 1, 2)).view(H, 1, 1)
+            else:
+                g_d = (gout.view(H, Y, X, B) * x.permute(1, 2, 3, 0)).sum((1, 2, 3))
+                g_d = g_d.view(H, 1, 1)
+        if need_ty:  # out = Ty @ z: gTy = gout @ z^T, z^T = zT as (H, X*B, Y)
+            g_ty = _bmm(gout, zT.view(H, X * B, Y))
+        if not (need_x or need_tx):
+            return gx, g_ty, g_tx, g_d
+        gz = _bmm(Ty.transpose(1, 2), gout)  # (H, Y, X*B), columns (x, b)
+        # as (H, X, B*Y), columns (b, y) like zT: a transposed view at B = 1, else a copy
+        gzT = gz.transpose(1, 2) if B == 1 else gz.view(H, Y, X, B).permute(
+            0, 2, 3, 1).reshape(H, X, B * Y)
+        if need_tx:  # zT = Tx @ xp^T: gTx = gzT @ xp
+            g_tx = _bmm(gzT, xp.reshape(H, B * Y, X))
+        if not need_x:
+            return gx, g_ty, g_tx, g_d
+        if not ctx.cl and B == 1 and Dv is not None:  # (H, Y, X) = x's layout: skip fused
+            return _bmm(gz, Tx, gout * Dv).unsqueeze(0), g_ty, g_tx, g_d
+        gxp = _bmm(gzT.transpose(1, 2), Tx)  # xp's gradient (H, B*Y, X)
+        if ctx.cl:  # to channels-last (B, Y, X, H) by a 2-D transpose, skip added in place
+            gx = gxp.view(H, B * Y * X).t().contiguous().view(B, Y, X, H)
+            if Dv is not None:
+                gx.addcmul_(g, Dv.view(H))
+            return gx.permute(0, 3, 1, 2), g_ty, g_tx, g_d
+        gx = gxp.view(H, B, Y, X).transpose(0, 1)
+        if Dv is not None:
+            gx = torch.addcmul(gx, gout.view(H, Y, X, B).permute(3, 0, 1, 2), Dv)
+        return gx, g_ty, g_tx, g_d
 
 
 def _channels_first(x: Tensor) -> Tensor:
@@ -469,10 +645,11 @@ def _channels_first(x: Tensor) -> Tensor:
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
-    The gradient of :func:`_toeplitz_conv2d`'s (H, Y, X*B) GEMM output arrives in its
+    The gradient of :func:`_toeplitz_conv2d`'s per-image (B, H, Y, X) output arrives in its
     consumer's layout: a ConvNeXt block's channels-last LayerNorm gives (H, Y, X) matrices
     with no unit stride, and the backward GEMMs (``bmm`` with such operands) would copy them
     one by one (H small copies each, ~2-25x slower at 56^2-14^2). One copy here instead.
+    (The all-images path does the same inside :class:`_BatchedToeplitzConv2d`.)
     """
 
     @staticmethod

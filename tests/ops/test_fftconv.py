@@ -173,7 +173,7 @@ def test_toeplitz_2d_gradcheck_batched():
 @pytest.mark.parametrize('shape', [(1, 4, 5), (2, 4, 5), (1, 1, 1), (3, 1, 2)])
 def test_toeplitz_2d_channels_last_gradcheck(shape):
     # a channels-last input takes the channels-last output layout (2-D transposes in and
-    # out of the GEMM layout, skip added afterwards, `_ToChannelsLast` backward): gradcheck
+    # out of the GEMM layout, skip added afterwards, `_BatchedToeplitzConv2d`): gradcheck
     # in float64 for x, both kernels and D, incl. a 1x1 map (the transpose is a view there)
     B, Y, X = shape
     g = torch.Generator().manual_seed(B * 100 + Y * X)
@@ -238,3 +238,101 @@ def test_toeplitz_2d_channels_last_input_and_gradient(B, monkeypatch):
                     torch.testing.assert_close(a.grad, b.grad)
         finally:
             torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('gemm_max', [20, 0])  # 0/1-matrix GEMM / _ToeplitzMatrix
+@pytest.mark.parametrize('L,lf,lb,lead', [(5, 5, 4, (3,)), (5, 3, 2, (1, 2)), (4, 4, None, (2,)),
+                                          (1, 1, 0, (2,)), (6, 9, 9, ())])
+def test_toeplitz_matrix_autograd_equals_window_construction(gemm_max, L, lf, lb, lead,
+                                                             monkeypatch):
+    # with autograd, toeplitz_matrix builds T from the kernel halves (a GEMM with a 0/1
+    # matrix for short axes, else one custom node with diagonal-sum backward): the same T,
+    # bit for bit, as the flip/unfold window of the two-sided kernel; the same gradients
+    from mmssm.ops import fftconv
+    from mmssm.ops.fftconv import _window_matrix, two_sided_kernel
+    monkeypatch.setattr(fftconv, '_TOEPLITZ_GEMM_MAX', gemm_max)
+    g = torch.Generator().manual_seed(L * 10 + lf)
+    kf = torch.randn(*lead, lf, generator=g, dtype=torch.float64, requires_grad=True)
+    kb = None if lb is None else torch.randn(*lead, lb, generator=g, dtype=torch.float64,
+                                             requires_grad=True)
+    ins = (kf,) if kb is None else (kf, kb)
+
+    def build(*ks):
+        return toeplitz_matrix(ks[0], ks[1] if len(ks) > 1 else None, L)
+    T = build(*ins)
+    assert T.grad_fn is not None
+    ref = _window_matrix(two_sided_kernel(kf, kb, L - 1))
+    assert torch.equal(T, ref)
+    w = torch.randn(T.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(T, ins, w), torch.autograd.grad(ref, ins, w)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(build, ins)
+    with torch.no_grad():  # no autograd: the window construction itself
+        assert torch.equal(build(*ins), ref)
+    ins32 = [k.detach().float().requires_grad_() for k in ins]
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # fp32 taps copied exactly
+        assert torch.equal(build(*ins32), ref.float())
+
+
+def test_diagonal_sums_in_blocks(monkeypatch):
+    # the padded scratch is reused block by block (its padding stays zero): diagonal sums of
+    # every matrix equal torch.diagonal sums, also with a scratch of one matrix per block
+    from mmssm.ops import fftconv
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 6, generator=g, dtype=torch.float64)
+    want = torch.stack([x.diagonal(o, -2, -1).sum(-1) for o in range(-5, 6)], -1)
+    for scratch in (1 << 16, 1):
+        monkeypatch.setattr(fftconv, '_DIAG_SCRATCH', scratch)
+        torch.testing.assert_close(fftconv._diagonal_sums(x), want)
+        torch.testing.assert_close(fftconv._diagonal_sums(x.transpose(-1, -2)), want.flip(-1))
+
+
+@pytest.mark.parametrize('B', [1, 2])
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('with_D', [False, True])
+def test_batched_toeplitz_conv2d_backward(B, channels_last, with_D):
+    # the all-images GEMM pair with its hand-written backward (gradients written into x's
+    # layout, skip fused): gradcheck in float64 for x, Ty, Tx, D (dense matrices: the
+    # backward does not assume Toeplitz structure), and only-some-inputs gradients
+    from mmssm.ops.fftconv import _toeplitz_conv2d
+    g = torch.Generator().manual_seed(B * 4 + channels_last * 2 + with_D)
+    H, Y, X = 3, 4, 5
+    x = torch.randn(B, H, Y, X, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    Ty = torch.randn(H, Y, Y, generator=g, dtype=torch.float64)
+    Tx = torch.randn(H, X, X, generator=g, dtype=torch.float64)
+    D = torch.randn(H, generator=g, dtype=torch.float64) if with_D else None
+    args = [t.requires_grad_() for t in (x, Ty, Tx, D) if t is not None]
+
+    def fn(*a):
+        return _toeplitz_conv2d(a[0], a[1], a[2], a[3] if with_D else None)
+    y = fn(*args)
+    ref = torch.einsum('hij,bhjk,hlk->bhil', Ty, x, Tx)
+    if with_D:
+        ref = ref + D.view(H, 1, 1) * x
+    torch.testing.assert_close(y, ref)
+    assert y.permute(0, 2, 3, 1).is_contiguous() == channels_last
+    assert torch.autograd.gradcheck(fn, tuple(args))
+    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    for i in range(len(args)):  # one input at a time needs a gradient
+        sub = [a.detach().requires_grad_(j == i) for j, a in enumerate(args)]
+        got = torch.autograd.grad((fn(*sub) * w).sum(), sub[i])[0]
+        torch.testing.assert_close(got, torch.autograd.grad((ref * w).sum(), args[i],
+                                                            retain_graph=True)[0])
+
+
+@pytest.mark.parametrize('shape', [(3, 7, 7, 7), (2, 1, 1, 1), (2, 3, 5, 2), (2, 8, 9, 10)])
+def test_small_bmm_through_padded_contraction(shape):
+    # products below ATen's BLAS size (M*K*N < 400) are zero-padded along K: same values
+    from mmssm.ops.fftconv import _bmm
+    H, M, K, N = shape
+    g = torch.Generator().manual_seed(M * K * N)
+    a = torch.randn(H, M, K, generator=g, dtype=torch.float64)
+    b = torch.randn(H, N, K, generator=g, dtype=torch.float64).transpose(1, 2)  # strided
+    c = torch.randn(H, M, N, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_bmm(a, b), torch.bmm(a, b))
+    want = c + torch.bmm(a, b)
+    got = _bmm(a, b, c)
+    assert got.data_ptr() == c.data_ptr()  # accumulated in place
+    torch.testing.assert_close(got, want)

@@ -214,9 +214,16 @@ class S4ND(nn.Module):
     def _cached_operators(self, l_in: Sequence[int], rate: float):
         """Kernel operators, cached while no autograd graph is needed (inference)."""
         # the cache keeps two-sided kernels, not the dense Toeplitz matrices they expand to
-        # (L times smaller: ~20 MB less resident for ConvNeXt-S4ND-T at 224^2)
+        # (L times smaller: ~20 MB less resident for ConvNeXt-S4ND-T at 224^2); with
+        # autograd (rebuilt every call) the matrices are built from the kernel halves
+        # directly (toeplitz_matrix: one node per axis, backward without (L, L) flips)
+        compact = not self._builds_graph()
         return self._cached(('ops', tuple(l_in), float(rate), self._separable),
-                            lambda: self.kernel_operators(l_in, rate, compact=True))
+                            lambda: self.kernel_operators(l_in, rate, compact=compact))
+
+    def _builds_graph(self) -> bool:
+        """Whether a forward now records an autograd graph through the kernel parameters."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def _cached(self, tag: tuple, build):
         """``build()``, cached under ``tag`` while no autograd graph is needed (inference).
@@ -224,7 +231,7 @@ class S4ND(nn.Module):
         The key holds every parameter's storage and in-place version counter, so loading
         weights, optimizer steps, ``.to()`` or the lazy C~ conversion invalidate it.
         """
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if self._builds_graph():
             self.clear_kernel_cache()
             return build()
         key = tag + (tuple((t.data_ptr(), t._version) for t in self.kernel.state_dict(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmssm.models.layers.s4nd import S4ND
-from mmssm.ops.fftconv import conv_reference_nd
+from mmssm.ops.fftconv import conv_reference_nd, separable_conv
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO.parent / 'shared' / 'fixtures' / 'official' / 's4nd'
@@ -408,3 +408,24 @@ def test_pooled_separable_conv_matches_reference(shape, klen, pool, bidirectiona
             for i, (f, p) in enumerate(zip(fwd, pool))]
     y = pooled_separable_conv(u, taps, [f.shape[-1] - 1 for f in fwd], pool)
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_training_builds_dense_toeplitz_operators():
+    # with autograd the layer builds dense Toeplitz matrices from the kernel halves (axis 0:
+    # 0/1-matrix GEMM, axis 1 > 20: custom node); without, the cache keeps compact two-sided
+    # kernels. Same output and same parameter gradients as a graph through compact operators
+    torch.manual_seed(0)
+    m = S4ND(4, d_state=8, l_max=[6, 24], dim=2)
+    u = torch.randn(2, 4, 6, 24)
+    assert [op[0] for op in m._cached_operators([6, 24], 1.0)[0]] == ['toeplitz'] * 2
+    with torch.no_grad():
+        assert [op[0] for op in m._cached_operators([6, 24], 1.0)[0]] == ['window'] * 2
+    w = torch.randn(2, 4, 6, 24)
+    (m(u) * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    y = separable_conv(u, m.kernel_operators([6, 24], compact=True)[0], m.D).flatten(1, 2)
+    torch.testing.assert_close(y, m(u))
+    (y * w).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
