@@ -897,6 +897,59 @@ class SSMKernelDPLR(SSMKernelDiag):
         return self.batched([self], [L], rate)[0]
 
     @staticmethod
+    def _cauchy_group(ks: Sequence['SSMKernelDPLR'], L: int, n: int, rate: float,
+                      work: torch.dtype, z: Tensor, omega: Tensor) -> List[Tensor]:
+        """Kernels (ch, sum H, L) of one :meth:`batched` group through Cauchy products
+        (:func:`cauchy_outer`) and :meth:`_kernel_from_cauchy`, as blocks of channels."""
+        shared = None  # one (1+R, N) Bs per kernel of a stacked group
+        dts = None  # dt left to the Cauchy calls: (H,), or a (H,) per shared Bs
+        if len(ks) == 1:  # dt (tied) applied by the Cauchy call
+            Bs, Cs, w, *dt = ks[0]._cauchy_args(rate, work, defer_dt=True)
+            dts = dt[0] if dt else None
+        elif SSMKernelDPLR._stackable(ks):
+            Bs, Cs, w, *dt = SSMKernelDPLR._stacked_cauchy_args(ks, rate, work,
+                                                                defer_dt=True)
+            if Bs.shape[0] == len(ks) < w.shape[0]:  # n_ssm = 1: a shared Bs per kernel
+                shared = Bs.unbind(0)
+                # tied dt: each Cauchy call scales its Cs (K, H, ch+R, N) by dt itself
+                # (in registers when compiled: no dt [C; Q] operand, nor its backward)
+                dts = dt[0].unbind(0) if dt else None
+            elif dt:  # per-channel Bs: scaled here, as without defer_dt
+                Cs = (Cs * dt[0][..., None, None]).reshape(w.shape[0], -1, Cs.shape[-1])
+        else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
+            args = [k._cauchy_args(rate, work) for k in ks]
+            Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
+            Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
+        # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf), then the
+        # kernels (ch, sum H, L); blocks of channels when nothing needs a gradient
+        # and the PyTorch Cauchy product builds its (H, 2N, 2Lf) matrices (the compiled
+        # one keeps no temporaries larger than its (H, 1+R, ch+R, Lf) output)
+        H = w.shape[0]  # (Cs may be (K, H, ch+R, N) here)
+        step = H if torch.is_grad_enabled() or _fused(Bs, Cs, z, w) else max(
+            1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
+        # (no slicing of a single block: a full slice still costs a SliceBackward)
+        block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
+        if shared is not None:
+            # one Cauchy call per kernel with its shared Bs: Bs expanded to every
+            # channel would be saved for the backward (~15 MB for ConvNeXt-S4ND-T's
+            # training step). split, not slices: each slice's backward would fill a
+            # zero gradient of the whole operand
+            hs = [k.H for k in ks]
+            # with dts, Cs is (K, H, ch+R, N): unbind, no slices (see above)
+            cs = Cs.split(hs) if dts is None else Cs.unbind(0)
+            r = torch.cat([cauchy_outer(b, c, z, w_k, dt_k) for b, c, w_k, dt_k in zip(
+                shared, cs, w.split(hs), [None] * len(ks) if dts is None else dts)])
+            parts = [ks[0]._kernel_from_cauchy(r, omega, n, L)]
+        else:
+            parts = [
+                ks[0]._kernel_from_cauchy(
+                    cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
+                                 block(w, h), None if dts is None else block(dts, h)),
+                    omega, n, L)
+                for h in range(0, H, step)]
+        return parts
+
+    @staticmethod
     def batched(kernels: Sequence['SSMKernelDPLR'], lengths: Sequence[Optional[int]],
                 rate: float = 1.0, max_elements: Optional[int] = None) -> List[Tensor]:
         """``[k(L=l, rate=rate) for k, l in zip(kernels, lengths)]``, with one Cauchy
@@ -907,7 +960,9 @@ class SSMKernelDPLR(SSMKernelDiag):
         H=768 at L=7), while large ones run faster separately; groups are capped at
         ``max_elements`` (default ``batch_elements``) Cauchy entries. Kernels of one
         configuration (:meth:`_stackable`) also share their parameter transforms
-        (:meth:`_stacked_cauchy_args`). Same values as separate calls (to float64 round-off).
+        (:meth:`_stacked_cauchy_args`). Groups the compiled spectrum op can compute
+        (:meth:`_spectrum_fusable`) are one call of it, uncapped; the others go through
+        :meth:`_cauchy_group`. Same values as separate calls (to float64 round-off).
         """
         cap = SSMKernelDPLR.batch_elements if max_elements is None else max_elements
         out: List[Optional[Tensor]] = [None] * len(kernels)
@@ -935,58 +990,11 @@ class SSMKernelDPLR(SSMKernelDiag):
             idx, ks, Ls = zip(*members)
             work = kernel_work_dtype(dtype, device)  # float64 on CPU: cast once at the end
             z, omega = _bilinear_nodes(n, work, device)
-            shared = None  # one (1+R, N) Bs per kernel of a stacked group
-            dts = None  # dt left to the Cauchy calls: (H,), or a (H,) per shared Bs
             if SSMKernelDPLR._spectrum_fusable(ks, work):  # compiled, from the parameters
-                k_f = SSMKernelDPLR._fused_spectrum(ks, rate, z, omega)
-                K = SSMKernelDPLR._to_time(k_f, n, max(Ls)).to(dtype)
-                for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
-                    out[i] = K_i if K_i.shape[-1] == L else K_i[..., :L]
-                continue
-            if len(ks) == 1:  # dt (tied) applied by the Cauchy call
-                Bs, Cs, w, *dt = ks[0]._cauchy_args(rate, work, defer_dt=True)
-                dts = dt[0] if dt else None
-            elif SSMKernelDPLR._stackable(ks):
-                Bs, Cs, w, *dt = SSMKernelDPLR._stacked_cauchy_args(ks, rate, work,
-                                                                    defer_dt=True)
-                if Bs.shape[0] == len(ks) < w.shape[0]:  # n_ssm = 1: a shared Bs per kernel
-                    shared = Bs.unbind(0)
-                    # tied dt: each Cauchy call scales its Cs (K, H, ch+R, N) by dt itself
-                    # (in registers when compiled: no dt [C; Q] operand, nor its backward)
-                    dts = dt[0].unbind(0) if dt else None
-                elif dt:  # per-channel Bs: scaled here, as without defer_dt
-                    Cs = (Cs * dt[0][..., None, None]).reshape(w.shape[0], -1, Cs.shape[-1])
-            else:  # a shared (1+R, N) Bs is expanded to its kernel's H rows
-                args = [k._cauchy_args(rate, work) for k in ks]
-                Bs = torch.cat([a[0].expand(k.H, *a[0].shape[-2:]) for a, k in zip(args, ks)])
-                Cs, w = (torch.cat([a[j] for a in args]) for j in (1, 2))
-            # all (B|P) x (C|Q) Cauchy products, H-major: (sum H, 1+R, ch+R, Lf), then the
-            # kernels (ch, sum H, max L); blocks of channels when nothing needs a gradient
-            # and the PyTorch Cauchy product builds its (H, 2N, 2Lf) matrices (the compiled
-            # one keeps no temporaries larger than its (H, 1+R, ch+R, Lf) output)
-            H = w.shape[0]  # (Cs may be (K, H, ch+R, N) here)
-            step = H if torch.is_grad_enabled() or _fused(Bs, Cs, z, w) else max(
-                1, SSMKernelDPLR.infer_block // (Cs.shape[-1] * z.shape[-1]))
-            # (no slicing of a single block: a full slice still costs a SliceBackward)
-            block = lambda t, h: t if step >= H else t[h:h + step]  # noqa: E731
-            if shared is not None:
-                # one Cauchy call per kernel with its shared Bs: Bs expanded to every
-                # channel would be saved for the backward (~15 MB for ConvNeXt-S4ND-T's
-                # training step). split, not slices: each slice's backward would fill a
-                # zero gradient of the whole operand
-                hs = [k.H for k in ks]
-                # with dts, Cs is (K, H, ch+R, N): unbind, no slices (see above)
-                cs = Cs.split(hs) if dts is None else Cs.unbind(0)
-                r = torch.cat([cauchy_outer(b, c, z, w_k, dt_k) for b, c, w_k, dt_k in zip(
-                    shared, cs, w.split(hs), [None] * len(ks) if dts is None else dts)])
-                parts = [ks[0]._kernel_from_cauchy(r, omega, n, max(Ls))]
+                parts = [SSMKernelDPLR._to_time(
+                    SSMKernelDPLR._fused_spectrum(ks, rate, z, omega), n, max(Ls))]
             else:
-                parts = [
-                    ks[0]._kernel_from_cauchy(
-                        cauchy_outer(Bs if Bs.dim() == 2 else block(Bs, h), block(Cs, h), z,
-                                     block(w, h), None if dts is None else block(dts, h)),
-                        omega, n, max(Ls))
-                    for h in range(0, H, step)]
+                parts = SSMKernelDPLR._cauchy_group(ks, max(Ls), n, rate, work, z, omega)
             # one block (always with autograd): no concatenation copy
             K = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(dtype)
             for i, K_i, L in zip(idx, K.split([k.H for k in ks], dim=1), Ls):
