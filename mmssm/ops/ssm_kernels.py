@@ -833,24 +833,23 @@ class SSMKernelDPLR(SSMKernelDiag):
                 dt)
 
     @staticmethod
-    def _spectrum_fusable(ks: Sequence['SSMKernelDPLR'], work: torch.dtype) -> bool:
-        """Whether the compiled rank-1 spectrum op (:class:`_DPLRSpectrum`) computes the
-        kernels ``ks`` of one :meth:`batched` group: float64 work on CPU, one shared SSM per
-        kernel (n_ssm = 1), a tied dt, rank 1, 1 or 2 channels, no bandlimit, and no
-        tracing, compiling or dispatch mode (FLOP counting) that must see PyTorch ops."""
-        k0 = ks[0]
-        return (work == torch.float64 and k0.rank == 1 and k0.n_ssm == 1
-                and k0.bandlimit is None and k0.inv_dt.shape[-1] == 1
-                and k0.C.shape[0] in (1, 2) and k0.C.dtype in (torch.float32, torch.float64)
+    def _spectrum_op_takes(k: 'SSMKernelDPLR', work: torch.dtype) -> bool:
+        """Whether the compiled rank-1 spectrum op (:class:`_DPLRSpectrum`) can compute
+        kernel ``k``: float64 work on CPU, one shared SSM (n_ssm = 1), a tied dt, rank 1,
+        1 or 2 channels, no bandlimit, and no tracing, compiling or dispatch mode (FLOP
+        counting) that must see PyTorch ops. A group of such kernels takes it if they are
+        also :meth:`_stackable`."""
+        return (work == torch.float64 and k.rank == 1 and k.n_ssm == 1
+                and k.bandlimit is None and k.inv_dt.shape[-1] == 1
+                and k.C.shape[0] in (1, 2) and k.C.dtype in (torch.float32, torch.float64)
                 and cauchy_cpu.dplr_available() and cauchy_cpu.usable()
                 and all(type(t) in (Tensor, nn.Parameter) and t.device.type == 'cpu'
-                        for k in ks for t in k.parameters())
-                and (len(ks) == 1 or SSMKernelDPLR._stackable(ks)))
+                        for t in k.parameters()))
 
     @staticmethod
     def _fused_spectrum(ks: Sequence['SSMKernelDPLR'], rate: float, z: Tensor,
                         omega: Tensor) -> Tensor:
-        """Spectra (ch, K*H, Lf) complex128 of :meth:`_spectrum_fusable` kernels: the
+        """Spectra (ch, K*H, Lf) complex128 of :meth:`_spectrum_op_takes` kernels: the
         Cauchy products, Woodbury step and bilinear factor in one compiled pass each way
         (:class:`_DPLRSpectrum`), C read as stored."""
         A, B, P, dt = SSMKernelDPLR._stacked_params(ks, rate, torch.float64)
@@ -961,7 +960,7 @@ class SSMKernelDPLR(SSMKernelDiag):
         ``max_elements`` (default ``batch_elements``) Cauchy entries. Kernels of one
         configuration (:meth:`_stackable`) also share their parameter transforms
         (:meth:`_stacked_cauchy_args`). Groups the compiled spectrum op can compute
-        (:meth:`_spectrum_fusable`) are one call of it, uncapped; the others go through
+        (:meth:`_spectrum_op_takes`) are one call of it, uncapped; the others go through
         :meth:`_cauchy_group`. Same values as separate calls (to float64 round-off).
         """
         cap = SSMKernelDPLR.batch_elements if max_elements is None else max_elements
@@ -973,8 +972,8 @@ class SSMKernelDPLR(SSMKernelDiag):
             key = (n, k.rank, k.channels, k.N, k.C.dtype, k.C.device)
             # the compiled spectrum op keeps no temporaries that grow with a group: its
             # kernels group without a cap (one call per configuration and length)
-            fused = SSMKernelDPLR._spectrum_fusable(
-                [k], kernel_work_dtype(k.C.dtype, k.C.device))
+            fused = SSMKernelDPLR._spectrum_op_takes(
+                k, kernel_work_dtype(k.C.dtype, k.C.device))
             if fused:
                 key = key + ('spectrum', k.H)
             # otherwise a group grows while its Cauchy matrices stay small: past that,
@@ -986,11 +985,12 @@ class SSMKernelDPLR(SSMKernelDiag):
                 key = key + (i,)  # start a new group
             groups.setdefault(key, []).append((i, k, L))
             size[key] = size.get(key, 0) + elems
-        for (n, _, _, _, dtype, device, *_), members in groups.items():
+        for (n, _, _, _, dtype, device, *rest), members in groups.items():
             idx, ks, Ls = zip(*members)
             work = kernel_work_dtype(dtype, device)  # float64 on CPU: cast once at the end
             z, omega = _bilinear_nodes(n, work, device)
-            if SSMKernelDPLR._spectrum_fusable(ks, work):  # compiled, from the parameters
+            if 'spectrum' in rest and (len(ks) == 1 or SSMKernelDPLR._stackable(ks)):
+                # compiled, from the parameters
                 parts = [SSMKernelDPLR._to_time(
                     SSMKernelDPLR._fused_spectrum(ks, rate, z, omega), n, max(Ls))]
             else:

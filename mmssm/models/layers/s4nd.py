@@ -9,6 +9,7 @@ convolution for long ones), which gives the same result several times faster on 
 ``src/models/sequence/modules/s4nd.py``, so official weights load as they are, including
 DPLR ``C~``/``l_kernel`` pairs.
 """
+import itertools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -186,9 +187,13 @@ class S4ND(nn.Module):
     def _kernel_key(self, l_k: Sequence[int], rate: float) -> tuple:
         """Identifies the kernels of ``l_k`` at ``rate`` from the current parameters (their
         storage and in-place version: an optimizer step or a weight load changes it)."""
-        return (tuple(l_k), float(rate),
-                tuple((t.data_ptr(), t._version) for t in self.kernel.parameters()),
-                tuple((t.data_ptr(), t._version) for t in self.kernel.buffers()))
+        return (tuple(l_k), float(rate), self._kernel_state())
+
+    def _kernel_state(self) -> tuple:
+        """Storage and in-place version of every kernel parameter and buffer: changes with
+        an optimizer step, a weight load, ``.to()`` or the lazy C~ conversion."""
+        return tuple((t.data_ptr(), t._version)
+                     for t in itertools.chain(self.kernel.parameters(), self.kernel.buffers()))
 
     def _take_prefetched(self, l_k: Sequence[int], rate: float) -> Optional[list]:
         """Kernels left by :func:`prefetch_kernels` for exactly these lengths, rate and
@@ -234,14 +239,12 @@ class S4ND(nn.Module):
         if self._builds_graph():
             self.clear_kernel_cache()
             return build()
-        key = tag + (tuple((t.data_ptr(), t._version) for t in self.kernel.state_dict(
-            keep_vars=True).values()),)
+        key = tag + (self._kernel_state(),)
         cache = getattr(self, '_spec_cache', None)
         if cache is None or cache[0] != key:
             self._spec_cache = None  # free the old operators before building new ones
             spec = build()
-            key = tag + (tuple((t.data_ptr(), t._version) for t in self.kernel.state_dict(
-                keep_vars=True).values()),)  # after a possible lazy C~ conversion
+            key = tag + (self._kernel_state(),)  # after a possible lazy C~ conversion
             self._spec_cache = cache = (key, spec)
         return cache[1]
 
@@ -421,8 +424,8 @@ def prefetch_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], rate: float =
     stage and the downsample layer of the next) share their parameter transforms, Cauchy
     product, Woodbury step and inverse FFT (:meth:`SSMKernelDPLR.batched`): ~3x fewer
     small float64 ops and backward nodes, which pays where each op costs an OpenMP region
-    (several threads; ConvNeXtS4ND calls it then). Same values as per-layer generation
-    (float64 round-off).
+    (several threads) and wherever the compiled spectrum op generates the kernels
+    (ConvNeXtS4ND calls it then). Same values as per-layer generation (float64 round-off).
     Does nothing without autograd or for layers whose kernels need no gradient (they use
     the inference cache).
 
